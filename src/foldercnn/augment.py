@@ -1,0 +1,89 @@
+"""Random geometric augmentation of whole batches, as tensors.
+
+Semantics follow Keras' ImageDataGenerator so the `seed` recipe matches the tutorial:
+  rotation     degrees, uniform in [-r, r]
+  width_shift  fraction of the width, uniform in [-w, w] (height_shift likewise)
+  shear        DEGREES, uniform in [-s, s]: Keras passes shear_range to its affine transform as
+               degrees, so the tutorial's shear_range=0.2 is a 0.2 degree shear (barely visible)
+  zoom         x and y scale drawn independently from [1 - z, 1 + z]; > 1 shows more (zooms out)
+  horizontal_flip  with probability 1/2
+  fill         "nearest": pixels outside the source repeat the edge (border padding)
+The transform maps output pixel coordinates to input ones, like Keras/scipy, and samples bilinearly.
+"""
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    rotation: float = 0.0
+    width_shift: float = 0.0
+    height_shift: float = 0.0
+    shear: float = 0.0
+    zoom: float = 0.0
+    horizontal_flip: bool = False
+
+    def is_identity(self):
+        return not self.horizontal_flip and not any(
+            (self.rotation, self.width_shift, self.height_shift, self.shear, self.zoom))
+
+    def to_dict(self):
+        return asdict(self)
+
+
+def hflip(x):
+    """Mirror NCHW images left-right."""
+    return x.flip(-1)
+
+
+def _uniform(n, bound, generator):
+    return (torch.rand(n, generator=generator, dtype=torch.float64) * 2 - 1) * bound
+
+
+def random_affine_matrices(n, cfg: AugmentConfig, generator=None):
+    """(n, 2, 3) matrices in grid_sample's normalized (x, y) coordinates, output -> input."""
+    theta = torch.deg2rad(_uniform(n, cfg.rotation, generator))
+    tx = _uniform(n, cfg.width_shift, generator) * 2  # fraction of width -> normalized units ([-1, 1] spans 2)
+    ty = _uniform(n, cfg.height_shift, generator) * 2
+    shear = torch.deg2rad(_uniform(n, cfg.shear, generator))
+    zx = 1 + _uniform(n, cfg.zoom, generator)
+    zy = 1 + _uniform(n, cfg.zoom, generator)
+    flip = torch.ones(n, dtype=torch.float64)
+    if cfg.horizontal_flip:
+        flip = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0).double()
+    cos, sin = torch.cos(theta), torch.sin(theta)
+    # Keras composes rotation @ shift @ shear @ zoom in (row, col) order; written here in (x, y) order,
+    # then a horizontal flip of the output (x -> -x) applied last, as Keras flips after transforming.
+    zero, one = torch.zeros(n, dtype=torch.float64), torch.ones(n, dtype=torch.float64)
+    rot = torch.stack([torch.stack([cos, sin, zero], -1), torch.stack([-sin, cos, zero], -1),
+                       torch.stack([zero, zero, one], -1)], -2)
+    shift = torch.stack([torch.stack([one, zero, tx], -1), torch.stack([zero, one, ty], -1),
+                         torch.stack([zero, zero, one], -1)], -2)
+    shr = torch.stack([torch.stack([torch.cos(shear), zero, zero], -1),
+                       torch.stack([-torch.sin(shear), one, zero], -1),
+                       torch.stack([zero, zero, one], -1)], -2)
+    zoom = torch.stack([torch.stack([zx, zero, zero], -1), torch.stack([zero, zy, zero], -1),
+                        torch.stack([zero, zero, one], -1)], -2)
+    flip_m = torch.diag_embed(torch.stack([flip, one, one], -1))
+    m = rot @ shift @ shr @ zoom @ flip_m
+    return m[:, :2, :].float()
+
+
+def apply_affine(x, matrices):
+    """Warp NCHW float images by (n, 2, 3) matrices, edge pixels repeated outside the source."""
+    grid = F.affine_grid(matrices.to(x.dtype), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def augment_batch(x, cfg: AugmentConfig, generator=None):
+    """Randomly augment a NCHW float batch; identity config returns x unchanged."""
+    if cfg.is_identity():
+        return x
+    geometric = any((cfg.rotation, cfg.width_shift, cfg.height_shift, cfg.shear, cfg.zoom))
+    if not geometric:  # flips only: no resampling needed
+        flip = torch.rand(x.shape[0], generator=generator) < 0.5
+        return torch.where(flip.view(-1, 1, 1, 1).to(x.device), hflip(x), x)
+    return apply_affine(x, random_affine_matrices(x.shape[0], cfg, generator).to(x.device))

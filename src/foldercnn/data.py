@@ -1,0 +1,193 @@
+"""Folders of labelled images: scan, validate, decode once into a uint8 tensor, split.
+
+Layout: DATA_DIR/<class name>/<images, sub-folders allowed>. Nothing is ever written here.
+"""
+import os
+import re
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .errors import FolderCNNError
+from .images import IMAGE_EXTENSIONS, ImageDecodeError, decode, is_candidate
+
+
+def natural_key(text):
+    """Sort key where digit runs compare as numbers: "2" < "10", "img9" < "img10"."""
+    return [int(part) if part.isdigit() else part.casefold() for part in re.split(r"(\d+)", text)]
+
+
+@dataclass
+class ImageFolder:
+    """What a scan of a labelled folder found (nothing decoded yet)."""
+    root: Path
+    classes: list
+    files: list  # Paths, sorted by class then natural name order
+    labels: list  # class index of each file
+    skipped: list = field(default_factory=list)  # (path, reason)
+
+    def counts(self):
+        c = Counter(self.labels)
+        return {name: c.get(i, 0) for i, name in enumerate(self.classes)}
+
+
+def _walk_images(class_dir, skipped):
+    found = []
+    for dirpath, dirnames, filenames in os.walk(class_dir):
+        dirnames[:] = sorted((d for d in dirnames if not d.startswith(".")), key=natural_key)
+        for name in sorted(filenames, key=natural_key):
+            path = Path(dirpath) / name
+            if is_candidate(path):
+                found.append(path)
+            elif name.startswith("."):
+                skipped.append((path, "hidden file"))
+            else:
+                skipped.append((path, f"not an image file extension ({path.suffix or 'none'})"))
+    return found
+
+
+def list_class_dirs(root):
+    root = Path(root)
+    if not root.exists():
+        raise FolderCNNError(f"folder not found: {root}")
+    if not root.is_dir():
+        raise FolderCNNError(f"not a folder: {root}")
+    dirs = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    return sorted(dirs, key=lambda p: natural_key(p.name))
+
+
+def scan_folder(root, classes=None, min_classes=2):
+    """Find class folders and their image files.
+
+    `classes`: the class names a model already has; the folder must not hold any other class
+    (a folder with fewer, e.g. a test set of two classes, is fine).
+    """
+    root = Path(root)
+    class_dirs = list_class_dirs(root)
+    if not class_dirs:
+        stray = [p.name for p in root.iterdir() if p.is_file() and is_candidate(p)][:3]
+        hint = f" (found loose images such as {', '.join(stray)}; put each class in its own sub-folder)" if stray else ""
+        raise FolderCNNError(f"no class folders in {root}: expected one sub-folder per class{hint}")
+    names = [p.name for p in class_dirs]
+    if classes is None:
+        if len(names) < min_classes:
+            raise FolderCNNError(f"{root} has {len(names)} class folder ({names[0]}); a classifier needs at least {min_classes}")
+        classes = names
+    else:
+        unknown = [n for n in names if n not in classes]
+        if unknown:
+            raise FolderCNNError(
+                f"{root} has class folders the model does not know: {', '.join(unknown)} "
+                f"(model classes: {', '.join(classes)})")
+    skipped, files, labels = [], [], []
+    for d in class_dirs:
+        found = _walk_images(d, skipped)
+        if not found:
+            raise FolderCNNError(f"class folder {d} has no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+        files += found
+        labels += [classes.index(d.name)] * len(found)
+    return ImageFolder(root, list(classes), files, labels, skipped)
+
+
+def check_same_classes(train_classes, val_root, val_classes):
+    if list(val_classes) != list(train_classes):
+        missing = [c for c in train_classes if c not in val_classes]
+        extra = [c for c in val_classes if c not in train_classes]
+        parts = ([f"missing {', '.join(missing)}"] if missing else []) + ([f"extra {', '.join(extra)}"] if extra else [])
+        raise FolderCNNError(
+            f"validation classes in {val_root} do not match the training classes: {'; '.join(parts)} "
+            f"(training classes: {', '.join(train_classes)})")
+
+
+@dataclass
+class DecodedImages:
+    """Images decoded once into memory: uint8 NHWC tensor + labels."""
+    images: torch.Tensor  # (N, S, S, 3) uint8
+    labels: torch.Tensor  # (N,) int64
+    paths: list
+    classes: list
+    skipped: list  # (path, reason): everything that could not be used, with the scan's skips
+
+    def __len__(self):
+        return len(self.labels)
+
+    def subset(self, index):
+        index = torch.as_tensor(index, dtype=torch.long)
+        return DecodedImages(self.images[index], self.labels[index],
+                             [self.paths[i] for i in index.tolist()], self.classes, [])
+
+
+def _decode_one(args):
+    path, size = args
+    try:
+        return decode(path, size), None
+    except ImageDecodeError as e:
+        return None, str(e)
+    except MemoryError:
+        return None, "not enough memory to decode"
+
+
+def decode_images(paths, size, workers=None, desc="decoding"):
+    """Decode many files with a thread pool (Pillow releases the GIL while decoding).
+
+    Returns (array (N, S, S, 3) uint8 of the good ones, their indices, [(index, reason)] of the bad ones).
+    """
+    workers = workers or min(8, os.cpu_count() or 1)
+    out = np.empty((len(paths), size, size, 3), dtype=np.uint8)
+    good, bad = [], []
+    with ThreadPoolExecutor(workers) as pool:
+        results = pool.map(_decode_one, ((p, size) for p in paths), chunksize=16)
+        for i, (arr, reason) in enumerate(tqdm(results, total=len(paths), desc=desc, unit="img",
+                                               leave=False, disable=None)):
+            if arr is None:
+                bad.append((i, reason))
+            else:
+                out[len(good)] = arr
+                good.append(i)
+    return out[: len(good)], good, bad
+
+
+def load_folder(folder: ImageFolder, size, require_every_class=True):
+    """Decode every image of a scanned folder at `size`; unusable files are skipped and reported."""
+    array, good, bad = decode_images(folder.files, size, desc=f"decoding {folder.root.name}")
+    labels = torch.tensor([folder.labels[i] for i in good], dtype=torch.long)
+    skipped = folder.skipped + [(folder.files[i], reason) for i, reason in bad]
+    if require_every_class:
+        present = set(labels.tolist())
+        for i, name in enumerate(folder.classes):
+            if i in set(folder.labels) and i not in present:
+                raise FolderCNNError(f"class '{name}' in {folder.root} has no usable images "
+                                     f"(all {folder.labels.count(i)} failed to decode)")
+    if len(good) == 0:
+        raise FolderCNNError(f"no usable images in {folder.root}")
+    return DecodedImages(torch.from_numpy(array), labels, [folder.files[i] for i in good],
+                         folder.classes, skipped)
+
+
+def stratified_split(labels, fraction, seed):
+    """Seeded split keeping class proportions; every class keeps >= 1 training image."""
+    if not 0.0 < fraction < 1.0:
+        raise FolderCNNError(f"--val-fraction must be between 0 and 1, got {fraction}")
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.as_tensor(labels)
+    train_idx, val_idx = [], []
+    for c in labels.unique().tolist():
+        idx = (labels == c).nonzero().flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        n_val = int(round(fraction * len(idx)))
+        n_val = min(max(n_val, 1 if len(idx) >= 2 else 0), len(idx) - 1)
+        val_idx.append(idx[:n_val])
+        train_idx.append(idx[n_val:])
+    return torch.cat(train_idx).sort().values, torch.cat(val_idx).sort().values
+
+
+def summarize_skipped(skipped, limit=10):
+    lines = [f"  {path}: {reason}" for path, reason in skipped[:limit]]
+    if len(skipped) > limit:
+        lines.append(f"  ... and {len(skipped) - limit} more")
+    return "\n".join(lines)

@@ -1,0 +1,121 @@
+"""Decode images from the wild into RGB uint8 arrays of one square size.
+
+Every image the tool touches (training, evaluation, prediction) goes through `decode`,
+so a model sees exactly the pixels at prediction time that it saw in training.
+"""
+import io
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+MAX_PIXELS = 80_000_000  # larger images are refused as possible decompression bombs
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, not grey pixels
+
+
+class ImageDecodeError(Exception):
+    """An image that cannot be used; the message is the reason shown to the user."""
+
+
+def is_candidate(path):
+    """Files worth trying: visible, with an image extension."""
+    name = Path(path).name
+    return not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _open(source):
+    if isinstance(source, Image.Image):
+        return source
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return Image.open(io.BytesIO(source))
+    return Image.open(source)
+
+
+def to_rgb(im):
+    """Any Pillow mode to 8-bit RGB; transparency is composited on white."""
+    if im.mode == "RGB":
+        return im
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        a = np.asarray(im, dtype=np.float64)
+        scale = 257.0 if im.mode != "F" and a.max(initial=0) > 255 else 1.0
+        a = np.clip(np.rint(a / scale), 0, 255).astype(np.uint8)
+        return Image.fromarray(a, "L").convert("RGB")
+    has_alpha = im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+        im.mode == "P" and "transparency" in im.info
+    ) or (im.mode in ("L", "RGB") and "transparency" in im.info)
+    if has_alpha:
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
+def load_rgb(source, draft_size=None):
+    """Open an image (path, bytes, or PIL image), apply EXIF orientation, return RGB.
+
+    Raises ImageDecodeError with a short reason for anything unusable.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = _open(source)
+            if im.width * im.height > MAX_PIXELS:
+                raise ImageDecodeError(f"too many pixels ({im.width}x{im.height})")
+            if im.width == 0 or im.height == 0:
+                raise ImageDecodeError("image has zero size")
+            if draft_size and im.format == "JPEG":
+                im.draft("RGB", (draft_size, draft_size))  # decode JPEGs at a reduced scale: much faster
+            im.load()  # GIF/TIFF: the first frame
+            try:
+                im = ImageOps.exif_transpose(im)
+            except Exception:  # a broken EXIF block must not lose an otherwise good image
+                pass
+            return to_rgb(im)
+    except ImageDecodeError:
+        raise
+    except FileNotFoundError:
+        raise ImageDecodeError("file not found") from None
+    except IsADirectoryError:
+        raise ImageDecodeError("is a directory") from None
+    except UnidentifiedImageError:
+        raise ImageDecodeError("not an image (or an unsupported format)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageDecodeError("too many pixels (possible decompression bomb)") from None
+    except (OSError, SyntaxError, ValueError, EOFError, TypeError, IndexError, KeyError) as e:
+        text = str(e) or type(e).__name__
+        if "truncated" in text:
+            text = "truncated image file"
+        raise ImageDecodeError(f"cannot decode: {text}") from None
+
+
+def resize_square(im, size):
+    """Squash to size x size (like Keras' target_size); bilinear with antialiasing when shrinking."""
+    if im.size != (size, size):
+        im = im.resize((size, size), Image.BILINEAR)
+    return np.asarray(im, dtype=np.uint8)
+
+
+def decode(source, size):
+    """An image source to a (size, size, 3) uint8 RGB array."""
+    if isinstance(source, np.ndarray):
+        return resize_square(array_to_image(source), size)
+    return resize_square(load_rgb(source, draft_size=size), size)
+
+
+def array_to_image(a):
+    """An HxW, HxWx1, HxWx3 or HxWx4 array (uint8, or float in [0, 1]) to a PIL RGB image."""
+    a = np.asarray(a)
+    if a.dtype != np.uint8:
+        if not np.issubdtype(a.dtype, np.number):
+            raise ImageDecodeError(f"unsupported array dtype {a.dtype}")
+        a = np.clip(np.rint(a.astype(np.float64) * 255.0), 0, 255).astype(np.uint8)
+    if a.ndim == 3 and a.shape[2] == 1:
+        a = a[:, :, 0]
+    if a.ndim == 2:
+        return Image.fromarray(a, "L").convert("RGB")
+    if a.ndim == 3 and a.shape[2] in (3, 4):
+        return to_rgb(Image.fromarray(a, "RGB" if a.shape[2] == 3 else "RGBA"))
+    raise ImageDecodeError(f"unsupported array shape {a.shape}")

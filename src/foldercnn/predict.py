@@ -1,0 +1,108 @@
+"""Classify images with a model file: the Python API behind `foldercnn predict`."""
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .bundle import load_model
+from .data import natural_key
+from .errors import FolderCNNError
+from .images import ImageDecodeError, decode, is_candidate
+from .preprocess import preprocess
+
+
+@dataclass
+class Prediction:
+    label: str
+    probability: float
+    probabilities: dict  # class name -> probability, in the model's class order
+    path: str = None
+
+    def top_k(self, k):
+        return sorted(self.probabilities.items(), key=lambda kv: -kv[1])[:k]
+
+    def to_dict(self):
+        return asdict(self)
+
+
+class Classifier:
+    """A loaded model file. `predict` takes a path, bytes, a PIL image or an HxWxC array."""
+
+    def __init__(self, model, metadata, device="cpu"):
+        self.model = model
+        self.metadata = metadata
+        self.device = torch.device(device)
+        self.classes = list(metadata["classes"])
+        self.image_size = int(metadata["image_size"])
+        pre = metadata["preprocessing"]
+        self.mean, self.std = pre["mean"], pre["std"]
+
+    @torch.no_grad()
+    def probabilities(self, images_uint8_nhwc, batch_size=64):
+        """(N, S, S, 3) uint8 tensor -> (N, classes) float probabilities."""
+        out = []
+        for start in range(0, len(images_uint8_nhwc), batch_size):
+            x = preprocess(images_uint8_nhwc[start:start + batch_size].to(self.device), self.mean, self.std)
+            logits = self.model(x.contiguous(memory_format=torch.channels_last))
+            out.append(torch.softmax(logits.float(), dim=1).cpu())
+        return torch.cat(out) if out else torch.empty(0, len(self.classes))
+
+    def _prediction(self, probs, path=None):
+        i = int(probs.argmax())
+        return Prediction(self.classes[i], float(probs[i]),
+                          {c: float(p) for c, p in zip(self.classes, probs.tolist())},
+                          None if path is None else str(path))
+
+    def decode(self, image):
+        try:
+            return decode(image, self.image_size)
+        except ImageDecodeError as e:
+            name = image if isinstance(image, (str, os.PathLike)) else "image"
+            raise FolderCNNError(f"{name}: {e}") from None
+
+    def predict(self, image):
+        path = image if isinstance(image, (str, os.PathLike)) else None
+        x = torch.from_numpy(self.decode(image)).unsqueeze(0)
+        return self._prediction(self.probabilities(x)[0], path)
+
+    def predict_many(self, images, batch_size=64):
+        arrays = np.stack([self.decode(im) for im in images]) if images else np.empty((0, 3, 3, 3), np.uint8)
+        probs = self.probabilities(torch.from_numpy(arrays), batch_size)
+        return [self._prediction(p, im if isinstance(im, (str, os.PathLike)) else None)
+                for p, im in zip(probs, images)]
+
+
+def load(path, device="cpu"):
+    """Load a model file for prediction: `foldercnn.load("run/model.safetensors").predict("hand.png")`."""
+    model, meta = load_model(path, device)
+    return Classifier(model, meta, device)
+
+
+def expand_paths(paths):
+    """Images named directly, plus every image file under named folders (recursive, natural order)."""
+    found, skipped = [], []
+    for p in map(Path, paths):
+        if p.is_dir():
+            for dirpath, dirnames, filenames in os.walk(p):
+                dirnames[:] = sorted((d for d in dirnames if not d.startswith(".")), key=natural_key)
+                for name in sorted(filenames, key=natural_key):
+                    f = Path(dirpath) / name
+                    (found if is_candidate(f) else skipped).append(f)
+        elif p.exists():
+            found.append(p)
+        else:
+            raise FolderCNNError(f"not found: {p}")
+    return found, [(f, "hidden file" if f.name.startswith(".") else "not an image file extension")
+                   for f in skipped]
+
+
+def predict_paths(classifier, paths, batch_size=64):
+    """Predict every image under `paths`; returns (predictions, [(path, reason)] skipped)."""
+    from .data import decode_images
+    files, skipped = expand_paths(paths)
+    array, good, bad = decode_images(files, classifier.image_size, desc="reading images")
+    skipped += [(files[i], reason) for i, reason in bad]
+    probs = classifier.probabilities(torch.from_numpy(array), batch_size)
+    return [classifier._prediction(p, files[i]) for p, i in zip(probs, good)], skipped

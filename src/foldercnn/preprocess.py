@@ -1,0 +1,25 @@
+"""The one pure tensor function between decoded pixels and the network.
+
+Kept tiny and free of Python-side state so it can later live inside an exported ONNX graph.
+"""
+import torch
+
+
+def default_preprocessing(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)):
+    """What the model file records about turning an image into network input."""
+    return {
+        "decode": "RGB; EXIF orientation applied; transparency composited on white",
+        "resize": "squash to image_size x image_size, bilinear (antialiased when shrinking)",
+        "rescale": 1.0 / 255.0,
+        "mean": list(mean),
+        "std": list(std),
+        "layout": "NCHW float",
+    }
+
+
+def preprocess(images_uint8_nhwc, mean, std):
+    """(N, H, W, 3) uint8 -> (N, 3, H, W) float: rescale to [0, 1], then (x - mean) / std."""
+    x = images_uint8_nhwc.permute(0, 3, 1, 2).float().mul_(1.0 / 255.0)
+    mean = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    std = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std

@@ -1,0 +1,71 @@
+"""Named training recipes: everything that decides how a model is trained, in one place."""
+from dataclasses import asdict, dataclass, field, replace
+
+from .augment import AugmentConfig
+from .errors import FolderCNNError
+
+TUTORIAL_AUGMENT = AugmentConfig(rotation=40, width_shift=0.2, height_shift=0.2, shear=0.2, zoom=0.2,
+                                 horizontal_flip=True)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    model: str
+    image_size: int
+    batch_size: int
+    epochs: int
+    steps_per_epoch: int = 0  # 0: one pass over the training images per epoch
+    optimizer: str = "rmsprop"  # rmsprop | sgd | adamw
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    schedule: str = "constant"  # constant | onecycle
+    label_smoothing: float = 0.0
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model_args: dict = field(default_factory=dict)
+    keep: str = "best"  # best: the epoch with the best validation score; last: the final epoch
+    mean: tuple = (0.0, 0.0, 0.0)
+    std: tuple = (1.0, 1.0, 1.0)
+    description: str = ""
+
+    def to_dict(self):
+        d = asdict(self)
+        d["augment"] = self.augment.to_dict()
+        return d
+
+
+RECIPES = {
+    # The Keras tutorial, exactly: its CNN at 150 px, RMSprop 1e-3 (rho 0.9, eps 1e-7), batch 126,
+    # 25 epochs of 20 steps, Keras ImageDataGenerator augmentation, final epoch's weights kept.
+    "seed": Recipe(
+        name="seed", model="tutorial-cnn", image_size=150, batch_size=126, epochs=25, steps_per_epoch=20,
+        optimizer="rmsprop", lr=1e-3, augment=TUTORIAL_AUGMENT, model_args={"image_size": 150},
+        keep="last", description="the Keras Rock-Paper-Scissors tutorial, exactly (slow on a CPU)"),
+    # A small batch-norm CNN at 64 px: seconds per epoch on a CPU.
+    "fast": Recipe(
+        name="fast", model="fast-cnn", image_size=64, batch_size=64, epochs=12, optimizer="sgd",
+        lr=0.05, momentum=0.9, weight_decay=5e-4, schedule="onecycle", label_smoothing=0.1,
+        augment=AugmentConfig(rotation=15, width_shift=0.1, height_shift=0.1, zoom=0.1, horizontal_flip=True),
+        mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
+        keep="best", description="small batch-norm CNN at 64 px, one-cycle SGD (default)"),
+}
+
+
+def get_recipe(name, **overrides):
+    """A named recipe with command-line overrides (None values are ignored)."""
+    if name not in RECIPES:
+        raise FolderCNNError(f"unknown recipe '{name}' (available: {', '.join(RECIPES)})")
+    recipe = RECIPES[name]
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    for key in ("epochs", "batch_size", "image_size"):
+        if key in overrides and overrides[key] < 1:
+            raise FolderCNNError(f"--{key.replace('_', '-')} must be at least 1, got {overrides[key]}")
+    if "lr" in overrides and not overrides["lr"] > 0:
+        raise FolderCNNError(f"--lr must be positive, got {overrides['lr']}")
+    if "model" in overrides and overrides["model"] != recipe.model:
+        recipe = replace(recipe, model_args={})
+    recipe = replace(recipe, **overrides)
+    if "image_size" in recipe.model_args or (recipe.model == "tutorial-cnn"):
+        recipe = replace(recipe, model_args={**recipe.model_args, "image_size": recipe.image_size})
+    return recipe

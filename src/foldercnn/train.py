@@ -1,0 +1,278 @@
+"""Training: the loop (`fit`) and the whole folder -> run directory job (`train_folder`)."""
+import csv
+import io
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from . import runtime
+from .augment import augment_batch
+from .bundle import save_model
+from .data import check_same_classes, load_folder, scan_folder, stratified_split, summarize_skipped
+from .errors import FolderCNNError
+from .files import write_text
+from .models import count_parameters, create_model, summary
+from .plots import augmentation_preview, training_curves
+from .preprocess import default_preprocessing, preprocess
+from .recipes import get_recipe
+
+HISTORY_FIELDS = ["epoch", "loss", "accuracy", "val_loss", "val_accuracy", "seconds"]
+
+
+def make_optimizer(model, recipe):
+    params = model.parameters()
+    if recipe.optimizer == "rmsprop":  # Keras defaults: rho 0.9, epsilon 1e-7
+        return torch.optim.RMSprop(params, lr=recipe.lr, alpha=0.9, eps=1e-7, weight_decay=recipe.weight_decay)
+    if recipe.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum, nesterov=True,
+                               weight_decay=recipe.weight_decay)
+    if recipe.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    raise FolderCNNError(f"unknown optimizer '{recipe.optimizer}'")
+
+
+def lr_factor(schedule, step, total_steps):
+    """Multiplier of the base learning rate at `step` (0-based) of `total_steps`."""
+    if schedule == "constant":
+        return 1.0
+    if schedule == "onecycle":  # linear warm-up over the first 20%, then linear decay to zero
+        warmup = max(1, int(0.2 * total_steps))
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+    raise FolderCNNError(f"unknown schedule '{schedule}'")
+
+
+def index_batches(n, batch_size, generator):
+    """Endless stream of index batches drawn from successive seeded permutations (like Keras' iterator)."""
+    perm, pos = torch.randperm(n, generator=generator), 0
+    while True:
+        take = []
+        while sum(len(t) for t in take) < batch_size:
+            if pos >= n:
+                perm, pos = torch.randperm(n, generator=generator), 0
+            chunk = perm[pos: pos + batch_size - sum(len(t) for t in take)]
+            pos += len(chunk)
+            take.append(chunk)
+        yield torch.cat(take)
+
+
+@torch.no_grad()
+def evaluate_model(model, images, labels, mean, std, device, precision, batch_size=256):
+    """Mean cross-entropy and accuracy of `model` on uint8 NHWC images (no augmentation)."""
+    was_training = model.training
+    model.eval()
+    total_loss, correct = 0.0, 0
+    for start in range(0, len(labels), batch_size):
+        x = preprocess(images[start:start + batch_size].to(device), mean, std)
+        y = labels[start:start + batch_size].to(device)
+        with runtime.autocast(device, precision):
+            logits = model(x.contiguous(memory_format=torch.channels_last))
+        total_loss += F.cross_entropy(logits.float(), y, reduction="sum").item()
+        correct += (logits.argmax(1) == y).sum().item()
+    model.train(was_training)
+    n = max(1, len(labels))
+    return total_loss / n, correct / n
+
+
+@dataclass
+class FitResult:
+    history: list = field(default_factory=list)  # one dict per finished epoch
+    best_state: dict = None
+    best_epoch: int = 0
+    interrupted: bool = False
+
+
+def _is_better(stats, best):
+    if best is None:
+        return True
+    return (stats["val_accuracy"], -stats["val_loss"]) > (best["val_accuracy"], -best["val_loss"])
+
+
+def fit(model, train, val, recipe, *, device, precision, seed, log=print, on_epoch=None):
+    """Train `model` on decoded images; validate every epoch. Ctrl-C stops after keeping the best so far.
+
+    All state lives in locals and arguments, so several fits can run side by side (and, later, per rank).
+    """
+    g = torch.Generator().manual_seed(seed)
+    model.to(device).to(memory_format=torch.channels_last).train()
+    optimizer = make_optimizer(model, recipe)
+    steps = recipe.steps_per_epoch or math.ceil(len(train) / recipe.batch_size)
+    total_steps = steps * recipe.epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(recipe.schedule, s, total_steps))
+    batches = index_batches(len(train), min(recipe.batch_size, len(train)), g)
+    result, best = FitResult(), None
+    try:
+        for epoch in range(1, recipe.epochs + 1):
+            start, loss_sum, correct, seen = time.perf_counter(), 0.0, 0, 0
+            bar = tqdm(range(steps), desc=f"epoch {epoch}/{recipe.epochs}", unit="step", leave=False, disable=None)
+            for _ in bar:
+                idx = next(batches)
+                y = train.labels[idx].to(device)
+                x = preprocess(train.images[idx].to(device), recipe.mean, recipe.std)
+                x = augment_batch(x, recipe.augment, g).contiguous(memory_format=torch.channels_last)
+                with runtime.autocast(device, precision):
+                    logits = model(x)
+                loss = F.cross_entropy(logits.float(), y, label_smoothing=recipe.label_smoothing)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                loss_sum += loss.item() * len(y)
+                correct += (logits.argmax(1) == y).sum().item()
+                seen += len(y)
+                bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}")
+            val_loss, val_acc = evaluate_model(model, val.images, val.labels, recipe.mean, recipe.std,
+                                               device, precision)
+            stats = {"epoch": epoch, "loss": loss_sum / seen, "accuracy": correct / seen,
+                     "val_loss": val_loss, "val_accuracy": val_acc, "seconds": time.perf_counter() - start}
+            result.history.append(stats)
+            improved = recipe.keep == "last" or _is_better(stats, best)
+            if improved:
+                best = stats
+                result.best_epoch = epoch
+                result.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            log(f"epoch {epoch:>3}/{recipe.epochs}  loss {stats['loss']:.4f}  accuracy {stats['accuracy']:.4f}  "
+                f"val_loss {val_loss:.4f}  val_accuracy {val_acc:.4f}  {stats['seconds']:.1f}s"
+                + ("  *" if improved and recipe.keep == "best" else ""))
+            if on_epoch:
+                on_epoch(result)
+    except KeyboardInterrupt:
+        result.interrupted = True
+        log(f"\ninterrupted: keeping the {'best' if recipe.keep == 'best' else 'last'} finished epoch "
+            f"({result.best_epoch or 'none'})")
+    return result
+
+
+def write_history(path, history):
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=HISTORY_FIELDS, lineterminator="\n")
+    w.writeheader()
+    for h in history:
+        w.writerow({k: (f"{h[k]:.6f}" if isinstance(h[k], float) else h[k]) for k in HISTORY_FIELDS})
+    write_text(path, buf.getvalue())
+
+
+def read_history(path):
+    with open(path, newline="") as f:
+        return [{k: (int(v) if k == "epoch" else float(v)) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def _check_out_dir(out_dir, data_dirs):
+    out = Path(out_dir).resolve()
+    for d in data_dirs:
+        if d is not None:
+            d = Path(d).resolve()
+            if out == d or d in out.parents:
+                raise FolderCNNError(f"the output folder {out_dir} is inside the data folder {d}; "
+                                     "foldercnn never writes into your data. Choose another --out")
+    if out.exists() and not out.is_dir():
+        raise FolderCNNError(f"--out {out_dir} exists and is not a folder")
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    model_path: Path
+    history: list
+    best_epoch: int
+    classes: list
+    recipe: object
+    interrupted: bool
+    n_train: int
+    n_val: int
+    skipped: list
+    seconds: dict
+
+
+def prepare_data(data_dir, recipe, val_dir=None, val_fraction=None, seed=0, log=print):
+    """Scan and decode the training (and validation) images once; split if no validation folder."""
+    if val_dir is not None and val_fraction is not None:
+        raise FolderCNNError("give either --val or --val-fraction, not both")
+    folder = scan_folder(data_dir)
+    if val_dir is not None:
+        val_folder = scan_folder(val_dir, min_classes=1)
+        check_same_classes(folder.classes, val_dir, val_folder.classes)
+        train = load_folder(folder, recipe.image_size)
+        val = load_folder(val_folder, recipe.image_size)
+        skipped = train.skipped + val.skipped
+        log(f"validation: {len(val)} images from {val_dir}")
+    else:
+        fraction = 0.2 if val_fraction is None else val_fraction
+        everything = load_folder(folder, recipe.image_size)
+        train_idx, val_idx = stratified_split(everything.labels, fraction, seed)
+        if len(val_idx) == 0:
+            raise FolderCNNError(f"too few images in {data_dir} to hold out a validation split")
+        train, val = everything.subset(train_idx), everything.subset(val_idx)
+        skipped = everything.skipped
+        how = "default " if val_fraction is None else ""
+        log(f"validation: a stratified {fraction:.0%} of {data_dir} held out ({how}--val-fraction, seed {seed}): "
+            f"{len(train)} images train, {len(val)} validate")
+    if skipped:
+        log(f"skipped {len(skipped)} file(s):\n{summarize_skipped(skipped)}")
+    return train, val, skipped
+
+
+def train_folder(data_dir, out_dir, recipe="fast", val_dir=None, val_fraction=None, seed=0,
+                 precision="auto", device="auto", log=print, **overrides):
+    """Train a classifier on DATA_DIR and write the run directory. Returns a TrainResult."""
+    recipe = get_recipe(recipe, **overrides) if isinstance(recipe, str) else recipe
+    _check_out_dir(out_dir, [data_dir, val_dir])
+    runtime.setup()
+    device = runtime.choose_device(device)
+    precision = runtime.resolve_precision(precision, device)
+    t0 = time.perf_counter()
+    train, val, skipped = prepare_data(data_dir, recipe, val_dir, val_fraction, seed, log)
+    t_data = time.perf_counter() - t0
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    torch.manual_seed(seed)
+    model = create_model(recipe.model, len(train.classes), **recipe.model_args)
+    log(f"recipe '{recipe.name}': {recipe.description}")
+    log(f"model {recipe.model} at {recipe.image_size}x{recipe.image_size}, {count_parameters(model):,} parameters, "
+        f"{device.type} {precision}, {torch.get_num_threads()} threads")
+    log(summary(model, recipe.image_size))
+    preview_idx = [int((train.labels == c).nonzero()[0]) for c in range(len(train.classes))
+                   if (train.labels == c).any()][:4]
+    augmentation_preview(train.images[preview_idx], recipe.augment, out_dir / "augmentations.png", seed=seed)
+
+    def checkpoint_history(result):
+        write_history(out_dir / "history.csv", result.history)
+
+    t1 = time.perf_counter()
+    result = fit(model, train, val, recipe, device=device, precision=precision, seed=seed, log=log,
+                 on_epoch=checkpoint_history)
+    t_train = time.perf_counter() - t1
+    if result.best_state is None:
+        raise FolderCNNError("stopped before the first epoch finished; no model saved")
+    model.load_state_dict(result.best_state)
+    best = result.history[result.best_epoch - 1]
+    metadata = {
+        "architecture": recipe.model,
+        "arch_args": recipe.model_args,
+        "classes": train.classes,
+        "image_size": recipe.image_size,
+        "preprocessing": default_preprocessing(recipe.mean, recipe.std),
+        "recipe": recipe.to_dict(),
+        "seed": seed,
+        "precision": precision,
+        "metrics": {"epoch": result.best_epoch, "epochs_run": len(result.history),
+                    "val_accuracy": best["val_accuracy"], "val_loss": best["val_loss"],
+                    "train_accuracy": best["accuracy"], "train_loss": best["loss"],
+                    "n_train": len(train), "n_val": len(val), "interrupted": result.interrupted},
+        "timing": {"data_seconds": t_data, "train_seconds": t_train},
+    }
+    model_path = save_model(out_dir / "model.safetensors", model, metadata)
+    write_history(out_dir / "history.csv", result.history)
+    training_curves(result.history, out_dir / "curves.png",
+                    title=f"{recipe.name} recipe: {len(train)} training images, {len(val)} validation")
+    return TrainResult(out_dir, model_path, result.history, result.best_epoch, train.classes, recipe,
+                       result.interrupted, len(train), len(val), skipped,
+                       {"data": t_data, "train": t_train})
