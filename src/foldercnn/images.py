@@ -95,7 +95,7 @@ def resize_square(im, size):
     """Squash to size x size (like Keras' target_size); bilinear with antialiasing when shrinking."""
     if im.size != (size, size):
         im = im.resize((size, size), Image.BILINEAR)
-    return np.asarray(im, dtype=np.uint8)
+    return np.array(im, dtype=np.uint8)  # a writable copy
 
 
 def decode(source, size):

@@ -21,7 +21,10 @@ def sample_grid(images, labels, classes, path, per_class=6, title="Samples"):
     rows = len(classes)
     fig, axes = plt.subplots(rows, per_class, figsize=(1.6 * per_class, 1.7 * rows), squeeze=False)
     for r, name in enumerate(classes):
-        idx = (labels == r).nonzero().flatten()[:per_class].tolist()
+        members = (labels == r).nonzero().flatten()
+        # evenly spaced through the class: neighbouring files are often near-duplicates
+        idx = members[torch.linspace(0, len(members) - 1, min(per_class, len(members))).long()].tolist() \
+            if len(members) else []
         for c in range(per_class):
             ax = axes[r][c]
             ax.set_xticks([])
@@ -67,7 +70,8 @@ def training_curves(history, path, title="Training curves"):
         ax.set_ylabel(label)
         ax.set_title(label)
         ax.grid(alpha=0.3)
-        ax.legend()
+    a1.legend(loc="lower right")
+    a2.legend(loc="upper right")
     a1.set_ylim(0, 1.02)
     fig.suptitle(title)
     return _save(fig, path)

@@ -124,7 +124,9 @@ def fit(model, train, val, recipe, *, device, precision, seed, log=print, on_epo
                 loss.backward()
                 optimizer.step()
                 scheduler.step()
-                loss_sum += loss.item() * len(y)
+                # report plain cross-entropy (no smoothing) so training and validation losses compare
+                plain = loss if not recipe.label_smoothing else F.cross_entropy(logits.detach().float(), y)
+                loss_sum += plain.item() * len(y)
                 correct += (logits.argmax(1) == y).sum().item()
                 seen += len(y)
                 bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}")

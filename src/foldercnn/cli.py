@@ -1,0 +1,149 @@
+"""Command line: parses arguments and calls the package's functions; no logic of its own."""
+import argparse
+import json
+import sys
+
+from . import __version__
+from .errors import FolderCNNError
+from .recipes import RECIPES
+
+
+def _add_training_options(p, default_recipe="fast"):
+    p.add_argument("--recipe", default=default_recipe, choices=sorted(RECIPES),
+                   help=f"training recipe (default: {default_recipe}); 'seed' is the Keras tutorial exactly")
+    p.add_argument("--model", help="architecture (default: the recipe's); see `foldercnn models`")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--image-size", type=int, help="side of the square network input, in pixels")
+    p.add_argument("--lr", type=float, help="learning rate")
+    p.add_argument("--seed", type=int, default=0, help="makes the run repeatable (default 0)")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+                   help="auto: bfloat16 autocast where the CPU supports it natively, else float32")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="foldercnn", description=(
+        "Turn a folder of labelled images (one sub-folder per class) into a trained, evaluated image "
+        "classifier, on a CPU."))
+    parser.add_argument("--version", action="version", version=f"foldercnn {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("inspect", help="summarise a labelled folder and draw samples.png")
+    p.add_argument("data_dir")
+    p.add_argument("--out", help="folder for samples.png (default: no picture)")
+
+    p = sub.add_parser("train", help="train a classifier; writes RUN_DIR/model.safetensors and plots")
+    p.add_argument("data_dir")
+    val = p.add_mutually_exclusive_group()
+    val.add_argument("--val", help="validation folder with the same class sub-folders")
+    val.add_argument("--val-fraction", type=float, help="hold out this stratified fraction (default 0.2)")
+    p.add_argument("--out", required=True, help="run directory to write")
+    _add_training_options(p)
+
+    p = sub.add_parser("evaluate", help="accuracy, per-class metrics and confusion matrix on a labelled folder")
+    p.add_argument("model")
+    p.add_argument("data_dir")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    p = sub.add_parser("predict", help="classify images or folders of images")
+    p.add_argument("model")
+    p.add_argument("paths", nargs="+", metavar="PATH")
+    p.add_argument("--json", action="store_true", help="print a JSON list")
+    p.add_argument("--top-k", type=int, help="show only the K most probable classes")
+
+    p = sub.add_parser("demo", help="the Rock-Paper-Scissors tutorial's whole journey in one command")
+    p.add_argument("--data", help="folder with train/ (and test/, validation/); default: find or download")
+    p.add_argument("--out", default="foldercnn-demo", help="where outputs go (default ./foldercnn-demo)")
+    _add_training_options(p)
+
+    sub.add_parser("models", help="list the architectures and recipes")
+    return parser
+
+
+def cmd_inspect(args):
+    from .inspection import format_report, inspect_folder
+    print(format_report(inspect_folder(args.data_dir, out_dir=args.out)))
+
+
+def _overrides(args):
+    return dict(model=args.model, epochs=args.epochs, batch_size=args.batch_size,
+                image_size=args.image_size, lr=args.lr)
+
+
+def cmd_train(args):
+    from .train import train_folder
+    result = train_folder(args.data_dir, args.out, recipe=args.recipe, val_dir=args.val,
+                          val_fraction=args.val_fraction, seed=args.seed, precision=args.precision,
+                          **_overrides(args))
+    best = result.history[result.best_epoch - 1]
+    print(f"saved {result.model_path} (epoch {result.best_epoch}, val_accuracy {best['val_accuracy']:.4f}); "
+          f"plots and history.csv in {result.out_dir}")
+    return 130 if result.interrupted else 0
+
+
+def cmd_evaluate(args):
+    from .evaluate import evaluate_folder, format_evaluation
+    from .predict import load
+    ev = evaluate_folder(load(args.model), args.data_dir)
+    print(json.dumps(ev.to_dict()) if args.json else format_evaluation(ev))
+
+
+def cmd_predict(args):
+    from .predict import load, predict_paths
+    if args.top_k is not None and args.top_k < 1:
+        raise FolderCNNError("--top-k must be at least 1")
+    predictions, skipped = predict_paths(load(args.model), args.paths)
+    for path, reason in skipped:
+        print(f"skipped {path}: {reason}", file=sys.stderr)
+    if args.json:
+        rows = []
+        for p in predictions:
+            row = {"path": p.path, "label": p.label, "probability": p.probability, "probabilities": p.probabilities}
+            if args.top_k:
+                row["top_k"] = [{"label": c, "probability": v} for c, v in p.top_k(args.top_k)]
+            rows.append(row)
+        print(json.dumps(rows, indent=1))
+    else:
+        k = args.top_k or len(predictions[0].probabilities) if predictions else 0
+        for p in predictions:
+            others = "  ".join(f"{c} {v:.3f}" for c, v in p.top_k(k))
+            print(f"{p.path}: {p.label} ({p.probability:.1%})   [{others}]")
+    if not predictions:
+        raise FolderCNNError("no images to classify" + (" (every file was skipped)" if skipped else ""))
+
+
+def cmd_demo(args):
+    from .demo import run_demo
+    run_demo(data=args.data, out=args.out, recipe=args.recipe, seed=args.seed, precision=args.precision,
+             **_overrides(args))
+
+
+def cmd_models(args):
+    from .models import available_models
+    print("architectures: " + ", ".join(available_models()))
+    for name, r in RECIPES.items():
+        print(f"recipe {name}: {r.description} [{r.model}, {r.image_size}px, {r.epochs} epochs]")
+
+
+COMMANDS = {"inspect": cmd_inspect, "train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict,
+            "demo": cmd_demo, "models": cmd_models}
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args) or 0
+    except FolderCNNError as e:
+        print(f"foldercnn: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("foldercnn: interrupted", file=sys.stderr)
+        return 130
+    except OSError as e:  # disk full, permission denied, ...: say what and where, no traceback
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        print(f"foldercnn: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""`foldercnn demo`: the Keras Rock-Paper-Scissors tutorial's whole journey in one command."""
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .data import stratified_split
+from .download import OfflineError, fetch_zip
+from .errors import FolderCNNError
+from .evaluate import evaluate_folder, format_evaluation
+from .files import write_text
+from .inspection import format_report, inspect_folder
+from .predict import load, predict_paths
+from .recipes import get_recipe
+from .train import train_folder
+
+RPS_BASE_URL = "https://storage.googleapis.com/laurencemoroney-blog.appspot.com/"
+RPS_ZIPS = {"train": "rps.zip", "test": "rps-test-set.zip"}
+
+
+def cache_dir():
+    """foldercnn's cache: $FOLDERCNN_CACHE, else $XDG_CACHE_HOME/foldercnn, else ~/.cache/foldercnn."""
+    if os.environ.get("FOLDERCNN_CACHE"):
+        return Path(os.environ["FOLDERCNN_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "foldercnn"
+
+
+def _has_classes(d):
+    return d.is_dir() and any(p.is_dir() and not p.name.startswith(".") for p in d.iterdir())
+
+
+def _unwrap(folder):
+    """A zip's single top-level folder (rps/, rps-test-set/) holds the class folders."""
+    entries = [p for p in folder.iterdir() if not p.name.startswith(".")]
+    if len(entries) == 1 and entries[0].is_dir() and all(q.is_dir() for q in entries[0].iterdir()):
+        return entries[0]
+    return folder
+
+
+def download_rps(target, base_url=None, progress=True):
+    """Download the tutorial's two zips into target/train and target/test."""
+    base_url = base_url or os.environ.get("FOLDERCNN_RPS_URL") or RPS_BASE_URL
+    target = Path(target)
+    target.mkdir(parents=True, exist_ok=True)
+    for split, name in RPS_ZIPS.items():
+        if _has_classes(target / split):
+            continue
+        unpacked = fetch_zip(base_url.rstrip("/") + "/" + name, target / f".{split}-unpacked", target, progress)
+        inner = _unwrap(unpacked)
+        if (target / split).exists():
+            shutil.rmtree(target / split)
+        os.replace(inner, target / split)
+        shutil.rmtree(unpacked, ignore_errors=True)
+    return target
+
+
+def find_rps(data=None, log=print, progress=True):
+    """--data, else $FOLDERCNN_RPS_DIR, else the cache, else download. Returns (folder, how it was found)."""
+    if data is not None:
+        data = Path(data)
+        if not (data / "train").is_dir():
+            raise FolderCNNError(f"{data} has no train/ folder (expected train/<class>/..., optionally test/ "
+                                 "and validation/)")
+        return data, "--data"
+    if os.environ.get("FOLDERCNN_RPS_DIR"):
+        d = Path(os.environ["FOLDERCNN_RPS_DIR"])
+        if (d / "train").is_dir():
+            return d, "$FOLDERCNN_RPS_DIR"
+        log(f"$FOLDERCNN_RPS_DIR={d} has no train/ folder; ignoring it")
+    cached = cache_dir() / "rps"
+    if _has_classes(cached / "train") and _has_classes(cached / "test"):
+        return cached, "cache"
+    log(f"downloading the Rock-Paper-Scissors images (about 230 MB) into {cached}")
+    return download_rps(cached, progress=progress), "download"
+
+
+def make_digits_folder(target):
+    """scikit-learn's handwritten digits (1,797 real 8x8 scans, shipped with the package) as PNG folders."""
+    from sklearn.datasets import load_digits
+    target = Path(target)
+    if _has_classes(target / "train") and _has_classes(target / "test"):
+        return target
+    digits = load_digits()
+    train_idx, test_idx = stratified_split(digits.target, 0.2, seed=0)
+    staging = target.with_name(target.name + ".part")
+    shutil.rmtree(staging, ignore_errors=True)
+    for split, idx in (("train", train_idx), ("test", test_idx)):
+        for i in idx.tolist():
+            pixels = (255 - digits.images[i] * (255 / 16)).round().astype(np.uint8)  # dark ink on white
+            out = staging / split / str(digits.target[i]) / f"digit{i}.png"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(pixels, "L").save(out)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(staging, target)
+    return target
+
+
+def run_demo(data=None, out="foldercnn-demo", recipe="fast", seed=0, precision="auto", log=print, progress=True,
+             **overrides):
+    """Find data, inspect, train, plot, evaluate on the test set, classify validation/, list the outputs."""
+    recipe_obj = get_recipe(recipe, **overrides)
+    out = Path(out)
+    try:
+        root, found = find_rps(data, log=log, progress=progress)
+        title = "Rock-Paper-Scissors"
+    except OfflineError as e:
+        log(f"offline: {e}.\nRunning the same journey on scikit-learn's handwritten digits instead "
+            "(1,797 real images that ship with scikit-learn).")
+        root, found, title = make_digits_folder(cache_dir() / "digits"), "offline fallback", "handwritten digits"
+    log(f"\n== 1. data: {title} from {root} ({found})")
+    report = inspect_folder(root / "train", out_dir=out)
+    log(format_report(report))
+
+    test_dir = root / "test" if _has_classes(root / "test") else None
+    log(f"\n== 2. train: recipe '{recipe_obj.name}' ({recipe_obj.description})")
+    val_dir = test_dir if recipe_obj.name == "seed" and test_dir else None
+    if val_dir:
+        log("the tutorial validated on the test set every epoch and kept the last epoch; so does this recipe")
+    result = train_folder(root / "train", out, recipe=recipe_obj, val_dir=val_dir, seed=seed, precision=precision,
+                          log=log)
+
+    outputs = {"sample grid": out / "samples.png", "augmentation preview": out / "augmentations.png",
+               "training curves": out / "curves.png", "training history": out / "history.csv",
+               "model": result.model_path}
+    classifier = load(result.model_path)
+    if test_dir:
+        log(f"\n== 3. evaluate on the test set {test_dir} (never used to choose the model"
+            + (", but used as the tutorial's validation set)" if val_dir else ")"))
+        ev = evaluate_folder(classifier, test_dir)
+        log(format_evaluation(ev))
+        import json
+        write_text(out / "evaluation.json", json.dumps(ev.to_dict(), indent=2))
+        outputs["test evaluation"] = out / "evaluation.json"
+
+    extra = root / "validation"
+    if extra.is_dir():
+        log(f"\n== 4. classify new photos: {extra}")
+        predictions, skipped = predict_paths(classifier, [extra])
+        right = 0
+        for p in predictions:
+            truth = Path(p.path).parent.name
+            right += truth == p.label
+            mark = "ok " if truth == p.label else "WRONG"
+            log(f"  {mark} {Path(p.path).relative_to(extra)}: {p.label} ({p.probability:.1%})")
+        if predictions:
+            log(f"  {right}/{len(predictions)} match their folder name")
+        for path, why in skipped:
+            log(f"  skipped {path}: {why}")
+
+    log(f"\n== done in {result.seconds['data'] + result.seconds['train']:.0f} s of data + training. Outputs:")
+    for what, path in outputs.items():
+        log(f"  {what:<22} {path}")
+    log(f"try: foldercnn predict {result.model_path} YOUR_PHOTO.jpg")
+    return result
