@@ -130,10 +130,12 @@ def fit(model, train, val, recipe, *, device, precision, seed, log=print, on_epo
                 correct += (logits.argmax(1) == y).sum().item()
                 seen += len(y)
                 bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}")
+            train_seconds = time.perf_counter() - start
             val_loss, val_acc = evaluate_model(model, val.images, val.labels, recipe.mean, recipe.std,
                                                device, precision)
             stats = {"epoch": epoch, "loss": loss_sum / seen, "accuracy": correct / seen,
-                     "val_loss": val_loss, "val_accuracy": val_acc, "seconds": time.perf_counter() - start}
+                     "val_loss": val_loss, "val_accuracy": val_acc, "seconds": time.perf_counter() - start,
+                     "train_seconds": train_seconds, "images": seen}
             result.history.append(stats)
             improved = recipe.keep == "last" or _is_better(stats, best)
             if improved:
