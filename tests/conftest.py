@@ -11,6 +11,13 @@ from PIL import Image, ImageDraw
 SHAPES = ("circle", "square", "triangle")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """Keep the decode cache (and downloads) of the whole run, subprocesses included, in a temp folder."""
+    os.environ["FOLDERCNN_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+
+
 def draw_shape(kind, size, rng):
     """A coloured shape at a random place and scale on a white background."""
     im = Image.new("RGB", (size, size), "white")

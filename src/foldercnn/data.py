@@ -106,20 +106,31 @@ def check_same_classes(train_classes, val_root, val_classes):
 
 @dataclass
 class DecodedImages:
-    """Images decoded once into memory: uint8 NHWC tensor + labels."""
-    images: torch.Tensor  # (N, S, S, 3) uint8
+    """Images decoded once: a uint8 NHWC tensor (in RAM or memory-mapped) + labels.
+
+    A subset keeps the parent's tensor and a row index, so splitting never copies the pixels.
+    """
+    images: torch.Tensor  # (M, S, S, 3) uint8
     labels: torch.Tensor  # (N,) int64
     paths: list
     classes: list
     skipped: list  # (path, reason): everything that could not be used, with the scan's skips
+    rows: torch.Tensor = None  # which rows of `images` belong to this set; None: all
 
     def __len__(self):
         return len(self.labels)
 
+    def take(self, index):
+        """uint8 images for `index` (a tensor of positions or a slice)."""
+        if self.rows is not None:
+            index = self.rows[index]
+        return self.images[index]
+
     def subset(self, index):
         index = torch.as_tensor(index, dtype=torch.long)
-        return DecodedImages(self.images[index], self.labels[index],
-                             [self.paths[i] for i in index.tolist()], self.classes, [])
+        rows = index if self.rows is None else self.rows[index]
+        return DecodedImages(self.images, self.labels[index], [self.paths[i] for i in index.tolist()],
+                             self.classes, [], rows)
 
 
 def _decode_one(args):
@@ -132,13 +143,15 @@ def _decode_one(args):
         return None, "not enough memory to decode"
 
 
-def decode_images(paths, size, workers=None, desc="decoding"):
+def decode_images(paths, size, workers=None, desc="decoding", out=None):
     """Decode many files with a thread pool (Pillow releases the GIL while decoding).
 
     Returns (array (N, S, S, 3) uint8 of the good ones, their indices, [(index, reason)] of the bad ones).
+    `out`: a preallocated (len(paths), S, S, 3) array (e.g. a memory map) to decode into.
     """
     workers = workers or min(8, os.cpu_count() or 1)
-    out = np.empty((len(paths), size, size, 3), dtype=np.uint8)
+    if out is None:
+        out = np.empty((len(paths), size, size, 3), dtype=np.uint8)
     good, bad = [], []
     with ThreadPoolExecutor(workers) as pool:
         results = pool.map(_decode_one, ((p, size) for p in paths), chunksize=16)
@@ -152,9 +165,31 @@ def decode_images(paths, size, workers=None, desc="decoding"):
     return out[: len(good)], good, bad
 
 
+def decode_cached(files, size, root, desc="decoding"):
+    """decode_images through the on-disk decode cache (see cache.py); returns the same triple + hit flag."""
+    from . import cache
+    if not cache.enabled() or not files:
+        return (*decode_images(files, size, desc=desc), False)
+    key = cache.folder_key(files, size)
+    hit = cache.load(key)
+    if hit is not None:
+        return (*hit, True)
+    try:
+        array, tmp = cache.new_array(key, (len(files), size, size, 3))
+    except OSError:  # cache folder not writable: decode in memory
+        return (*decode_images(files, size, desc=desc), False)
+    try:
+        _, good, bad = decode_images(files, size, desc=desc, out=array)
+        cache.commit(key, array, tmp, good, bad, root, size)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return (*cache.load(key), False)
+
+
 def load_folder(folder: ImageFolder, size, require_every_class=True):
     """Decode every image of a scanned folder at `size`; unusable files are skipped and reported."""
-    array, good, bad = decode_images(folder.files, size, desc=f"decoding {folder.root.name}")
+    array, good, bad, _ = decode_cached(folder.files, size, folder.root, desc=f"decoding {folder.root.name}")
     labels = torch.tensor([folder.labels[i] for i in good], dtype=torch.long)
     skipped = folder.skipped + [(folder.files[i], reason) for i, reason in bad]
     if require_every_class:

@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .cache import user_cache_dir as cache_dir
 from .data import stratified_split
 from .download import OfflineError, fetch_zip
 from .errors import FolderCNNError
@@ -18,14 +19,6 @@ from .train import train_folder
 
 RPS_BASE_URL = "https://storage.googleapis.com/laurencemoroney-blog.appspot.com/"
 RPS_ZIPS = {"train": "rps.zip", "test": "rps-test-set.zip"}
-
-
-def cache_dir():
-    """foldercnn's cache: $FOLDERCNN_CACHE, else $XDG_CACHE_HOME/foldercnn, else ~/.cache/foldercnn."""
-    if os.environ.get("FOLDERCNN_CACHE"):
-        return Path(os.environ["FOLDERCNN_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "foldercnn"
 
 
 def _has_classes(d):

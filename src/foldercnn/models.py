@@ -70,6 +70,14 @@ def fast_cnn(num_classes, widths=(24, 48, 96, 192), image_size=None, dropout=0.0
     return nn.Sequential(*layers)
 
 
+def predict_logits(model, x, tta=False):
+    """Float32 logits; with tta, averaged over the image and its mirror image (test-time augmentation)."""
+    logits = model(x).float()
+    if tta:
+        logits = (logits + model(x.flip(-1)).float()) / 2
+    return logits
+
+
 def count_parameters(model):
     return sum(p.numel() for p in model.parameters())
 

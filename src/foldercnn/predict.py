@@ -10,6 +10,7 @@ from .bundle import load_model
 from .data import natural_key
 from .errors import FolderCNNError
 from .images import ImageDecodeError, decode, is_candidate
+from .models import predict_logits
 from .preprocess import preprocess
 
 
@@ -38,6 +39,7 @@ class Classifier:
         self.image_size = int(metadata["image_size"])
         pre = metadata["preprocessing"]
         self.mean, self.std = pre["mean"], pre["std"]
+        self.tta = bool(metadata.get("tta", False))
 
     @torch.no_grad()
     def probabilities(self, images_uint8_nhwc, batch_size=64):
@@ -45,8 +47,8 @@ class Classifier:
         out = []
         for start in range(0, len(images_uint8_nhwc), batch_size):
             x = preprocess(images_uint8_nhwc[start:start + batch_size].to(self.device), self.mean, self.std)
-            logits = self.model(x.contiguous(memory_format=torch.channels_last))
-            out.append(torch.softmax(logits.float(), dim=1).cpu())
+            logits = predict_logits(self.model, x.contiguous(memory_format=torch.channels_last), self.tta)
+            out.append(torch.softmax(logits, dim=1).cpu())
         return torch.cat(out) if out else torch.empty(0, len(self.classes))
 
     def _prediction(self, probs, path=None):

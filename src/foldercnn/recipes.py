@@ -24,6 +24,8 @@ class Recipe:
     label_smoothing: float = 0.0
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     model_args: dict = field(default_factory=dict)
+    ema: float = 0.0  # decay of an exponential moving average of the weights; 0: none
+    tta: bool = False  # evaluate and predict on the image and its mirror image, averaged
     keep: str = "best"  # best: the epoch with the best validation score; last: the final epoch
     mean: tuple = (0.0, 0.0, 0.0)
     std: tuple = (1.0, 1.0, 1.0)

@@ -1,4 +1,5 @@
 """Training: the loop (`fit`) and the whole folder -> run directory job (`train_folder`)."""
+import copy
 import csv
 import io
 import math
@@ -16,7 +17,7 @@ from .bundle import save_model
 from .data import check_same_classes, load_folder, scan_folder, stratified_split, summarize_skipped
 from .errors import FolderCNNError
 from .files import write_text
-from .models import count_parameters, create_model, summary
+from .models import count_parameters, create_model, predict_logits, summary
 from .plots import augmentation_preview, training_curves
 from .preprocess import default_preprocessing, preprocess
 from .recipes import get_recipe
@@ -36,16 +37,37 @@ def make_optimizer(model, recipe):
     raise FolderCNNError(f"unknown optimizer '{recipe.optimizer}'")
 
 
-def lr_factor(schedule, step, total_steps):
-    """Multiplier of the base learning rate at `step` (0-based) of `total_steps`."""
+def lr_factor(schedule, progress):
+    """Multiplier of the base learning rate at `progress` in [0, 1] of the run (steps or time)."""
     if schedule == "constant":
         return 1.0
     if schedule == "onecycle":  # linear warm-up over the first 20%, then linear decay to zero
-        warmup = max(1, int(0.2 * total_steps))
-        if step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+        if progress < 0.2:
+            return 0.05 + 0.95 * progress / 0.2
+        return max(0.0, (1.0 - progress) / 0.8)
     raise FolderCNNError(f"unknown schedule '{schedule}'")
+
+
+class WeightEMA:
+    """Exponential moving average of a model's weights (batch-norm statistics copied as they are).
+
+    The decay ramps up from 0 so the average is not dominated by the random initial weights.
+    """
+
+    def __init__(self, model, decay):
+        self.decay, self.updates = decay, 0
+        self.model = copy.deepcopy(model).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model):
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        ema_params = [p for p in self.model.parameters()]
+        torch._foreach_lerp_(ema_params, [p.detach() for p in model.parameters()], 1.0 - d)
+        for e, b in zip(self.model.buffers(), model.buffers()):
+            e.copy_(b)
 
 
 def index_batches(n, batch_size, generator):
@@ -63,17 +85,18 @@ def index_batches(n, batch_size, generator):
 
 
 @torch.no_grad()
-def evaluate_model(model, images, labels, mean, std, device, precision, batch_size=256):
-    """Mean cross-entropy and accuracy of `model` on uint8 NHWC images (no augmentation)."""
+def evaluate_model(model, data, mean, std, device, precision, tta=False, batch_size=256):
+    """Mean cross-entropy and accuracy of `model` on DecodedImages (no augmentation)."""
+    labels = data.labels
     was_training = model.training
     model.eval()
     total_loss, correct = 0.0, 0
     for start in range(0, len(labels), batch_size):
-        x = preprocess(images[start:start + batch_size].to(device), mean, std)
+        x = preprocess(data.take(slice(start, start + batch_size)).to(device), mean, std)
         y = labels[start:start + batch_size].to(device)
         with runtime.autocast(device, precision):
-            logits = model(x.contiguous(memory_format=torch.channels_last))
-        total_loss += F.cross_entropy(logits.float(), y, reduction="sum").item()
+            logits = predict_logits(model, x, tta)
+        total_loss += F.cross_entropy(logits, y, reduction="sum").item()
         correct += (logits.argmax(1) == y).sum().item()
     model.train(was_training)
     n = max(1, len(labels))
@@ -94,28 +117,42 @@ def _is_better(stats, best):
     return (stats["val_accuracy"], -stats["val_loss"]) > (best["val_accuracy"], -best["val_loss"])
 
 
-def fit(model, train, val, recipe, *, device, precision, seed, log=print, on_epoch=None):
+def fit(model, train, val, recipe, *, device, precision, seed, log=print, on_epoch=None, deadline=None):
     """Train `model` on decoded images; validate every epoch. Ctrl-C stops after keeping the best so far.
 
+    deadline: a time.perf_counter() value; training runs epochs until it (not recipe.epochs), and the
+    learning-rate schedule follows elapsed time instead of steps, so it still ends at zero.
     All state lives in locals and arguments, so several fits can run side by side (and, later, per rank).
     """
     g = torch.Generator().manual_seed(seed)
     model.to(device).to(memory_format=torch.channels_last).train()
     optimizer = make_optimizer(model, recipe)
+    ema = WeightEMA(model, recipe.ema) if recipe.ema else None
     steps = recipe.steps_per_epoch or math.ceil(len(train) / recipe.batch_size)
-    total_steps = steps * recipe.epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(recipe.schedule, s, total_steps))
+    epochs = recipe.epochs if deadline is None else 1_000_000
+    total_steps, step = steps * epochs, 0
+    fit_start, val_seconds = time.perf_counter(), 0.0
     batches = index_batches(len(train), min(recipe.batch_size, len(train)), g)
     result, best = FitResult(), None
+
+    def progress():
+        if deadline is None:
+            return step / total_steps
+        return min(1.0, (time.perf_counter() - fit_start) / max(1e-9, deadline - val_seconds - fit_start))
+
     try:
-        for epoch in range(1, recipe.epochs + 1):
+        for epoch in range(1, epochs + 1):
             start, loss_sum, correct, seen = time.perf_counter(), 0.0, 0, 0
-            bar = tqdm(range(steps), desc=f"epoch {epoch}/{recipe.epochs}", unit="step", leave=False, disable=None)
+            label = f"epoch {epoch}/{recipe.epochs if deadline is None else '?'}"
+            bar = tqdm(range(steps), desc=label, unit="step", leave=False, disable=None)
             for _ in bar:
+                if deadline is not None and progress() >= 1.0:
+                    break
+                for group in optimizer.param_groups:
+                    group["lr"] = recipe.lr * lr_factor(recipe.schedule, progress())
                 idx = next(batches)
                 y = train.labels[idx].to(device)
-                x = preprocess(train.images[idx].to(device), recipe.mean, recipe.std)
+                x = preprocess(train.take(idx).to(device), recipe.mean, recipe.std)
                 x = augment_batch(x, recipe.augment, g).contiguous(memory_format=torch.channels_last)
                 with runtime.autocast(device, precision):
                     logits = model(x)
@@ -123,16 +160,23 @@ def fit(model, train, val, recipe, *, device, precision, seed, log=print, on_epo
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                scheduler.step()
+                step += 1
+                if ema:
+                    ema.update(model)
                 # report plain cross-entropy (no smoothing) so training and validation losses compare
                 plain = loss if not recipe.label_smoothing else F.cross_entropy(logits.detach().float(), y)
                 loss_sum += plain.item() * len(y)
                 correct += (logits.argmax(1) == y).sum().item()
                 seen += len(y)
                 bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}")
+            bar.close()
+            if seen == 0:
+                break
             train_seconds = time.perf_counter() - start
-            val_loss, val_acc = evaluate_model(model, val.images, val.labels, recipe.mean, recipe.std,
-                                               device, precision)
+            scored = ema.model if ema else model
+            val_loss, val_acc = evaluate_model(scored, val, recipe.mean, recipe.std,
+                                               device, precision, tta=recipe.tta)
+            val_seconds = time.perf_counter() - start - train_seconds
             stats = {"epoch": epoch, "loss": loss_sum / seen, "accuracy": correct / seen,
                      "val_loss": val_loss, "val_accuracy": val_acc, "seconds": time.perf_counter() - start,
                      "train_seconds": train_seconds, "images": seen}
@@ -141,12 +185,15 @@ def fit(model, train, val, recipe, *, device, precision, seed, log=print, on_epo
             if improved:
                 best = stats
                 result.best_epoch = epoch
-                result.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            log(f"epoch {epoch:>3}/{recipe.epochs}  loss {stats['loss']:.4f}  accuracy {stats['accuracy']:.4f}  "
-                f"val_loss {val_loss:.4f}  val_accuracy {val_acc:.4f}  {stats['seconds']:.1f}s"
-                + ("  *" if improved and recipe.keep == "best" else ""))
+                result.best_state = {k: v.detach().clone() for k, v in scored.state_dict().items()}
+            log(f"epoch {epoch:>3}/{recipe.epochs if deadline is None else '?'}  loss {stats['loss']:.4f}  "
+                f"accuracy {stats['accuracy']:.4f}  val_loss {val_loss:.4f}  val_accuracy {val_acc:.4f}  "
+                f"{stats['seconds']:.1f}s" + ("  *" if improved and recipe.keep == "best" else ""))
             if on_epoch:
                 on_epoch(result)
+            if deadline is not None and progress() >= 1.0:
+                log("time budget spent")
+                break
     except KeyboardInterrupt:
         result.interrupted = True
         log(f"\ninterrupted: keeping the {'best' if recipe.keep == 'best' else 'last'} finished epoch "
@@ -224,14 +271,21 @@ def prepare_data(data_dir, recipe, val_dir=None, val_fraction=None, seed=0, log=
 
 
 def train_folder(data_dir, out_dir, recipe="fast", val_dir=None, val_fraction=None, seed=0,
-                 precision="auto", device="auto", log=print, **overrides):
-    """Train a classifier on DATA_DIR and write the run directory. Returns a TrainResult."""
+                 precision="auto", device="auto", time_budget=None, log=print, **overrides):
+    """Train a classifier on DATA_DIR and write the run directory. Returns a TrainResult.
+
+    time_budget: seconds of wall clock for the whole job, decoding included; training runs as many
+    epochs as fit in it (the learning-rate schedule follows the clock) and keeps the best epoch.
+    """
     recipe = get_recipe(recipe, **overrides) if isinstance(recipe, str) else recipe
     _check_out_dir(out_dir, [data_dir, val_dir])
     runtime.setup()
     device = runtime.choose_device(device)
     precision = runtime.resolve_precision(precision, device)
     t0 = time.perf_counter()
+    if time_budget is not None and not time_budget > 0:
+        raise FolderCNNError(f"--time-budget must be positive, got {time_budget}")
+    deadline = None if time_budget is None else t0 + time_budget
     train, val, skipped = prepare_data(data_dir, recipe, val_dir, val_fraction, seed, log)
     t_data = time.perf_counter() - t0
     out_dir = Path(out_dir)
@@ -245,14 +299,16 @@ def train_folder(data_dir, out_dir, recipe="fast", val_dir=None, val_fraction=No
     log(summary(model, recipe.image_size))
     preview_idx = [int((train.labels == c).nonzero()[0]) for c in range(len(train.classes))
                    if (train.labels == c).any()][:4]
-    augmentation_preview(train.images[preview_idx], recipe.augment, out_dir / "augmentations.png", seed=seed)
+    augmentation_preview(train.take(torch.tensor(preview_idx)), recipe.augment, out_dir / "augmentations.png", seed=seed)
 
     def checkpoint_history(result):
         write_history(out_dir / "history.csv", result.history)
 
     t1 = time.perf_counter()
+    if deadline is not None:
+        log(f"time budget: {time_budget:g} s in all, {deadline - time.perf_counter():.1f} s left for training")
     result = fit(model, train, val, recipe, device=device, precision=precision, seed=seed, log=log,
-                 on_epoch=checkpoint_history)
+                 on_epoch=checkpoint_history, deadline=deadline)
     t_train = time.perf_counter() - t1
     if result.best_state is None:
         raise FolderCNNError("stopped before the first epoch finished; no model saved")
@@ -267,6 +323,7 @@ def train_folder(data_dir, out_dir, recipe="fast", val_dir=None, val_fraction=No
         "recipe": recipe.to_dict(),
         "seed": seed,
         "precision": precision,
+        "tta": recipe.tta,
         "metrics": {"epoch": result.best_epoch, "epochs_run": len(result.history),
                     "val_accuracy": best["val_accuracy"], "val_loss": best["val_loss"],
                     "train_accuracy": best["accuracy"], "train_loss": best["loss"],
