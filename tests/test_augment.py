@@ -68,3 +68,11 @@ def test_augmentation_is_seeded_and_ranges_respected():
     m = random_affine_matrices(10000, AugmentConfig(width_shift=0.2, zoom=0.2), torch.Generator().manual_seed(0))
     assert m[:, 0, 2].abs().max() <= 0.4 + 1e-6  # 20% of the width = 0.4 in [-1, 1] units
     assert m[:, 0, 0].min() >= 0.8 - 1e-6 and m[:, 0, 0].max() <= 1.2 + 1e-6
+
+
+def test_colour_jitter_stays_in_range_and_saturation_keeps_grey_level():
+    x = batch(n=16) * 0.5 + 0.25
+    y = augment_batch(x, AugmentConfig(brightness=0.5, contrast=0.5, saturation=0.5), torch.Generator().manual_seed(0))
+    assert y.min() >= 0 and y.max() <= 1 and not torch.equal(x, y)
+    s = augment_batch(x, AugmentConfig(saturation=0.9), torch.Generator().manual_seed(0))
+    assert torch.allclose(s.mean(1), x.mean(1), atol=1e-5)  # only the colourfulness changes

@@ -8,6 +8,7 @@ Semantics follow Keras' ImageDataGenerator so the `seed` recipe matches the tuto
   zoom         x and y scale drawn independently from [1 - z, 1 + z]; > 1 shows more (zooms out)
   horizontal_flip  with probability 1/2
   fill         "nearest": pixels outside the source repeat the edge (border padding)
+  brightness, contrast, saturation (not in the tutorial): per-image factors in [1 - b, 1 + b]
 The transform maps output pixel coordinates to input ones, like Keras/scipy, and samples bilinearly.
 """
 import math
@@ -25,10 +26,14 @@ class AugmentConfig:
     shear: float = 0.0
     zoom: float = 0.0
     horizontal_flip: bool = False
+    brightness: float = 0.0
+    contrast: float = 0.0
+    saturation: float = 0.0
 
     def is_identity(self):
         return not self.horizontal_flip and not any(
-            (self.rotation, self.width_shift, self.height_shift, self.shear, self.zoom))
+            (self.rotation, self.width_shift, self.height_shift, self.shear, self.zoom, self.brightness,
+             self.contrast, self.saturation))
 
     def to_dict(self):
         return asdict(self)
@@ -78,12 +83,33 @@ def apply_affine(x, matrices):
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
+def jitter_colour(x, cfg: AugmentConfig, generator=None):
+    """Per-image brightness, contrast and saturation factors on NCHW images in [0, 1]."""
+    n = x.shape[0]
+
+    def factors(bound):
+        return (1 + _uniform(n, bound, generator)).float().view(n, 1, 1, 1).to(x.device)
+    if cfg.saturation:
+        grey = x.mean(1, keepdim=True)
+        x = grey + (x - grey) * factors(cfg.saturation)
+    if cfg.contrast:
+        mean = x.mean((1, 2, 3), keepdim=True)
+        x = mean + (x - mean) * factors(cfg.contrast)
+    if cfg.brightness:
+        x = x * factors(cfg.brightness)
+    return x.clamp(0, 1)
+
+
 def augment_batch(x, cfg: AugmentConfig, generator=None):
-    """Randomly augment a NCHW float batch; identity config returns x unchanged."""
+    """Randomly augment a NCHW float batch in [0, 1]; identity config returns x unchanged."""
     if cfg.is_identity():
         return x
     geometric = any((cfg.rotation, cfg.width_shift, cfg.height_shift, cfg.shear, cfg.zoom))
-    if not geometric:  # flips only: no resampling needed
+    if geometric:
+        x = apply_affine(x, random_affine_matrices(x.shape[0], cfg, generator).to(x.device))
+    elif cfg.horizontal_flip:  # flips only: no resampling needed
         flip = torch.rand(x.shape[0], generator=generator) < 0.5
-        return torch.where(flip.view(-1, 1, 1, 1).to(x.device), hflip(x), x)
-    return apply_affine(x, random_affine_matrices(x.shape[0], cfg, generator).to(x.device))
+        x = torch.where(flip.view(-1, 1, 1, 1).to(x.device), hflip(x), x)
+    if cfg.brightness or cfg.contrast or cfg.saturation:
+        x = jitter_colour(x, cfg, generator)
+    return x

@@ -16,6 +16,8 @@ def _add_training_options(p, default_recipe="fast"):
     p.add_argument("--batch-size", type=int)
     p.add_argument("--image-size", type=int, help="side of the square network input, in pixels")
     p.add_argument("--lr", type=float, help="learning rate")
+    p.add_argument("--time-budget", type=float, metavar="SECONDS",
+                   help="train until this much wall clock (decoding included) is spent, then keep the best epoch")
     p.add_argument("--seed", type=int, default=0, help="makes the run repeatable (default 0)")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
                    help="auto: bfloat16 autocast where the CPU supports it natively, else float32")
@@ -74,7 +76,7 @@ def cmd_train(args):
     from .train import train_folder
     result = train_folder(args.data_dir, args.out, recipe=args.recipe, val_dir=args.val,
                           val_fraction=args.val_fraction, seed=args.seed, precision=args.precision,
-                          **_overrides(args))
+                          time_budget=args.time_budget, **_overrides(args))
     best = result.history[result.best_epoch - 1]
     print(f"saved {result.model_path} (epoch {result.best_epoch}, val_accuracy {best['val_accuracy']:.4f}); "
           f"plots and history.csv in {result.out_dir}")
@@ -115,7 +117,7 @@ def cmd_predict(args):
 def cmd_demo(args):
     from .demo import run_demo
     run_demo(data=args.data, out=args.out, recipe=args.recipe, seed=args.seed, precision=args.precision,
-             **_overrides(args))
+             time_budget=args.time_budget, **_overrides(args))
 
 
 def cmd_models(args):

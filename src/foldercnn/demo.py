@@ -91,8 +91,8 @@ def make_digits_folder(target):
     return target
 
 
-def run_demo(data=None, out="foldercnn-demo", recipe="fast", seed=0, precision="auto", log=print, progress=True,
-             **overrides):
+def run_demo(data=None, out="foldercnn-demo", recipe="fast", seed=0, precision="auto", time_budget=None, log=print,
+             progress=True, **overrides):
     """Find data, inspect, train, plot, evaluate on the test set, classify validation/, list the outputs."""
     recipe_obj = get_recipe(recipe, **overrides)
     out = Path(out)
@@ -113,7 +113,7 @@ def run_demo(data=None, out="foldercnn-demo", recipe="fast", seed=0, precision="
     if val_dir:
         log("the tutorial validated on the test set every epoch and kept the last epoch; so does this recipe")
     result = train_folder(root / "train", out, recipe=recipe_obj, val_dir=val_dir, seed=seed, precision=precision,
-                          log=log)
+                          time_budget=time_budget, log=log)
 
     outputs = {"sample grid": out / "samples.png", "augmentation preview": out / "augmentations.png",
                "training curves": out / "curves.png", "training history": out / "history.csv",

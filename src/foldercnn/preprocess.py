@@ -17,9 +17,17 @@ def default_preprocessing(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)):
     }
 
 
-def preprocess(images_uint8_nhwc, mean, std):
-    """(N, H, W, 3) uint8 -> (N, 3, H, W) float: rescale to [0, 1], then (x - mean) / std."""
-    x = images_uint8_nhwc.permute(0, 3, 1, 2).float().mul_(1.0 / 255.0)
+def to_unit(images_uint8_nhwc):
+    """(N, H, W, 3) uint8 -> (N, 3, H, W) float in [0, 1] (the tutorial's rescale 1/255)."""
+    return images_uint8_nhwc.permute(0, 3, 1, 2).float().mul_(1.0 / 255.0)
+
+
+def normalize(x, mean, std):
     mean = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     std = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     return (x - mean) / std
+
+
+def preprocess(images_uint8_nhwc, mean, std):
+    """(N, H, W, 3) uint8 -> (N, 3, H, W) float: rescale to [0, 1], then (x - mean) / std."""
+    return normalize(to_unit(images_uint8_nhwc), mean, std)

@@ -19,7 +19,7 @@ from .errors import FolderCNNError
 from .files import write_text
 from .models import count_parameters, create_model, predict_logits, summary
 from .plots import augmentation_preview, training_curves
-from .preprocess import default_preprocessing, preprocess
+from .preprocess import default_preprocessing, normalize, preprocess, to_unit
 from .recipes import get_recipe
 
 HISTORY_FIELDS = ["epoch", "loss", "accuracy", "val_loss", "val_accuracy", "seconds"]
@@ -152,8 +152,8 @@ def fit(model, train, val, recipe, *, device, precision, seed, log=print, on_epo
                     group["lr"] = recipe.lr * lr_factor(recipe.schedule, progress())
                 idx = next(batches)
                 y = train.labels[idx].to(device)
-                x = preprocess(train.take(idx).to(device), recipe.mean, recipe.std)
-                x = augment_batch(x, recipe.augment, g).contiguous(memory_format=torch.channels_last)
+                x = augment_batch(to_unit(train.take(idx).to(device)), recipe.augment, g)
+                x = normalize(x, recipe.mean, recipe.std).contiguous(memory_format=torch.channels_last)
                 with runtime.autocast(device, precision):
                     logits = model(x)
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=recipe.label_smoothing)
@@ -285,7 +285,8 @@ def train_folder(data_dir, out_dir, recipe="fast", val_dir=None, val_fraction=No
     t0 = time.perf_counter()
     if time_budget is not None and not time_budget > 0:
         raise FolderCNNError(f"--time-budget must be positive, got {time_budget}")
-    deadline = None if time_budget is None else t0 + time_budget
+    # about a second is kept back for saving the model and drawing the curves
+    deadline = None if time_budget is None else t0 + time_budget - 1.0
     train, val, skipped = prepare_data(data_dir, recipe, val_dir, val_fraction, seed, log)
     t_data = time.perf_counter() - t0
     out_dir = Path(out_dir)
