@@ -112,9 +112,12 @@ class FitResult:
 
 
 def _is_better(stats, best):
-    if best is None:
-        return True
-    return (stats["val_accuracy"], -stats["val_loss"]) > (best["val_accuracy"], -best["val_loss"])
+    """Higher validation accuracy wins; a tie goes to the later epoch.
+
+    Small validation splits often saturate (100% from mid-run on); the later epoch has trained longer
+    at a lower learning rate and generalises better than an early one with a lucky low loss.
+    """
+    return best is None or stats["val_accuracy"] >= best["val_accuracy"]
 
 
 def fit(model, train, val, recipe, *, device, precision, seed, log=print, on_epoch=None, deadline=None):
