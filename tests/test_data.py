@@ -111,3 +111,11 @@ def test_stratified_split_is_seeded_and_keeps_proportions():
 
 def test_natural_key():
     assert sorted(["x10", "x2", "X1"], key=natural_key) == ["X1", "x2", "x10"]
+
+
+def test_broken_symlink_is_skipped_not_a_crash(tmp_path):
+    img(tmp_path / "a" / "x.png")
+    img(tmp_path / "b" / "y.png")
+    (tmp_path / "a" / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    data = load_folder(scan_folder(tmp_path), 8)
+    assert len(data) == 2 and [(p.name, r) for p, r in data.skipped] == [("gone.png", "file not found")]

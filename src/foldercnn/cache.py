@@ -32,8 +32,12 @@ def enabled():
 def folder_key(files, size):
     h = hashlib.sha256(f"foldercnn-decode-v{DECODER_VERSION}|{size}\n".encode())
     for f in files:
-        st = os.stat(f)
-        h.update(f"{os.path.abspath(f)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        try:
+            st = os.stat(f)
+            stamp = f"{st.st_size}\0{st.st_mtime_ns}"
+        except OSError:  # e.g. a broken symlink: decoding reports it as skipped
+            stamp = "missing"
+        h.update(f"{os.path.abspath(f)}\0{stamp}\n".encode())
     return h.hexdigest()[:32]
 
 
