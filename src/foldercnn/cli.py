@@ -40,6 +40,8 @@ def build_parser():
     val.add_argument("--val", help="validation folder with the same class sub-folders")
     val.add_argument("--val-fraction", type=float, help="hold out this stratified fraction (default 0.2)")
     p.add_argument("--out", required=True, help="run directory to write")
+    p.add_argument("--fine-tune", action="store_true",
+                   help="recipe transfer: after the linear probe, also train the last blocks with augmentation")
     _add_training_options(p)
 
     p = sub.add_parser("evaluate", help="accuracy, per-class metrics and confusion matrix on a labelled folder")
@@ -76,7 +78,7 @@ def cmd_train(args):
     from .train import train_folder
     result = train_folder(args.data_dir, args.out, recipe=args.recipe, val_dir=args.val,
                           val_fraction=args.val_fraction, seed=args.seed, precision=args.precision,
-                          time_budget=args.time_budget, **_overrides(args))
+                          time_budget=args.time_budget, fine_tune=args.fine_tune, **_overrides(args))
     best = result.history[result.best_epoch - 1]
     print(f"saved {result.model_path} (epoch {result.best_epoch}, val_accuracy {best['val_accuracy']:.4f}); "
           f"plots and history.csv in {result.out_dir}")

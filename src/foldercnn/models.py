@@ -78,6 +78,14 @@ def predict_logits(model, x, tta=False):
     return logits
 
 
+@register
+def effnet_lite0(num_classes, pretrained=False, dropout=0.2):
+    """EfficientNet-Lite0 (4.0 M parameters with 1000 classes); pretrained: ImageNet weights, new head."""
+    from .effnet import EfficientNetLite0, load_pretrained
+    model = EfficientNetLite0(num_classes, dropout)
+    return load_pretrained(model) if pretrained else model
+
+
 def count_parameters(model):
     return sum(p.numel() for p in model.parameters())
 

@@ -26,6 +26,9 @@ class Recipe:
     model_args: dict = field(default_factory=dict)
     ema: float = 0.0  # decay of an exponential moving average of the weights; 0: none
     tta: bool = False  # evaluate and predict on the image and its mirror image, averaged
+    pretrained: bool = False  # start from the architecture's pretrained weights
+    linear_probe: bool = False  # fit only the classifier, on features computed once
+    fine_tune_blocks: int = 0  # with --fine-tune: how many of the last blocks to train
     keep: str = "best"  # best: the epoch with the best validation score; last: the final epoch
     mean: tuple = (0.0, 0.0, 0.0)
     std: tuple = (1.0, 1.0, 1.0)
@@ -54,6 +57,14 @@ RECIPES = {
                               brightness=0.2, contrast=0.2, saturation=1.0),
         mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
         keep="best", description="small batch-norm CNN at 64 px, one-cycle SGD, 12 epochs (default)"),
+    # Pretrained EfficientNet-Lite0 (ImageNet), frozen; a linear head fitted on its features in seconds.
+    # With --fine-tune, the last blocks then train for a few epochs with augmentation.
+    "transfer": Recipe(
+        name="transfer", model="effnet-lite0", image_size=224, batch_size=32, epochs=3, optimizer="adamw",
+        lr=3e-4, weight_decay=1e-4, schedule="onecycle", label_smoothing=0.1,
+        augment=AugmentConfig(rotation=10, width_shift=0.1, height_shift=0.1, zoom=0.1, horizontal_flip=True),
+        mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), pretrained=True, linear_probe=True, fine_tune_blocks=4,
+        keep="best", description="pretrained EfficientNet-Lite0, linear probe on cached features"),
 }
 
 

