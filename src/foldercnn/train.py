@@ -281,6 +281,8 @@ def train_folder(data_dir, out_dir, recipe="fast", val_dir=None, val_fraction=No
     epochs as fit in it (the learning-rate schedule follows the clock) and keeps the best epoch.
     """
     recipe = get_recipe(recipe, **overrides) if isinstance(recipe, str) else recipe
+    if fine_tune and not recipe.linear_probe:
+        raise FolderCNNError(f"--fine-tune applies to --recipe transfer, not '{recipe.name}'")
     _check_out_dir(out_dir, [data_dir, val_dir])
     runtime.setup()
     device = runtime.choose_device(device)
