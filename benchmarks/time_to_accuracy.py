@@ -129,26 +129,23 @@ def main():
         scaling(data)
 
 
-def compare_recipes(data, seeds, work):
-    print("\n1. fast recipe, cold cache (raw folder -> saved model)")
-    cold = []
+def fast_runs(data, seeds, work, tag):
+    runs = []
     for s in seeds:
-        r = run_once(data, "fast", s, work / f"cache{s}", work / f"cold{s}")
-        cold.append(r)
+        r = run_once(data, "fast", s, work / f"cache{s}", work / f"{tag}{s}")
+        runs.append(r)
         print(f"   seed {s}: total {r['total']:.1f}s = decode {r['decode']:.1f}s + train {r['train']:.1f}s "
               f"({r['epochs']} epochs); test accuracy {r['test_accuracy']:.4f}", flush=True)
-    print(f"   total seconds {spread([r['total'] for r in cold])}; "
-          f"test accuracy {spread([r['test_accuracy'] for r in cold], '{:.4f}')}")
+    print(f"   total seconds {spread([r['total'] for r in runs])}; "
+          f"test accuracy {spread([r['test_accuracy'] for r in runs], '{:.4f}')}")
+    return runs
 
+
+def compare_recipes(data, seeds, work):
+    print("\n1. fast recipe, cold cache (raw folder -> saved model)")
+    cold = fast_runs(data, seeds, work, "cold")  # a fresh cache folder per seed
     print("\n2. fast recipe, warm cache")
-    warm = []
-    for s in seeds:
-        r = run_once(data, "fast", s, work / f"cache{s}", work / f"warm{s}")
-        warm.append(r)
-        print(f"   seed {s}: total {r['total']:.1f}s = decode {r['decode']:.1f}s + train {r['train']:.1f}s; "
-              f"test accuracy {r['test_accuracy']:.4f}", flush=True)
-    print(f"   total seconds {spread([r['total'] for r in warm])}; "
-          f"test accuracy {spread([r['test_accuracy'] for r in warm], '{:.4f}')}")
+    warm = fast_runs(data, seeds, work, "warm")  # the same cache folders, now filled
 
     budget = statistics.median(r["total"] for r in cold)
     print(f"\n3. seed recipe (the tutorial) with the same wall clock: --time-budget {budget:.1f}s")

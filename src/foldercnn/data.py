@@ -36,9 +36,10 @@ class ImageFolder:
         return {name: c.get(i, 0) for i, name in enumerate(self.classes)}
 
 
-def _walk_images(class_dir, skipped):
+def walk_images(folder, skipped):
+    """Image files under `folder` (recursive, natural order); other files go to `skipped` with the reason."""
     found = []
-    for dirpath, dirnames, filenames in os.walk(class_dir):
+    for dirpath, dirnames, filenames in os.walk(folder):
         dirnames[:] = sorted((d for d in dirnames if not d.startswith(".")), key=natural_key)
         for name in sorted(filenames, key=natural_key):
             path = Path(dirpath) / name
@@ -86,7 +87,7 @@ def scan_folder(root, classes=None, min_classes=2):
                 f"(model classes: {', '.join(classes)})")
     skipped, files, labels = [], [], []
     for d in class_dirs:
-        found = _walk_images(d, skipped)
+        found = walk_images(d, skipped)
         if not found:
             raise FolderCNNError(f"class folder {d} has no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
         files += found

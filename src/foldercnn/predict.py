@@ -7,9 +7,9 @@ import numpy as np
 import torch
 
 from .bundle import load_model
-from .data import natural_key
+from .data import walk_images
 from .errors import FolderCNNError
-from .images import ImageDecodeError, decode, is_candidate
+from .images import ImageDecodeError, decode
 from .models import predict_logits
 from .preprocess import preprocess
 
@@ -87,17 +87,12 @@ def expand_paths(paths):
     found, skipped = [], []
     for p in map(Path, paths):
         if p.is_dir():
-            for dirpath, dirnames, filenames in os.walk(p):
-                dirnames[:] = sorted((d for d in dirnames if not d.startswith(".")), key=natural_key)
-                for name in sorted(filenames, key=natural_key):
-                    f = Path(dirpath) / name
-                    (found if is_candidate(f) else skipped).append(f)
+            found += walk_images(p, skipped)
         elif p.exists():
             found.append(p)
         else:
             raise FolderCNNError(f"not found: {p}")
-    return found, [(f, "hidden file" if f.name.startswith(".") else "not an image file extension")
-                   for f in skipped]
+    return found, skipped
 
 
 def predict_paths(classifier, paths, batch_size=64):

@@ -74,12 +74,13 @@ def index_batches(n, batch_size, generator):
     """Endless stream of index batches drawn from successive seeded permutations (like Keras' iterator)."""
     perm, pos = torch.randperm(n, generator=generator), 0
     while True:
-        take = []
-        while sum(len(t) for t in take) < batch_size:
+        take, count = [], 0
+        while count < batch_size:
             if pos >= n:
                 perm, pos = torch.randperm(n, generator=generator), 0
-            chunk = perm[pos: pos + batch_size - sum(len(t) for t in take)]
+            chunk = perm[pos: pos + batch_size - count]
             pos += len(chunk)
+            count += len(chunk)
             take.append(chunk)
         yield torch.cat(take)
 
