@@ -61,6 +61,14 @@ def build_parser():
     _add_training_options(p)
 
     sub.add_parser("models", help="list the architectures and recipes")
+
+    p = sub.add_parser("serve", help="a local web page (upload or webcam) and REST API for a model file")
+    p.add_argument("model")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest accepted file, in MB (default 10)")
+    p.add_argument("--max-files", type=int, default=16, help="most images in one request (default 16)")
+    p.add_argument("--workers", type=int, help="inference threads (default: one per physical core)")
     return parser
 
 
@@ -102,7 +110,8 @@ def cmd_predict(args):
     if args.json:
         rows = []
         for p in predictions:
-            row = {"path": p.path, "label": p.label, "probability": p.probability, "probabilities": p.probabilities}
+            row = {"path": p.path, "label": p.label, "probability": p.probability,
+                   "probabilities": p.probabilities, "uncertain": p.uncertain}
             if args.top_k:
                 row["top_k"] = [{"label": c, "probability": v} for c, v in p.top_k(args.top_k)]
             rows.append(row)
@@ -111,7 +120,8 @@ def cmd_predict(args):
         k = args.top_k or len(predictions[0].probabilities) if predictions else 0
         for p in predictions:
             others = "  ".join(f"{c} {v:.3f}" for c, v in p.top_k(k))
-            print(f"{p.path}: {p.label} ({p.probability:.1%})   [{others}]")
+            flag = "  uncertain" if p.uncertain else ""
+            print(f"{p.path}: {p.label} ({p.probability:.1%}){flag}   [{others}]")
     if not predictions:
         raise FolderCNNError("no images to classify" + (" (every file was skipped)" if skipped else ""))
 
@@ -129,8 +139,14 @@ def cmd_models(args):
         print(f"recipe {name}: {r.description} [{r.model}, {r.image_size}px, {r.epochs} epochs]")
 
 
+def cmd_serve(args):
+    from .serve import run_server
+    run_server(args.model, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb,
+               max_files=args.max_files, workers=args.workers)
+
+
 COMMANDS = {"inspect": cmd_inspect, "train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict,
-            "demo": cmd_demo, "models": cmd_models}
+            "demo": cmd_demo, "models": cmd_models, "serve": cmd_serve}
 
 
 def main(argv=None):

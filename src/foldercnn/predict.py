@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from .bundle import load_model
+from .calibration import DEFAULT_UNCERTAIN_BELOW
 from .data import walk_images
 from .errors import FolderCNNError
 from .images import ImageDecodeError, decode
@@ -20,6 +21,7 @@ class Prediction:
     probability: float
     probabilities: dict  # class name -> probability, in the model's class order
     path: str = None
+    uncertain: bool = False  # calibrated top probability below the model's threshold
 
     def top_k(self, k):
         return sorted(self.probabilities.items(), key=lambda kv: -kv[1])[:k]
@@ -40,22 +42,29 @@ class Classifier:
         pre = metadata["preprocessing"]
         self.mean, self.std = pre["mean"], pre["std"]
         self.tta = bool(metadata.get("tta", False))
+        calibration = metadata.get("calibration") or {}
+        # probabilities are softmax(logits / temperature); models without calibration use 1
+        self.temperature = float(calibration.get("temperature", 1.0))
+        self.uncertain_below = float(calibration.get("uncertain_below", DEFAULT_UNCERTAIN_BELOW))
 
     @torch.no_grad()
-    def probabilities(self, images_uint8_nhwc, batch_size=64):
-        """(N, S, S, 3) uint8 tensor -> (N, classes) float probabilities."""
+    def logits(self, images_uint8_nhwc, batch_size=64):
+        """(N, S, S, 3) uint8 tensor -> (N, classes) float32 logits (before temperature scaling)."""
         out = []
         for start in range(0, len(images_uint8_nhwc), batch_size):
             x = preprocess(images_uint8_nhwc[start:start + batch_size].to(self.device), self.mean, self.std)
-            logits = predict_logits(self.model, x.contiguous(memory_format=torch.channels_last), self.tta)
-            out.append(torch.softmax(logits, dim=1).cpu())
+            out.append(predict_logits(self.model, x.contiguous(memory_format=torch.channels_last), self.tta).cpu())
         return torch.cat(out) if out else torch.empty(0, len(self.classes))
+
+    def probabilities(self, images_uint8_nhwc, batch_size=64):
+        """(N, S, S, 3) uint8 tensor -> (N, classes) calibrated probabilities."""
+        return torch.softmax(self.logits(images_uint8_nhwc, batch_size) / self.temperature, dim=1)
 
     def _prediction(self, probs, path=None):
         i = int(probs.argmax())
         return Prediction(self.classes[i], float(probs[i]),
                           {c: float(p) for c, p in zip(self.classes, probs.tolist())},
-                          None if path is None else str(path))
+                          None if path is None else str(path), bool(probs[i] < self.uncertain_below))
 
     def decode(self, image):
         try:
