@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 # A prediction whose calibrated top probability is below this is flagged "uncertain" (stored per model;
 # `foldercnn train --uncertain-below` changes it). See README, "Calibration".
-DEFAULT_UNCERTAIN_BELOW = 0.6
+DEFAULT_UNCERTAIN_BELOW = 0.8  # calibrated: wrong at least one time in five
 T_MIN, T_MAX = 0.05, 20.0
 
 
@@ -50,6 +50,42 @@ def fit_temperature(logits, labels):
     best = (lo + hi) / 2
     # never return something worse than T = 1 (the grid's neighbourhood of 1 is coarse)
     return math.exp(best) if f(best) <= f(0.0) else 1.0
+
+
+def mean_confidence(logits, temperature):
+    return torch.softmax(torch.as_tensor(logits, dtype=torch.float64) / temperature, dim=1).max(1).values.mean().item()
+
+
+def temperature_for_confidence(logits, target):
+    """The T at which the mean top probability equals `target` (it falls as T grows): bisection on log T."""
+    lo, hi = math.log(T_MIN), math.log(T_MAX)
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        if mean_confidence(logits, math.exp(mid)) > target:
+            lo = mid
+        else:
+            hi = mid
+    return math.exp(hi)
+
+
+def choose_temperature(logits, labels):
+    """Temperature for a model file: the NLL fit, but never more confident than the validation record allows.
+
+    On a validation split the model gets (almost) all right, the NLL keeps falling as T -> 0 and the fit would
+    make every prediction ~100% sure: the tutorial's failure. So sharpening (T < 1) stops at the temperature
+    whose mean confidence on validation equals the lower end of the 95% Wilson interval of validation
+    accuracy. The cap only limits sharpening, so the validation NLL is never worse than with T = 1.
+    Returns (temperature, which rule decided it).
+    """
+    labels = torch.as_tensor(labels, dtype=torch.long)
+    if len(labels) == 0:
+        return 1.0, "no validation images"
+    t_fit = fit_temperature(logits, labels)
+    correct = int((torch.as_tensor(logits).argmax(1) == labels).sum())
+    floor = min(1.0, temperature_for_confidence(logits, wilson_interval(correct, len(labels))[0]))
+    if floor > t_fit:
+        return floor, "sharpening capped at the lower 95% bound of validation accuracy"
+    return t_fit, "negative log-likelihood fit"
 
 
 def reliability_bins(confidences, correct, n_bins=10):

@@ -4,6 +4,7 @@ import json
 import sys
 
 from . import __version__
+from .calibration import DEFAULT_UNCERTAIN_BELOW
 from .errors import FolderCNNError
 from .recipes import RECIPES
 
@@ -42,12 +43,23 @@ def build_parser():
     p.add_argument("--out", required=True, help="run directory to write")
     p.add_argument("--fine-tune", action="store_true",
                    help="recipe transfer: after the linear probe, also train the last blocks with augmentation")
+    p.add_argument("--uncertain-below", type=float, default=DEFAULT_UNCERTAIN_BELOW, metavar="P",
+                   help="predictions whose calibrated top probability is below P are marked uncertain "
+                        f"(stored in the model; default {DEFAULT_UNCERTAIN_BELOW})")
     _add_training_options(p)
 
-    p = sub.add_parser("evaluate", help="accuracy, per-class metrics and confusion matrix on a labelled folder")
+    p = sub.add_parser("evaluate", help="accuracy with its 95%% interval, per-class metrics, confusion matrix, "
+                                        "worst mistakes and calibration on a labelled folder")
     p.add_argument("model")
     p.add_argument("data_dir")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--json", action="store_true", help="print one JSON object with every number")
+    p.add_argument("--out", help="write evaluation.json, confusion.png, mistakes.png, calibration.png and "
+                                 "report.html here (give the run folder to complete its report)")
+    p.add_argument("--tta", action="store_true", help="average each prediction with its mirror image's")
+
+    p = sub.add_parser("report", help="re-create RUN_DIR/report.html from the files in the run folder")
+    p.add_argument("run_dir")
+    p.add_argument("--model", help="model file (default RUN_DIR/model.safetensors)")
 
     p = sub.add_parser("predict", help="classify images or folders of images")
     p.add_argument("model")
@@ -86,7 +98,8 @@ def cmd_train(args):
     from .train import train_folder
     result = train_folder(args.data_dir, args.out, recipe=args.recipe, val_dir=args.val,
                           val_fraction=args.val_fraction, seed=args.seed, precision=args.precision,
-                          time_budget=args.time_budget, fine_tune=args.fine_tune, **_overrides(args))
+                          time_budget=args.time_budget, fine_tune=args.fine_tune,
+                          uncertain_below=args.uncertain_below, **_overrides(args))
     best = result.history[result.best_epoch - 1]
     print(f"saved {result.model_path} (epoch {result.best_epoch}, val_accuracy {best['val_accuracy']:.4f}); "
           f"plots and history.csv in {result.out_dir}")
@@ -94,10 +107,23 @@ def cmd_train(args):
 
 
 def cmd_evaluate(args):
-    from .evaluate import evaluate_folder, format_evaluation
-    from .predict import load
-    ev = evaluate_folder(load(args.model), args.data_dir)
+    from .evaluate import format_evaluation
+    from .report import evaluate_to_folder
+    ev, report = evaluate_to_folder(args.model, args.data_dir, args.out, tta=True if args.tta else None)
     print(json.dumps(ev.to_dict()) if args.json else format_evaluation(ev))
+    if report:
+        print(f"wrote evaluation.json, confusion.png, mistakes.png, calibration.png and {report}",
+              file=sys.stderr if args.json else sys.stdout)
+
+
+def cmd_report(args):
+    from pathlib import Path
+
+    from .report import write_report
+    run = Path(args.run_dir)
+    if not run.is_dir():
+        raise FolderCNNError(f"run folder not found: {run}")
+    print(f"wrote {write_report(run, args.model)}")
 
 
 def cmd_predict(args):
@@ -146,7 +172,8 @@ def cmd_serve(args):
 
 
 COMMANDS = {"inspect": cmd_inspect, "train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict,
-            "demo": cmd_demo, "models": cmd_models, "serve": cmd_serve}
+            "demo": cmd_demo, "models": cmd_models, "serve": cmd_serve,
+            "report": cmd_report}
 
 
 def main(argv=None):

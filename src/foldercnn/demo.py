@@ -11,10 +11,10 @@ from .data import stratified_split
 from .download import OfflineError, fetch_zip
 from .errors import FolderCNNError
 from .evaluate import evaluate_folder, format_evaluation
-from .files import write_text
 from .inspection import format_report, inspect_folder
 from .predict import load, predict_paths
 from .recipes import get_recipe
+from .report import save_evaluation, write_report
 from .train import train_folder
 
 RPS_BASE_URL = "https://storage.googleapis.com/laurencemoroney-blog.appspot.com/"
@@ -124,9 +124,12 @@ def run_demo(data=None, out="foldercnn-demo", recipe="fast", seed=0, precision="
             + (", but used as the tutorial's validation set)" if val_dir else ")"))
         ev = evaluate_folder(classifier, test_dir)
         log(format_evaluation(ev))
-        import json
-        write_text(out / "evaluation.json", json.dumps(ev.to_dict(), indent=2))
+        save_evaluation(ev, out)
         outputs["test evaluation"] = out / "evaluation.json"
+        outputs["confusion matrix"] = out / "confusion.png"
+        outputs["worst mistakes"] = out / "mistakes.png"
+        outputs["calibration"] = out / "calibration.png"
+    outputs["report"] = write_report(out)
 
     extra = root / "validation"
     if extra.is_dir():
@@ -137,7 +140,8 @@ def run_demo(data=None, out="foldercnn-demo", recipe="fast", seed=0, precision="
             truth = Path(p.path).parent.name
             right += truth == p.label
             mark = "ok " if truth == p.label else "WRONG"
-            log(f"  {mark} {Path(p.path).relative_to(extra)}: {p.label} ({p.probability:.1%})")
+            flag = "  (uncertain)" if p.uncertain else ""
+            log(f"  {mark} {Path(p.path).relative_to(extra)}: {p.label} ({p.probability:.1%}){flag}")
         if predictions:
             log(f"  {right}/{len(predictions)} match their folder name")
         for path, why in skipped:

@@ -1,9 +1,13 @@
-"""Measure a model file on a labelled folder: accuracy, per-class metrics, confusion matrix."""
+"""Measure a model file on a labelled folder, honestly: accuracy with its 95% interval, per-class metrics,
+confusion matrix, the worst mistakes, and how far the model's confidence can be trusted (calibration)."""
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
+from .calibration import expected_calibration_error, nll, reliability_bins, wilson_interval
 from .data import load_folder, scan_folder
 
 
@@ -17,15 +21,46 @@ class Evaluation:
     skipped: list = field(default_factory=list)  # (path, reason)
     paths: list = field(default_factory=list)
     y_true: list = field(default_factory=list)
-    probabilities: list = field(default_factory=list)
+    probabilities: list = field(default_factory=list)  # calibrated, one row per image
+    accuracy_ci: tuple = (0.0, 1.0)  # 95% Wilson interval
+    macro: dict = field(default_factory=dict)  # unweighted mean precision/recall/f1 over classes
+    calibration: dict = field(default_factory=dict)  # temperature, ECE/NLL before and after, bins
+    uncertain: dict = field(default_factory=dict)  # threshold, how many flagged, accuracy of each group
+    data_dir: str = None
+    model_path: str = None
+    tta: bool = False
+    seconds: float = 0.0
+
+    @property
+    def y_pred(self):
+        return [int(np.argmax(p)) for p in self.probabilities]
+
+    def mistakes(self, limit=None):
+        """Wrong predictions, most confident first: the ones that most mislead a user."""
+        rows = [{"path": str(p), "true": self.classes[t], "predicted": self.classes[int(np.argmax(pr))],
+                 "probability": float(max(pr)), "true_probability": float(pr[t])}
+                for p, t, pr in zip(self.paths, self.y_true, self.probabilities) if int(np.argmax(pr)) != t]
+        rows.sort(key=lambda r: -r["probability"])
+        return rows[:limit]
 
     def to_dict(self):
-        return {"accuracy": self.accuracy, "n": self.n, "n_skipped": len(self.skipped),
-                "classes": self.classes, "per_class": self.per_class, "confusion": self.confusion,
-                "skipped": [{"path": str(p), "reason": r} for p, r in self.skipped]}
+        return {"accuracy": self.accuracy, "accuracy_ci95": list(self.accuracy_ci), "n": self.n,
+                "n_correct": int(round(self.accuracy * self.n)), "n_skipped": len(self.skipped),
+                "classes": self.classes, "per_class": self.per_class, "macro_avg": self.macro,
+                "confusion": self.confusion, "calibration": self.calibration, "uncertain": self.uncertain,
+                "mistakes": self.mistakes(),
+                "predictions": [{"path": str(p), "true": self.classes[t], "predicted": self.classes[int(np.argmax(pr))],
+                                 "probability": float(max(pr))}
+                                for p, t, pr in zip(self.paths, self.y_true, self.probabilities)],
+                "skipped": [{"path": str(p), "reason": r} for p, r in self.skipped],
+                "data_dir": self.data_dir, "model": self.model_path, "tta": self.tta, "seconds": self.seconds}
 
 
 def metrics_from_predictions(y_true, y_pred, classes):
+    """Accuracy, per-class precision/recall/F1/support and the confusion matrix (scikit-learn).
+
+    A class the model never predicts gets precision 0 (not NaN, not a warning): it helps nobody.
+    """
     labels = list(range(len(classes)))
     p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
     per_class = {c: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
@@ -35,28 +70,100 @@ def metrics_from_predictions(y_true, y_pred, classes):
     return accuracy, per_class, cm
 
 
-def evaluate_folder(classifier, data_dir):
-    """Evaluate a loaded Classifier on DATA_DIR (class folders must be among the model's classes)."""
+def macro_average(per_class):
+    """Unweighted means over the classes that occur in the data (support > 0)."""
+    present = [m for m in per_class.values() if m["support"] > 0]
+    return {k: float(np.mean([m[k] for m in present])) if present else 0.0 for k in ("precision", "recall", "f1")}
+
+
+def calibration_summary(logits, labels, temperature, n_bins=10):
+    """ECE, NLL and reliability bins of the raw softmax (T = 1) and of the temperature-scaled one."""
+    logits, labels = torch.as_tensor(logits, dtype=torch.float64), torch.as_tensor(labels, dtype=torch.long)
+    out = {"temperature": float(temperature), "bins": n_bins}
+    for name, t in (("uncalibrated", 1.0), ("calibrated", float(temperature))):
+        probs = torch.softmax(logits / t, dim=1)
+        conf, pred = probs.max(1)
+        correct = (pred == labels).numpy()
+        out[name] = {"ece": expected_calibration_error(conf.numpy(), correct, n_bins),
+                     "nll": nll(logits, labels, t), "mean_confidence": float(conf.mean()) if len(conf) else None,
+                     "reliability": reliability_bins(conf.numpy(), correct, n_bins)}
+    return out
+
+
+def uncertain_summary(probabilities, y_true, threshold):
+    """How many predictions fall below the confidence threshold, and how often each group is right."""
+    probs = np.asarray(probabilities, float).reshape(len(y_true), -1)
+    conf, correct = probs.max(1), probs.argmax(1) == np.asarray(y_true)
+    flagged = conf < threshold
+    acc = lambda m: float(correct[m].mean()) if m.any() else None  # noqa: E731
+    return {"threshold": float(threshold), "count": int(flagged.sum()),
+            "accuracy_confident": acc(~flagged), "accuracy_uncertain": acc(flagged),
+            "errors_flagged": int((flagged & ~correct).sum()), "errors": int((~correct).sum())}
+
+
+def evaluation_from_logits(logits, y_true, classes, temperature=1.0, uncertain_below=0.5, **info):
+    logits = torch.as_tensor(logits, dtype=torch.float32)
+    probs = torch.softmax(logits / temperature, dim=1)
+    y_true = [int(y) for y in y_true]
+    y_pred = probs.argmax(1).tolist() if len(y_true) else []
+    accuracy, per_class, cm = metrics_from_predictions(y_true, y_pred, classes)
+    correct = sum(int(a == b) for a, b in zip(y_true, y_pred))
+    return Evaluation(classes, accuracy, len(y_true), per_class, cm, probabilities=probs.tolist(), y_true=y_true,
+                      accuracy_ci=wilson_interval(correct, len(y_true)), macro=macro_average(per_class),
+                      calibration=calibration_summary(logits, y_true, temperature),
+                      uncertain=uncertain_summary(probs.numpy(), y_true, uncertain_below), **info)
+
+
+def evaluate_folder(classifier, data_dir, tta=None):
+    """Evaluate a loaded Classifier on DATA_DIR (class folders must be among the model's classes).
+
+    tta: True/False forces flip test-time augmentation on/off; None uses what the model file says.
+    """
+    start = time.perf_counter()
     folder = scan_folder(data_dir, classes=classifier.classes, min_classes=1)
     data = load_folder(folder, classifier.image_size, require_every_class=False)
-    probs = classifier.probabilities(data.images)
-    y_true, y_pred = data.labels.tolist(), probs.argmax(1).tolist()
-    accuracy, per_class, cm = metrics_from_predictions(y_true, y_pred, classifier.classes)
-    return Evaluation(classifier.classes, accuracy, len(y_true), per_class, cm, data.skipped,
-                      [str(p) for p in data.paths], y_true, probs.tolist())
+    saved_tta = classifier.tta
+    classifier.tta = saved_tta if tta is None else bool(tta)
+    try:
+        logits = classifier.logits(data.images)
+    finally:
+        used_tta, classifier.tta = classifier.tta, saved_tta
+    return evaluation_from_logits(
+        logits, data.labels.tolist(), classifier.classes, classifier.temperature, classifier.uncertain_below,
+        skipped=data.skipped, paths=[str(p) for p in data.paths], data_dir=str(data_dir),
+        model_path=getattr(classifier, "path", None), tta=used_tta, seconds=time.perf_counter() - start)
 
 
 def format_evaluation(ev):
     w = max(len(c) for c in ev.classes + ["class"]) + 2
-    lines = [f"accuracy {ev.accuracy:.4f} on {ev.n} images ({ev.accuracy * ev.n:.0f} correct); "
-             f"{len(ev.skipped)} skipped", "",
+    lo, hi = ev.accuracy_ci
+    lines = [f"accuracy {ev.accuracy:.4f} on {ev.n} images ({ev.accuracy * ev.n:.0f} correct), "
+             f"95% interval {lo:.4f}-{hi:.4f}; {len(ev.skipped)} skipped", "",
              f"{'class':<{w}}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>10}"]
     for c, m in ev.per_class.items():
         lines.append(f"{c:<{w}}{m['precision']:>10.4f}{m['recall']:>10.4f}{m['f1']:>10.4f}{m['support']:>10}")
+    if ev.macro:
+        m = ev.macro
+        lines.append(f"{'macro avg':<{w}}{m['precision']:>10.4f}{m['recall']:>10.4f}{m['f1']:>10.4f}{ev.n:>10}")
     lines += ["", "confusion matrix (rows: true class, columns: predicted class)",
               " " * w + "".join(f"{c[:9]:>10}" for c in ev.classes)]
     for c, row in zip(ev.classes, ev.confusion):
         lines.append(f"{c:<{w}}" + "".join(f"{v:>10}" for v in row))
+    cal = ev.calibration
+    if cal:
+        lines += ["", f"calibration: temperature {cal['temperature']:.3f}; expected calibration error "
+                      f"{cal['uncalibrated']['ece']:.4f} raw -> {cal['calibrated']['ece']:.4f} calibrated "
+                      f"(NLL {cal['uncalibrated']['nll']:.4f} -> {cal['calibrated']['nll']:.4f})"]
+    u = ev.uncertain
+    if u:
+        lines.append(f"uncertain (top probability < {u['threshold']:.2f}): {u['count']} of {ev.n}, "
+                     f"holding {u['errors_flagged']} of the {u['errors']} mistakes")
+    wrong = ev.mistakes(5)
+    if wrong:
+        lines.append("most confident mistakes:")
+        lines += [f"  {r['path']}: {r['true']} called {r['predicted']} ({r['probability']:.1%})" for r in wrong]
     for p, r in ev.skipped[:10]:
         lines.append(f"skipped {p}: {r}")
+    if len(ev.skipped) > 10:
+        lines.append(f"... and {len(ev.skipped) - 10} more skipped")
     return "\n".join(lines)

@@ -4,6 +4,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from .errors import FolderCNNError
+
 
 @contextlib.contextmanager
 def atomic_path(path):
@@ -26,3 +28,16 @@ def atomic_path(path):
 def write_text(path, text):
     with atomic_path(path) as tmp:
         Path(tmp).write_text(text, encoding="utf-8")
+
+
+def check_out_dir(out_dir, data_dirs):
+    """Refuse an output folder inside a data folder (foldercnn never writes into the user's data)."""
+    out = Path(out_dir).resolve()
+    for d in data_dirs:
+        if d is not None:
+            d = Path(d).resolve()
+            if out == d or d in out.parents:
+                raise FolderCNNError(f"the output folder {out_dir} is inside the data folder {d}; "
+                                     "foldercnn never writes into your data. Choose another --out")
+    if out.exists() and not out.is_dir():
+        raise FolderCNNError(f"--out {out_dir} exists and is not a folder")

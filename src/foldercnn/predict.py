@@ -33,8 +33,9 @@ class Prediction:
 class Classifier:
     """A loaded model file. `predict` takes a path, bytes, a PIL image or an HxWxC array."""
 
-    def __init__(self, model, metadata, device="cpu"):
+    def __init__(self, model, metadata, device="cpu", path=None):
         self.model = model
+        self.path = None if path is None else str(path)
         self.metadata = metadata
         self.device = torch.device(device)
         self.classes = list(metadata["classes"])
@@ -88,7 +89,7 @@ class Classifier:
 def load(path, device="cpu"):
     """Load a model file for prediction: `foldercnn.load("run/model.safetensors").predict("hand.png")`."""
     model, meta = load_model(path, device)
-    return Classifier(model, meta, device)
+    return Classifier(model, meta, device, path)
 
 
 def expand_paths(paths):

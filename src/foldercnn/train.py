@@ -14,11 +14,13 @@ from tqdm import tqdm
 from . import runtime
 from .augment import augment_batch
 from .bundle import save_model
+from .calibration import DEFAULT_UNCERTAIN_BELOW, choose_temperature
 from .data import check_same_classes, load_folder, scan_folder, stratified_split, summarize_skipped
 from .errors import FolderCNNError
-from .files import write_text
+from .evaluate import calibration_summary
+from .files import check_out_dir, write_text
 from .models import count_parameters, create_model, predict_logits, summary
-from .plots import augmentation_preview, training_curves
+from .plots import augmentation_preview, sample_grid, training_curves
 from .preprocess import default_preprocessing, normalize, preprocess, to_unit
 from .recipes import get_recipe
 
@@ -102,6 +104,32 @@ def evaluate_model(model, data, mean, std, device, precision, tta=False, batch_s
     model.train(was_training)
     n = max(1, len(labels))
     return total_loss / n, correct / n
+
+
+@torch.no_grad()
+def collect_logits(model, data, mean, std, device, tta=False, batch_size=256):
+    """float32 logits for every image of DecodedImages, computed exactly as prediction does (fp32, eval)."""
+    was_training = model.training
+    model.eval()
+    out = [predict_logits(model, preprocess(data.take(slice(s, s + batch_size)).to(device), mean, std)
+                          .contiguous(memory_format=torch.channels_last), tta).cpu()
+           for s in range(0, len(data), batch_size)]
+    model.train(was_training)
+    return torch.cat(out) if out else torch.empty(0, len(data.classes))
+
+
+def calibrate(model, val, recipe, device, uncertain_below=DEFAULT_UNCERTAIN_BELOW):
+    """Fit the softmax temperature on the validation split (never on a test folder) for the model file."""
+    logits = collect_logits(model, val, recipe.mean, recipe.std, device, recipe.tta)
+    labels = val.labels
+    t, rule = choose_temperature(logits, labels)
+    before = calibration_summary(logits, labels, 1.0)["calibrated"]
+    after = calibration_summary(logits, labels, t)["calibrated"]
+    return {"temperature": t, "uncertain_below": uncertain_below, "rule": rule,
+            "fitted_on": f"validation split ({len(val)} images)",
+            "val_errors": int((logits.argmax(1) != labels).sum()),
+            "val_nll_before": before["nll"], "val_nll_after": after["nll"],
+            "val_ece_before": before["ece"], "val_ece_after": after["ece"]}
 
 
 @dataclass
@@ -219,18 +247,6 @@ def read_history(path):
         return [{k: (int(v) if k == "epoch" else float(v)) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
-def _check_out_dir(out_dir, data_dirs):
-    out = Path(out_dir).resolve()
-    for d in data_dirs:
-        if d is not None:
-            d = Path(d).resolve()
-            if out == d or d in out.parents:
-                raise FolderCNNError(f"the output folder {out_dir} is inside the data folder {d}; "
-                                     "foldercnn never writes into your data. Choose another --out")
-    if out.exists() and not out.is_dir():
-        raise FolderCNNError(f"--out {out_dir} exists and is not a folder")
-
-
 @dataclass
 class TrainResult:
     out_dir: Path
@@ -274,8 +290,18 @@ def prepare_data(data_dir, recipe, val_dir=None, val_fraction=None, seed=0, log=
     return train, val, skipped
 
 
+def data_summary(data_dir, val_dir, val_fraction, train, val, skipped, max_listed=50):
+    """What the model was trained on, for the model file and the report."""
+    counts = {c: [int((train.labels == i).sum()), int((val.labels == i).sum())] for i, c in enumerate(train.classes)}
+    how = f"the folder {val_dir}" if val_dir is not None else \
+        f"a stratified {0.2 if val_fraction is None else val_fraction:.0%} held out of the training folder"
+    return {"train_dir": str(data_dir), "validation": how, "counts": counts, "n_skipped": len(skipped),
+            "skipped": [{"path": str(p), "reason": r} for p, r in skipped[:max_listed]]}
+
+
 def train_folder(data_dir, out_dir, recipe="fast", val_dir=None, val_fraction=None, seed=0,
-                 precision="auto", device="auto", time_budget=None, fine_tune=False, log=print, **overrides):
+                 precision="auto", device="auto", time_budget=None, fine_tune=False,
+                 uncertain_below=DEFAULT_UNCERTAIN_BELOW, log=print, **overrides):
     """Train a classifier on DATA_DIR and write the run directory. Returns a TrainResult.
 
     time_budget: seconds of wall clock for the whole job, decoding included; training runs as many
@@ -284,7 +310,7 @@ def train_folder(data_dir, out_dir, recipe="fast", val_dir=None, val_fraction=No
     recipe = get_recipe(recipe, **overrides) if isinstance(recipe, str) else recipe
     if fine_tune and not recipe.linear_probe:
         raise FolderCNNError(f"--fine-tune applies to --recipe transfer, not '{recipe.name}'")
-    _check_out_dir(out_dir, [data_dir, val_dir])
+    check_out_dir(out_dir, [data_dir, val_dir])
     runtime.setup()
     device = runtime.choose_device(device)
     precision = runtime.resolve_precision(precision, device)
@@ -308,6 +334,10 @@ def train_folder(data_dir, out_dir, recipe="fast", val_dir=None, val_fraction=No
     preview_idx = [int((train.labels == c).nonzero()[0]) for c in range(len(train.classes))
                    if (train.labels == c).any()][:4]
     augmentation_preview(train.take(torch.tensor(preview_idx)), recipe.augment, out_dir / "augmentations.png", seed=seed)
+    shown = torch.cat([(train.labels == c).nonzero().flatten()[:: max(1, int((train.labels == c).sum()) // 6)][:6]
+                       for c in range(len(train.classes))])  # six spread-out images per class, not a copy of all
+    sample_grid(train.take(shown), train.labels[shown], train.classes, out_dir / "samples.png",
+                title=f"{Path(data_dir).name}: training images per class ({recipe.image_size} px, as the model sees them)")
 
     def checkpoint_history(result):
         write_history(out_dir / "history.csv", result.history)
@@ -341,6 +371,11 @@ def train_folder(data_dir, out_dir, recipe="fast", val_dir=None, val_fraction=No
         raise FolderCNNError("stopped before the first epoch finished; no model saved")
     model.load_state_dict(result.best_state)
     best = result.history[result.best_epoch - 1]
+    calibration = calibrate(model, val, recipe, device, uncertain_below)
+    log(f"calibration on the validation split: temperature {calibration['temperature']:.3f} "
+        f"({calibration['rule']}), NLL "
+        f"{calibration['val_nll_before']:.4f} -> {calibration['val_nll_after']:.4f}, expected calibration error "
+        f"{calibration['val_ece_before']:.4f} -> {calibration['val_ece_after']:.4f}")
     metadata = {
         "architecture": recipe.model,
         "arch_args": recipe.model_args,
@@ -352,16 +387,20 @@ def train_folder(data_dir, out_dir, recipe="fast", val_dir=None, val_fraction=No
         "precision": precision,
         "tta": recipe.tta,
         "fine_tuned": bool(recipe.linear_probe and fine_tune),
+        "calibration": calibration,
         "metrics": {"epoch": result.best_epoch, "epochs_run": len(result.history),
                     "val_accuracy": best["val_accuracy"], "val_loss": best["val_loss"],
                     "train_accuracy": best["accuracy"], "train_loss": best["loss"],
                     "n_train": len(train), "n_val": len(val), "interrupted": result.interrupted},
         "timing": {"data_seconds": t_data, "train_seconds": t_train},
+        "data": data_summary(data_dir, val_dir, val_fraction, train, val, skipped),
     }
     model_path = save_model(out_dir / "model.safetensors", model, metadata)
     write_history(out_dir / "history.csv", result.history)
     training_curves(result.history, out_dir / "curves.png",
                     title=f"{recipe.name} recipe: {len(train)} training images, {len(val)} validation")
+    from .report import write_report
+    log(f"report: {write_report(out_dir)}")
     return TrainResult(out_dir, model_path, result.history, result.best_epoch, train.classes, recipe,
                        result.interrupted, len(train), len(val), skipped,
                        {"data": t_data, "train": t_train})
