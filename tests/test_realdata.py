@@ -51,3 +51,15 @@ def test_predicts_new_photos(subset_run, rps, cli):
     assert len(rows) == 33
     right = sum(Path(row["path"]).parent.name == row["label"] for row in rows)
     assert right / len(rows) > 0.6
+
+
+def test_evaluate_out_completes_the_report_on_real_test_images(subset_run, rps, cli):
+    run = subset_run.out_dir
+    r = cli("evaluate", subset_run.model_path, rps / "test", "--out", run, "--json")
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    cal = result["calibration"]
+    assert 0 <= cal["calibrated"]["ece"] <= 1 and 0 <= cal["uncalibrated"]["ece"] <= 1
+    assert result["accuracy_ci95"][0] < result["accuracy"] < result["accuracy_ci95"][1]
+    page = (run / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 6 and "372" in page
