@@ -35,7 +35,7 @@ def build_parser():
     p.add_argument("data_dir")
     p.add_argument("--out", help="folder for samples.png (default: no picture)")
 
-    p = sub.add_parser("train", help="train a classifier; writes RUN_DIR/model.safetensors and plots")
+    p = sub.add_parser("train", help="train a classifier; writes RUN_DIR/model.safetensors, plots and report.html")
     p.add_argument("data_dir")
     val = p.add_mutually_exclusive_group()
     val.add_argument("--val", help="validation folder with the same class sub-folders")
