@@ -1,0 +1,104 @@
+"""The page of `foldercnn serve` in a real browser: headless Debian Chromium driven by Playwright.
+
+Screenshots go to the test's tmp_path; with FOLDERCNN_SCREENSHOTS=DIR they are also copied there to look at.
+"""
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import expect
+
+import foldercnn
+from conftest import CHROMIUM, CHROMIUM_FLAGS
+from test_serve import running_server
+
+pytestmark = pytest.mark.browser
+
+VIEWPORTS = {"desktop": {"width": 1280, "height": 800}, "phone": {"width": 390, "height": 844}}
+
+
+def screenshot(page, path, full_page=True):
+    page.screenshot(path=str(path), full_page=full_page)
+    keep = os.environ.get("FOLDERCNN_SCREENSHOTS")
+    if keep:
+        Path(keep).mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, Path(keep) / Path(path).name)
+
+
+@pytest.fixture(scope="module")
+def server(trained_model, tmp_path_factory):
+    with running_server(trained_model.model_path, log=tmp_path_factory.mktemp("browser") / "server.log") as s:
+        yield s
+
+
+@pytest.mark.parametrize("viewport", sorted(VIEWPORTS))
+def test_upload_through_the_page_shows_each_prediction(browser, server, trained_model, shapes_dirs, tmp_path,
+                                                       viewport):
+    model = foldercnn.load(trained_model.model_path)
+    images = [sorted((shapes_dirs[1] / kind).glob("*.png"))[2] for kind in ("circle", "triangle")]
+    not_an_image = tmp_path / "notes.png"
+    not_an_image.write_text("this is text, not a picture\n")
+    size = VIEWPORTS[viewport]
+    page = browser.new_page(viewport=size)
+    try:
+        page.goto(server.url + "/")
+        page.wait_for_selector("#classes li", timeout=15_000)
+        assert page.locator("#classes li").all_inner_texts() == model.classes
+        facts = page.locator("#facts").inner_text()
+        assert f"{model.image_size} × {model.image_size} px" in facts and "Validation accuracy" in facts
+        screenshot(page, tmp_path / f"serve-{viewport}-empty.png")
+
+        page.set_input_files("#file-input", [str(p) for p in images] + [str(not_an_image)])
+        # (locators, not wait_for_function: the page's Content-Security-Policy forbids eval, and it stays on)
+        expect(page.locator("#results .card")).to_have_count(3)
+        expect(page.locator("#results .card.pending")).to_have_count(0, timeout=30_000)
+        for path in images:
+            card = page.locator("#results .card", has_text=path.name)
+            assert card.locator(".predicted").inner_text() == model.predict(path).label
+            assert card.locator(".bars li").count() == len(model.classes)
+            assert card.locator("img").evaluate("img => img.naturalWidth") > 0  # the thumbnail is shown
+        error = page.locator("#results .card.error")
+        assert error.count() == 1 and "notes.png" in error.inner_text() and "not an image" in error.inner_text()
+        overflow = page.evaluate("document.documentElement.scrollWidth - document.documentElement.clientWidth")
+        assert overflow <= 0, "nothing may stick out sideways"
+        screenshot(page, tmp_path / f"serve-{viewport}-predictions.png")
+        page.click("#clear-button")
+        assert page.locator("#results .card").count() == 0
+    finally:
+        page.close()
+
+
+def test_camera_unavailable_is_said_plainly(browser, server):
+    page = browser.new_page()  # no camera in this browser
+    try:
+        page.goto(server.url + "/")
+        page.click("#camera-button")
+        expect(page.locator("#camera-message")).to_contain_text("camera", ignore_case=True, timeout=15_000)
+        assert page.locator("#camera").is_hidden()
+    finally:
+        page.close()
+
+
+def test_camera_frames_are_classified_a_few_times_per_second(browser, server, trained_model, tmp_path):
+    """Chromium's fake camera (a moving test pattern) stands in for a webcam."""
+    camera_browser = browser.browser_type.launch(
+        executable_path=CHROMIUM, headless=True,
+        args=CHROMIUM_FLAGS + ["--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"])
+    try:
+        context = camera_browser.new_context(viewport=VIEWPORTS["desktop"], permissions=["camera"])
+        page = context.new_page()
+        page.goto(server.url + "/")
+        page.click("#camera-button")
+        expect(page.locator("#camera-card .predicted")).to_have_count(1, timeout=30_000)
+        expect(page.locator("#camera-rate")).to_contain_text("frames/s")
+        classes = foldercnn.load(trained_model.model_path).classes
+        assert page.locator("#camera-card .predicted").inner_text() in classes
+        page.wait_for_timeout(1500)  # a few more frames
+        rate = float(page.locator("#camera-rate").inner_text().split("·")[1].split()[0])
+        assert 0.5 < rate <= 4, rate
+        screenshot(page, tmp_path / "serve-desktop-camera.png", full_page=False)
+        page.click("#camera-button")
+        assert page.locator("#camera").is_hidden()
+    finally:
+        camera_browser.close()
