@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -219,7 +220,9 @@ def test_a_burst_beyond_the_queue_is_answered_503_and_the_server_recovers(classi
                 after = await c.post("/predict", files=body)
         return answers, after
 
-    answers, after = asyncio.run(burst())
+    # a thread of its own: the session's Playwright browser (sync API) may hold this thread's event loop
+    with ThreadPoolExecutor(1) as thread:
+        answers, after = thread.submit(asyncio.run, burst()).result(timeout=120)
     statuses = [a.status_code for a in answers]
     assert set(statuses) == {200, 503}, statuses
     busy = answers[statuses.index(503)]
