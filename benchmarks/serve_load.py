@@ -179,6 +179,28 @@ def train_model(train_dir):
     return out / "model.safetensors"
 
 
+def direct_predict_ms(model, images, n=200):
+    """Baseline in this process, no HTTP: Classifier.predict on the same bytes, one PyTorch thread (as each
+    of the server's workers uses). Per-image latencies in ms."""
+    import torch
+
+    import foldercnn
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        clf = foldercnn.load(model)
+        for _, data in images[:10]:
+            clf.predict(data)
+        times = []
+        for i in range(n):
+            t = time.perf_counter()
+            clf.predict(images[i % len(images)][1])
+            times.append((time.perf_counter() - t) * 1000)
+        return times
+    finally:
+        torch.set_num_threads(threads)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="model file (default: train the fast recipe on --train first)")
@@ -196,6 +218,7 @@ def main():
         raise SystemExit(f"no images under {args.images}")
     images = [(p.name, p.read_bytes()) for p in paths]
     good = [(*multipart([img]), 200, "good image") for img in images]
+    baseline = direct_predict_ms(model, images)
     port = free_port()
     server = start_server(model, port, args.workers)
     try:
@@ -205,6 +228,7 @@ def main():
         load(port, good[:20], 1)  # warm up
         print(f"{'clients':>7} {'requests':>8} {'ok':>5} {'503':>5} {'errors':>6} {'req/s':>7} "
               f"{'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7} {'peak MB':>8}")
+        single_p50 = None
         for clients in (int(c) for c in args.clients.split(",")):
             jobs = [good[i % len(good)] for i in range(args.requests)]
             records, seconds = load(port, jobs, clients)
@@ -215,8 +239,15 @@ def main():
                   f"{len(records) / seconds:>7.1f} "
                   f"{percentile(ms, 50):>7.1f} {percentile(ms, 95):>7.1f} {percentile(ms, 99):>7.1f} "
                   f"{peak_memory_mb(server.pid)[0]:>8.0f}")
+            if clients == 1:
+                single_p50 = percentile(ms, 50)
         print("(one image per request, so req/s = images/s; 503 = refused as busy; peak MB = the server "
               "process's peak resident memory so far, VmHWM)")
+        if single_p50 is not None:
+            base = percentile(baseline, 50)
+            print(f"baseline without HTTP (foldercnn.load(model).predict(bytes) in this process, 1 thread): p50 "
+                  f"{base:.1f} ms per image; one client through the server: {single_p50:.1f} ms "
+                  f"(ratio {single_p50 / base:.2f}x, HTTP + multipart + queueing {single_p50 - base:.1f} ms)")
 
         good_png = next(d for n, d in images if d.startswith(b"\x89PNG"))
         buf = io.BytesIO()
