@@ -35,12 +35,15 @@ class Evaluation:
     def y_pred(self):
         return [int(np.argmax(p)) for p in self.probabilities]
 
+    def rows(self):
+        """One dict per image: path, true and predicted class, the top and the true class's probability."""
+        return [{"path": str(p), "true": self.classes[t], "predicted": self.classes[int(np.argmax(pr))],
+                 "probability": float(max(pr)), "true_probability": float(pr[t])}
+                for p, t, pr in zip(self.paths, self.y_true, self.probabilities)]
+
     def mistakes(self, limit=None):
         """Wrong predictions, most confident first: the ones that most mislead a user."""
-        rows = [{"path": str(p), "true": self.classes[t], "predicted": self.classes[int(np.argmax(pr))],
-                 "probability": float(max(pr)), "true_probability": float(pr[t])}
-                for p, t, pr in zip(self.paths, self.y_true, self.probabilities) if int(np.argmax(pr)) != t]
-        rows.sort(key=lambda r: -r["probability"])
+        rows = sorted((r for r in self.rows() if r["true"] != r["predicted"]), key=lambda r: -r["probability"])
         return rows[:limit]
 
     def to_dict(self):
@@ -49,9 +52,7 @@ class Evaluation:
                 "classes": self.classes, "per_class": self.per_class, "macro_avg": self.macro,
                 "confusion": self.confusion, "calibration": self.calibration, "uncertain": self.uncertain,
                 "mistakes": self.mistakes(),
-                "predictions": [{"path": str(p), "true": self.classes[t], "predicted": self.classes[int(np.argmax(pr))],
-                                 "probability": float(max(pr))}
-                                for p, t, pr in zip(self.paths, self.y_true, self.probabilities)],
+                "predictions": self.rows(),
                 "skipped": [{"path": str(p), "reason": r} for p, r in self.skipped],
                 "data_dir": self.data_dir, "model": self.model_path, "tta": self.tta, "seconds": self.seconds}
 
@@ -122,12 +123,8 @@ def evaluate_folder(classifier, data_dir, tta=None):
     start = time.perf_counter()
     folder = scan_folder(data_dir, classes=classifier.classes, min_classes=1)
     data = load_folder(folder, classifier.image_size, require_every_class=False)
-    saved_tta = classifier.tta
-    classifier.tta = saved_tta if tta is None else bool(tta)
-    try:
-        logits = classifier.logits(data.images)
-    finally:
-        used_tta, classifier.tta = classifier.tta, saved_tta
+    used_tta = classifier.tta if tta is None else bool(tta)
+    logits = classifier.logits(data.images, tta=used_tta)
     return evaluation_from_logits(
         logits, data.labels.tolist(), classifier.classes, classifier.temperature, classifier.uncertain_below,
         skipped=data.skipped, paths=[str(p) for p in data.paths], data_dir=str(data_dir),

@@ -49,12 +49,16 @@ class Classifier:
         self.uncertain_below = float(calibration.get("uncertain_below", DEFAULT_UNCERTAIN_BELOW))
 
     @torch.no_grad()
-    def logits(self, images_uint8_nhwc, batch_size=64):
-        """(N, S, S, 3) uint8 tensor -> (N, classes) float32 logits (before temperature scaling)."""
+    def logits(self, images_uint8_nhwc, batch_size=64, tta=None):
+        """(N, S, S, 3) uint8 tensor -> (N, classes) float32 logits (before temperature scaling).
+
+        tta: None uses the model file's setting; True/False forces flip test-time augmentation on/off.
+        """
+        tta = self.tta if tta is None else tta
         out = []
         for start in range(0, len(images_uint8_nhwc), batch_size):
             x = preprocess(images_uint8_nhwc[start:start + batch_size].to(self.device), self.mean, self.std)
-            out.append(predict_logits(self.model, x.contiguous(memory_format=torch.channels_last), self.tta).cpu())
+            out.append(predict_logits(self.model, x.contiguous(memory_format=torch.channels_last), tta).cpu())
         return torch.cat(out) if out else torch.empty(0, len(self.classes))
 
     def probabilities(self, images_uint8_nhwc, batch_size=64):

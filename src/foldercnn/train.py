@@ -123,8 +123,8 @@ def calibrate(model, val, recipe, device, uncertain_below=DEFAULT_UNCERTAIN_BELO
     logits = collect_logits(model, val, recipe.mean, recipe.std, device, recipe.tta)
     labels = val.labels
     t, rule = choose_temperature(logits, labels)
-    before = calibration_summary(logits, labels, 1.0)["calibrated"]
-    after = calibration_summary(logits, labels, t)["calibrated"]
+    summary = calibration_summary(logits, labels, t)
+    before, after = summary["uncalibrated"], summary["calibrated"]
     return {"temperature": t, "uncertain_below": uncertain_below, "rule": rule,
             "fitted_on": f"validation split ({len(val)} images)",
             "val_errors": int((logits.argmax(1) != labels).sum()),
