@@ -14,10 +14,11 @@ import torch
 import torch.nn.functional as F
 
 from foldercnn import runtime
-from foldercnn.models import create_model
-from foldercnn.preprocess import preprocess
-from foldercnn.recipes import get_recipe
-from foldercnn.train import fit, prepare_data
+from foldercnn.models.registry import create_model
+from foldercnn.models.preprocess import preprocess
+from foldercnn.training.recipes import get_recipe
+from foldercnn.training.job import prepare_data
+from foldercnn.training.loop import fit
 
 
 def steps_per_second(recipe, data, precision, steps, channels_last, device):

@@ -28,8 +28,8 @@ from torch import nn
 
 import foldercnn
 from foldercnn import runtime
-from foldercnn.models import create_model
-from foldercnn.recipes import get_recipe
+from foldercnn.models.registry import create_model
+from foldercnn.training.recipes import get_recipe
 
 
 def quiet(*args):

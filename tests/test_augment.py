@@ -1,7 +1,7 @@
 """Batch augmentation geometry."""
 import torch
 
-from foldercnn.augment import AugmentConfig, apply_affine, augment_batch, hflip, random_affine_matrices
+from foldercnn.data.augment import AugmentConfig, apply_affine, augment_batch, hflip, random_affine_matrices
 
 
 def batch(n=4, size=16, seed=0):

@@ -7,9 +7,9 @@ from safetensors.torch import save_file
 
 import foldercnn
 from foldercnn import FolderCNNError
-from foldercnn.bundle import read_metadata, save_model
-from foldercnn.models import create_model
-from foldercnn.preprocess import default_preprocessing
+from foldercnn.models.file import read_metadata, save_model
+from foldercnn.models.registry import create_model
+from foldercnn.models.preprocess import default_preprocessing
 
 
 def test_round_trip_gives_identical_predictions(trained_model, shapes_dirs):

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from foldercnn.calibration import (T_MIN, choose_temperature, expected_calibration_error, fit_temperature,
+from foldercnn.evaluation.calibration import (T_MIN, choose_temperature, expected_calibration_error, fit_temperature,
                                    mean_confidence, nll, wilson_interval)
-from foldercnn.evaluate import evaluation_from_logits, metrics_from_predictions
+from foldercnn.evaluation.metrics import evaluation_from_logits, metrics_from_predictions
 
 
 def test_metrics_by_hand_including_a_class_never_predicted():
@@ -68,7 +68,8 @@ def test_temperature_never_changes_the_predicted_class():
     logits, labels = overconfident_logits(n=500)
     ev1 = evaluation_from_logits(logits, labels, ["a", "b", "c"], temperature=1.0)
     ev2 = evaluation_from_logits(logits, labels, ["a", "b", "c"], temperature=3.0)
-    assert ev1.y_pred == ev2.y_pred and ev1.accuracy == ev2.accuracy
+    assert [r["predicted"] for r in ev1.rows()] == [r["predicted"] for r in ev2.rows()]
+    assert ev1.accuracy == ev2.accuracy
     assert ev2.calibration["calibrated"]["ece"] < ev1.calibration["calibrated"]["ece"]
 
 
@@ -105,7 +106,7 @@ def test_evaluation_numbers_are_consistent():
 
 
 def test_trained_model_stores_a_temperature_that_lowers_validation_nll(trained_model):
-    from foldercnn.bundle import read_metadata
+    from foldercnn.models.file import read_metadata
     cal = read_metadata(trained_model.model_path)["calibration"]
     assert cal["val_nll_after"] <= cal["val_nll_before"] + 1e-9
     assert T_MIN < cal["temperature"] < 20 and cal["uncertain_below"] == 0.8

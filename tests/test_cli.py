@@ -9,7 +9,7 @@ import time
 import pytest
 from PIL import Image
 
-from foldercnn.bundle import read_metadata
+from foldercnn.models.file import read_metadata
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +101,7 @@ def torch_equal(x, y):
     (["predict", "{model}", "{tmp}/nope.png"], "not found"),
     (["train", "{data}", "--out", "{tmp}/r", "--epochs", "0"], "at least 1"),
     (["train", "{data}", "--out", "{tmp}/r", "--val-fraction", "1.5"], "between 0 and 1"),
-    (["train", "{data}", "--out", "{tmp}/r", "--fine-tune"], "applies to --recipe transfer"),
+    (["train", "{data}", "--out", "{tmp}/r", "--fine-tune"], "follows a linear probe"),
 ])
 def test_errors_are_clear_without_traceback(args, message, cli, tmp_path, shapes_dirs, cli_run):
     fill = {"missing": tmp_path / "missing", "tmp": tmp_path, "data": shapes_dirs[0],

@@ -4,9 +4,9 @@ import torch
 from PIL import Image
 
 from foldercnn import FolderCNNError
-from foldercnn.data import load_folder, natural_key, scan_folder, stratified_split
-from foldercnn.train import prepare_data, train_folder
-from foldercnn.recipes import get_recipe
+from foldercnn.data.folders import load_folder, natural_key, scan_folder, stratified_split
+from foldercnn.training.job import prepare_data, train_folder
+from foldercnn.training.recipes import get_recipe
 
 
 def img(path, colour=(200, 10, 10)):

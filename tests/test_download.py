@@ -7,7 +7,7 @@ import zipfile
 import pytest
 from PIL import Image
 
-from foldercnn.download import DownloadError, OfflineError, download, safe_extract
+from foldercnn.data.download import DownloadError, OfflineError, download, safe_extract
 from foldercnn.demo import download_rps, run_demo
 
 

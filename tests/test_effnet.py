@@ -3,10 +3,10 @@ import numpy as np
 import pytest
 import torch
 
-from foldercnn.models import count_parameters, create_model
-from foldercnn.effnet import INPUT_MEAN, INPUT_STD
-from foldercnn.images import decode
-from foldercnn.preprocess import preprocess
+from foldercnn.models.registry import count_parameters, create_model
+from foldercnn.models.effnet import INPUT_MEAN, INPUT_STD
+from foldercnn.data.images import decode
+from foldercnn.models.preprocess import preprocess
 
 skimage_data = pytest.importorskip("skimage.data")
 
@@ -46,7 +46,7 @@ def test_parameter_count_and_new_head():
 def test_transfer_recipe_round_trip(shapes_dirs, tmp_path):
     """Linear probe (and a short fine-tune) on generated images -> a normal model file that predicts."""
     import foldercnn
-    from foldercnn.bundle import read_metadata
+    from foldercnn.models.file import read_metadata
     result = foldercnn.train(shapes_dirs[0], tmp_path / "probe", recipe="transfer", image_size=96, seed=0,
                              log=lambda *a: None)
     clf = foldercnn.load(result.model_path)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from foldercnn.images import ImageDecodeError, decode, load_rgb
+from foldercnn.data.images import ImageDecodeError, decode, load_rgb
 
 
 def save(tmp_path, im, name, **kw):
@@ -115,7 +115,7 @@ def test_truncated_png_rejected(tmp_path):
 
 
 def test_decompression_bomb_rejected(tmp_path, monkeypatch):
-    import foldercnn.images as images
+    import foldercnn.data.images as images
     monkeypatch.setattr(images, "MAX_PIXELS", 1000)
     p = save(tmp_path, Image.new("L", (100, 100)), "big.png")
     with pytest.raises(ImageDecodeError, match="too many pixels"):

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from foldercnn import FolderCNNError
-from foldercnn.models import available_models, count_parameters, create_model, summary
+from foldercnn.models.registry import available_models, count_parameters, create_model, summary
 
 
 def test_tutorial_cnn_has_exactly_the_keras_parameter_count():

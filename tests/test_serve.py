@@ -22,8 +22,8 @@ from PIL import Image
 
 import foldercnn
 from conftest import draw_shape, run_cli
-from foldercnn.images import MAX_PIXELS
-from foldercnn.serve import create_app
+from foldercnn.data.images import MAX_PIXELS
+from foldercnn.deploy.serve import create_app
 
 MB = 1024 * 1024
 

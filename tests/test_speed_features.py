@@ -9,9 +9,9 @@ from PIL import Image
 
 import foldercnn
 from foldercnn import runtime
-from foldercnn.data import decode_cached, scan_folder
-from foldercnn.models import create_model, predict_logits
-from foldercnn.train import WeightEMA, lr_factor
+from foldercnn.data.folders import decode_cached, scan_folder
+from foldercnn.models.registry import create_model, predict_logits
+from foldercnn.training.loop import WeightEMA, lr_factor
 
 from conftest import make_shapes
 

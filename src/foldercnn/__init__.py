@@ -1,17 +1,41 @@
 """foldercnn: a folder of labelled images -> a trained, evaluated, deployable image classifier, on a CPU.
 
     import foldercnn
+    foldercnn.runtime.setup()                                     # optional: fast CPU settings
     result = foldercnn.train("photos/", "runs/photos")           # one sub-folder per class
     model = foldercnn.load("runs/photos/model.safetensors")
     print(model.predict("new.jpg").label)
+
+Importing the package imports nothing heavy and changes nothing in the caller's process: each name below is
+loaded on first use (so `foldercnn --version` does not import PyTorch).
 """
-__version__ = "0.1.0"
+import importlib
 
-from .errors import FolderCNNError  # noqa: E402
-from .evaluate import evaluate_folder as evaluate  # noqa: E402
-from .inspection import inspect_folder as inspect  # noqa: E402
-from .predict import Classifier, Prediction, load, predict_paths  # noqa: E402
-from .train import train_folder as train  # noqa: E402
+from .errors import FolderCNNError
+from .version import __version__
 
-__all__ = ["FolderCNNError", "Classifier", "Prediction", "load", "train", "evaluate", "inspect",
-           "predict_paths", "__version__"]
+# public name -> (module, attribute)
+_API = {
+    "train": ("foldercnn.training.job", "train_folder"),
+    "evaluate": ("foldercnn.evaluation.metrics", "evaluate_folder"),
+    "inspect": ("foldercnn.data.inspect", "inspect_folder"),
+    "load": ("foldercnn.models.inference", "load"),
+    "Classifier": ("foldercnn.models.inference", "Classifier"),
+    "Prediction": ("foldercnn.models.inference", "Prediction"),
+    "predict_paths": ("foldercnn.deploy.predict", "predict_paths"),
+}
+
+__all__ = ["FolderCNNError", "__version__", *_API]
+
+
+def __getattr__(name):
+    if name in _API:
+        module, attr = _API[name]
+        value = getattr(importlib.import_module(module), attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'foldercnn' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_API))

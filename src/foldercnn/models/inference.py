@@ -1,18 +1,35 @@
-"""Classify images with a model file: the Python API behind `foldercnn predict`."""
+"""A loaded model file, ready to classify: the one batched-inference path used by predict, evaluate, serve
+and training's calibration."""
 import os
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from .bundle import load_model
-from .calibration import DEFAULT_UNCERTAIN_BELOW
-from .data import walk_images
-from .errors import FolderCNNError
-from .images import ImageDecodeError, decode
-from .models import predict_logits
+from ..data.images import ImageDecodeError, decode
+from ..errors import FolderCNNError
+from .file import load_model
 from .preprocess import preprocess
+from .registry import predict_logits
+
+# A prediction whose calibrated top probability is below this is flagged "uncertain" (stored per model;
+# `foldercnn train --uncertain-below` changes it). See README, "How good is the model?".
+DEFAULT_UNCERTAIN_BELOW = 0.8  # calibrated: wrong at least one time in five
+
+
+@torch.no_grad()
+def batched_logits(model, images_uint8_nhwc, mean, std, device="cpu", tta=False, batch_size=64):
+    """(N, S, S, 3) uint8 tensor -> (N, classes) float32 logits: eval mode, fp32, channels-last, in batches."""
+    was_training = model.training
+    model.eval()
+    out = []
+    for start in range(0, len(images_uint8_nhwc), batch_size):
+        x = preprocess(images_uint8_nhwc[start:start + batch_size].to(device), mean, std)
+        out.append(predict_logits(model, x.contiguous(memory_format=torch.channels_last), tta).cpu())
+    model.train(was_training)
+    if out:
+        return torch.cat(out)
+    return torch.empty(0, model.head.out_features)
 
 
 @dataclass
@@ -27,7 +44,9 @@ class Prediction:
         return sorted(self.probabilities.items(), key=lambda kv: -kv[1])[:k]
 
     def to_dict(self):
-        return asdict(self)
+        """The JSON form every interface prints (callers add where the image came from)."""
+        return {"label": self.label, "probability": self.probability, "probabilities": self.probabilities,
+                "uncertain": self.uncertain}
 
 
 class Classifier:
@@ -48,24 +67,20 @@ class Classifier:
         self.temperature = float(calibration.get("temperature", 1.0))
         self.uncertain_below = float(calibration.get("uncertain_below", DEFAULT_UNCERTAIN_BELOW))
 
-    @torch.no_grad()
     def logits(self, images_uint8_nhwc, batch_size=64, tta=None):
         """(N, S, S, 3) uint8 tensor -> (N, classes) float32 logits (before temperature scaling).
 
         tta: None uses the model file's setting; True/False forces flip test-time augmentation on/off.
         """
         tta = self.tta if tta is None else tta
-        out = []
-        for start in range(0, len(images_uint8_nhwc), batch_size):
-            x = preprocess(images_uint8_nhwc[start:start + batch_size].to(self.device), self.mean, self.std)
-            out.append(predict_logits(self.model, x.contiguous(memory_format=torch.channels_last), tta).cpu())
-        return torch.cat(out) if out else torch.empty(0, len(self.classes))
+        return batched_logits(self.model, images_uint8_nhwc, self.mean, self.std, self.device, tta, batch_size)
 
     def probabilities(self, images_uint8_nhwc, batch_size=64):
         """(N, S, S, 3) uint8 tensor -> (N, classes) calibrated probabilities."""
         return torch.softmax(self.logits(images_uint8_nhwc, batch_size) / self.temperature, dim=1)
 
-    def _prediction(self, probs, path=None):
+    def prediction(self, probs, path=None):
+        """A Prediction from one row of calibrated probabilities."""
         i = int(probs.argmax())
         return Prediction(self.classes[i], float(probs[i]),
                           {c: float(p) for c, p in zip(self.classes, probs.tolist())},
@@ -81,12 +96,12 @@ class Classifier:
     def predict(self, image):
         path = image if isinstance(image, (str, os.PathLike)) else None
         x = torch.from_numpy(self.decode(image)).unsqueeze(0)
-        return self._prediction(self.probabilities(x)[0], path)
+        return self.prediction(self.probabilities(x)[0], path)
 
     def predict_many(self, images, batch_size=64):
         arrays = np.stack([self.decode(im) for im in images]) if images else np.empty((0, 3, 3, 3), np.uint8)
         probs = self.probabilities(torch.from_numpy(arrays), batch_size)
-        return [self._prediction(p, im if isinstance(im, (str, os.PathLike)) else None)
+        return [self.prediction(p, im if isinstance(im, (str, os.PathLike)) else None)
                 for p, im in zip(probs, images)]
 
 
@@ -94,26 +109,3 @@ def load(path, device="cpu"):
     """Load a model file for prediction: `foldercnn.load("run/model.safetensors").predict("hand.png")`."""
     model, meta = load_model(path, device)
     return Classifier(model, meta, device, path)
-
-
-def expand_paths(paths):
-    """Images named directly, plus every image file under named folders (recursive, natural order)."""
-    found, skipped = [], []
-    for p in map(Path, paths):
-        if p.is_dir():
-            found += walk_images(p, skipped)
-        elif p.exists():
-            found.append(p)
-        else:
-            raise FolderCNNError(f"not found: {p}")
-    return found, skipped
-
-
-def predict_paths(classifier, paths, batch_size=64):
-    """Predict every image under `paths`; returns (predictions, [(path, reason)] skipped)."""
-    from .data import decode_images
-    files, skipped = expand_paths(paths)
-    array, good, bad = decode_images(files, classifier.image_size, desc="reading images")
-    skipped += [(files[i], reason) for i, reason in bad]
-    probs = classifier.probabilities(torch.from_numpy(array), batch_size)
-    return [classifier._prediction(p, files[i]) for p, i in zip(probs, good)], skipped

@@ -9,9 +9,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-# A prediction whose calibrated top probability is below this is flagged "uncertain" (stored per model;
-# `foldercnn train --uncertain-below` changes it). See README, "Calibration".
-DEFAULT_UNCERTAIN_BELOW = 0.8  # calibrated: wrong at least one time in five
 T_MIN, T_MAX = 0.05, 20.0
 
 

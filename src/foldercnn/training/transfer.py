@@ -8,9 +8,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from . import runtime
-from .preprocess import preprocess
-from .train import FitResult
+from .. import runtime
+from ..models.preprocess import preprocess
+from .loop import FitResult
 
 
 @torch.no_grad()
@@ -46,8 +46,11 @@ def _fit_head(features, labels, num_classes, weight_decay, steps, seed, record=N
 
 
 def linear_probe(model, train, val, recipe, *, device, precision, seed, log=print, flips=True, steps=300,
-                 weight_decays=(1e-4, 1e-3, 1e-2, 1e-1)):
-    """Fit model._fc on frozen features; the weight decay is chosen on the validation split."""
+                 weight_decays=(1e-4, 1e-3, 1e-2, 1e-1), deadline=None):
+    """Fit model.head on frozen features; the weight decay is chosen on the validation split.
+
+    deadline (a time.perf_counter() value): the weight-decay search stops trying candidates once it has
+    passed (at least one is always fitted), so the probe honours --time-budget after its feature pass."""
     model.to(device).to(memory_format=torch.channels_last)
     t = time.perf_counter()
     f_train = extract_features(model, train, recipe.mean, recipe.std, device, precision)
@@ -68,6 +71,9 @@ def linear_probe(model, train, val, recipe, *, device, precision, seed, log=prin
     t = time.perf_counter()
     best = None
     for wd in weight_decays:
+        if best is not None and deadline is not None and time.perf_counter() >= deadline:
+            log("time budget spent: weight-decay search stopped early")
+            break
         head = _fit_head(f_train, y_train, len(train.classes), wd, steps, seed)
         val_loss, val_acc = scores(head, f_val, val.labels)
         log(f"  head weight decay {wd:g}: val_accuracy {val_acc:.4f}  val_loss {val_loss:.4f}")
@@ -87,20 +93,7 @@ def linear_probe(model, train, val, recipe, *, device, precision, seed, log=prin
     for h in history:
         h["seconds"] = (t_features + t_head) / len(history)
     with torch.no_grad():
-        model._fc.weight.copy_(head.weight)
-        model._fc.bias.copy_(head.bias)
-    result = FitResult(history=history, best_epoch=len(history),
-                       best_state={k: v.detach().clone() for k, v in model.state_dict().items()})
-    result.timing = {"features": t_features, "head": t_head}
-    return result
-
-
-def freeze_for_fine_tuning(model, trainable_blocks):
-    """Train only the last `trainable_blocks` blocks, the head conv and the classifier."""
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for module in list(model._blocks[-trainable_blocks:]) + [model._conv_head, model._bn1, model._fc]:
-        for p in module.parameters():
-            p.requires_grad_(True)
-    model.frozen_bn = True
-    return model
+        model.head.weight.copy_(head.weight)
+        model.head.bias.copy_(head.bias)
+    return FitResult(history=history, best_epoch=len(history),
+                     best_state={k: v.detach().clone() for k, v in model.state_dict().items()})

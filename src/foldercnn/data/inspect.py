@@ -5,8 +5,9 @@ from pathlib import Path
 
 from PIL import Image
 
-from .data import load_folder, scan_folder
-from .plots import sample_grid
+from .folders import load_folder, scan_folder
+from .. import run_folder as rf
+from ..plots import sample_grid
 
 THUMB = 96
 
@@ -49,7 +50,7 @@ def inspect_folder(data_dir, out_dir=None, per_class=6):
     report = FolderReport(Path(data_dir), folder.classes, counts, sizes, modes, formats, data.skipped)
     if out_dir is not None:
         report.samples_path = sample_grid(data.images, data.labels, folder.classes,
-                                          Path(out_dir) / "samples.png", per_class=per_class,
+                                          Path(out_dir) / rf.SAMPLES, per_class=per_class,
                                           title=f"{Path(data_dir).name}: {per_class} images per class")
     return report
 

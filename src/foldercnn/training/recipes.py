@@ -1,8 +1,9 @@
 """Named training recipes: everything that decides how a model is trained, in one place."""
 from dataclasses import asdict, dataclass, field, replace
 
-from .augment import AugmentConfig
-from .errors import FolderCNNError
+from ..data.augment import AugmentConfig
+from ..errors import FolderCNNError
+from ..models.registry import get_spec, models_with
 
 TUTORIAL_AUGMENT = AugmentConfig(rotation=40, width_shift=0.2, height_shift=0.2, shear=0.2, zoom=0.2,
                                  horizontal_flip=True)
@@ -30,7 +31,7 @@ class Recipe:
     linear_probe: bool = False  # fit only the classifier, on features computed once
     fine_tune_blocks: int = 0  # with --fine-tune: how many of the last blocks to train
     keep: str = "best"  # best: the epoch with the best validation score; last: the final epoch
-    mean: tuple = (0.0, 0.0, 0.0)
+    mean: tuple = (0.0, 0.0, 0.0)  # input normalisation; a pretrained model's own replaces it (see get_recipe)
     std: tuple = (1.0, 1.0, 1.0)
     description: str = ""
 
@@ -63,13 +64,14 @@ RECIPES = {
         name="transfer", model="effnet-lite0", image_size=224, batch_size=32, epochs=3, optimizer="adamw",
         lr=3e-4, weight_decay=1e-4, schedule="onecycle", label_smoothing=0.1,
         augment=AugmentConfig(rotation=10, width_shift=0.1, height_shift=0.1, zoom=0.1, horizontal_flip=True),
-        mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), pretrained=True, linear_probe=True, fine_tune_blocks=4,
+        pretrained=True, linear_probe=True, fine_tune_blocks=4,
         keep="best", description="pretrained EfficientNet-Lite0, linear probe on cached features"),
 }
 
 
 def get_recipe(name, **overrides):
-    """A named recipe with command-line overrides (None values are ignored)."""
+    """A named recipe with command-line overrides (None values are ignored), checked against what its model
+    can do: every combination that cannot work is refused here with the valid choices."""
     if name not in RECIPES:
         raise FolderCNNError(f"unknown recipe '{name}' (available: {', '.join(RECIPES)})")
     recipe = RECIPES[name]
@@ -82,6 +84,33 @@ def get_recipe(name, **overrides):
     if "model" in overrides and overrides["model"] != recipe.model:
         recipe = replace(recipe, model_args={})
     recipe = replace(recipe, **overrides)
-    if "image_size" in recipe.model_args or (recipe.model == "tutorial-cnn"):
+    spec = get_spec(recipe.model)
+    if "image_size" in spec.args and (recipe.model == "tutorial-cnn" or "image_size" in recipe.model_args):
         recipe = replace(recipe, model_args={**recipe.model_args, "image_size": recipe.image_size})
+    if recipe.pretrained:  # pretrained weights expect their own input normalisation
+        recipe = replace(recipe, mean=tuple(spec.mean), std=tuple(spec.std))
+    check_recipe(recipe)
     return recipe
+
+
+def check_recipe(recipe, fine_tune=False):
+    spec = get_spec(recipe.model)
+    if recipe.pretrained and not spec.pretrained:
+        raise FolderCNNError(f"recipe '{recipe.name}' starts from pretrained weights; {recipe.model} has none "
+                             f"(use --model {' or '.join(models_with('pretrained'))}, or another --recipe)")
+    if recipe.linear_probe and not spec.linear_probe:
+        raise FolderCNNError(f"recipe '{recipe.name}' fits a linear probe; {recipe.model} does not support one "
+                             f"(use --model {' or '.join(models_with('linear_probe'))})")
+    if fine_tune and not recipe.linear_probe:
+        raise FolderCNNError(f"--fine-tune follows a linear probe; recipe '{recipe.name}' has none "
+                             f"(recipes with one: {', '.join(n for n, r in RECIPES.items() if r.linear_probe)})")
+    if fine_tune and not 1 <= recipe.fine_tune_blocks <= spec.fine_tune_blocks:
+        raise FolderCNNError(f"{recipe.model} can fine-tune 1 to {spec.fine_tune_blocks} blocks, "
+                             f"not {recipe.fine_tune_blocks}")
+    spec.check_image_size(recipe.image_size)
+    spec.check_args(recipe.model_args)
+
+
+def describe_recipes():
+    """One line per recipe, for help texts and `foldercnn models`."""
+    return [f"{name}: {r.description} [{r.model}, {r.image_size} px, {r.epochs} epochs]" for name, r in RECIPES.items()]

@@ -23,10 +23,11 @@ from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect
 
-from . import __version__, runtime
-from .errors import FolderCNNError
-from .images import ImageDecodeError, decode
-from .predict import Classifier, load
+from .. import runtime
+from ..data.images import ImageDecodeError, decode
+from ..errors import FolderCNNError
+from ..models.inference import Classifier, load
+from ..version import __version__
 
 MB = 1024 * 1024
 DEFAULT_MAX_WAITING = 256
@@ -98,11 +99,6 @@ def decode_upload(upload, size):
         if reason.startswith("not an image"):  # Pillow found no valid header after the signature
             reason = f"corrupt {fmt} image: it starts like one but cannot be read"
         raise UploadError(400, reason, upload.filename) from None
-
-
-def prediction_json(filename, prediction):
-    return {"filename": filename, "label": prediction.label, "probability": prediction.probability,
-            "probabilities": prediction.probabilities, "uncertain": prediction.uncertain}
 
 
 class FormReader:
@@ -219,7 +215,8 @@ class Service:
         """Runs in a pool thread: decode every upload, one forward pass for the request, one row per file."""
         arrays = np.stack([decode_upload(u, self.classifier.image_size) for u in uploads])
         probabilities = self.classifier.probabilities(torch.from_numpy(arrays))
-        return [prediction_json(u.filename, self.classifier._prediction(p)) for u, p in zip(uploads, probabilities)]
+        return [{"filename": u.filename, **self.classifier.prediction(p).to_dict()}
+                for u, p in zip(uploads, probabilities)]
 
     async def predict(self, request):
         if self.pool is None:
@@ -277,7 +274,7 @@ PAGE_HEADERS = {
 
 
 def page_html(limits):
-    html = files("foldercnn").joinpath("static/index.html").read_text(encoding="utf-8")
+    html = files("foldercnn.deploy").joinpath("static/index.html").read_text(encoding="utf-8")
     return (html.replace("__MAX_UPLOAD_MB__", f"{limits.max_file_bytes / MB:g}")
                 .replace("__MAX_FILES__", str(limits.max_files)))
 

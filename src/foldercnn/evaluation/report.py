@@ -8,10 +8,15 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
-from .files import check_out_dir, write_text
-from .images import ImageDecodeError, decode
-from .plots import confusion_matrix_plot, mistakes_gallery, reliability_diagram
+from .. import run_folder as rf
+from ..data.images import ImageDecodeError, decode
+from ..files import check_out_dir, write_text
+from ..models.file import load_model
+from ..models.inference import load
+from ..models.registry import summary
+from ..plots import confusion_matrix_plot, mistakes_gallery, reliability_diagram
+from ..version import __version__
+from .metrics import evaluate_folder
 
 MISTAKE_THUMB = 160
 
@@ -28,12 +33,12 @@ def save_evaluation(ev, out_dir, n_mistakes=12):
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     name = Path(ev.data_dir).name if ev.data_dir else "evaluation"
-    write_text(out_dir / "evaluation.json", json.dumps(ev.to_dict(), indent=1))
-    confusion_matrix_plot(ev.confusion, ev.classes, out_dir / "confusion.png",
+    write_text(out_dir / rf.EVALUATION, json.dumps(ev.to_dict(), indent=1))
+    confusion_matrix_plot(ev.confusion, ev.classes, out_dir / rf.CONFUSION,
                           title=f"Confusion matrix on {name}/ ({ev.n} images)")
     mistakes = ev.mistakes(n_mistakes)
-    mistakes_gallery([_thumbnail(m["path"]) for m in mistakes], mistakes, out_dir / "mistakes.png", ev.n)
-    reliability_diagram(ev.calibration, out_dir / "calibration.png",
+    mistakes_gallery([_thumbnail(m["path"]) for m in mistakes], mistakes, out_dir / rf.MISTAKES, ev.n)
+    reliability_diagram(ev.calibration, out_dir / rf.CALIBRATION,
                         title=f"Is the confidence right? Reliability on {name}/ ({ev.n} images)")
     return out_dir
 
@@ -43,8 +48,6 @@ def evaluate_to_folder(model_path, data_dir, out_dir=None, tta=None):
 
     Returns (Evaluation, report path or None).
     """
-    from .evaluate import evaluate_folder
-    from .predict import load
     if out_dir is not None:
         check_out_dir(out_dir, [data_dir])
     ev = evaluate_folder(load(model_path), data_dir, tta=tta)
@@ -114,9 +117,8 @@ def _read_json(path):
 
 
 def _read_history(path):
-    from .train import read_history
     try:
-        return read_history(path)
+        return rf.read_history(path)
     except (OSError, ValueError, KeyError):
         return []
 
@@ -155,7 +157,7 @@ def _data_section(run, meta):
             parts.append(_table(["file", "reason"], [(s["path"], s["reason"]) for s in d.get("skipped", [])]))
     else:
         parts.append(f"<p>Classes: {_esc(', '.join(meta.get('classes', [])))}.</p>")
-    parts.append("<h3>Sample images</h3>" + _img(run / "samples.png", "sample training images per class"))
+    parts.append("<h3>Sample images</h3>" + _img(run / rf.SAMPLES, "sample training images per class"))
     return "".join(parts)
 
 
@@ -164,7 +166,7 @@ def _augmentation_section(run, meta):
     desc = ", ".join(f"{k} {v}" for k, v in aug.items() if v) or "none"
     return ("<h2>2. Augmentation</h2><p>Each training step sees randomly changed copies of the images, so the "
             f"model learns the class and not the exact picture. Settings: {_esc(desc)}.</p>"
-            + _img(run / "augmentations.png", "original training images and random augmentations of them"))
+            + _img(run / rf.AUGMENTATIONS, "original training images and random augmentations of them"))
 
 
 def _model_section(meta, model_summary):
@@ -189,7 +191,7 @@ def _training_section(run, meta, history):
            f"{'' if (meta.get('recipe') or {}).get('keep') != 'last' else '; this recipe keeps the last epoch'}). "
            f"Decoding took {t.get('data_seconds', 0):.1f} s and training {t.get('train_seconds', 0):.1f} s."
            + (" Training was interrupted." if m.get("interrupted") else "") + "</p>",
-           _img(run / "curves.png", "accuracy and loss per epoch for training and validation")]
+           _img(run / rf.CURVES, "accuracy and loss per epoch for training and validation")]
     if history:
         rows = [(h["epoch"], f"{h['loss']:.4f}", f"{h['accuracy']:.4f}", f"{h['val_loss']:.4f}",
                  f"{h['val_accuracy']:.4f}", f"{h['seconds']:.1f}") for h in history]
@@ -226,7 +228,7 @@ def _evaluation_section(run, meta, ev):
     out = ["<h2>5. How good is it? The test images</h2>"]
     if not ev:
         out.append('<p class="missing">No test evaluation yet. Run <code>foldercnn evaluate '
-                   f'{_esc(run / "model.safetensors")} TEST_FOLDER --out {_esc(run)}</code> with images the model '
+                   f'{_esc(run / rf.MODEL)} TEST_FOLDER --out {_esc(run)}</code> with images the model '
                    "never saw, and this section fills in.</p>")
         out.append("<h3>Calibration</h3>" + _calibration_text(meta, None))
         return "".join(out)
@@ -248,26 +250,24 @@ def _evaluation_section(run, meta, ev):
                "images of this class, the share found.</p>")
     out.append("<h3>Confusion matrix</h3>")
     out.append(_table(["true \\ predicted"] + ev["classes"], [[c] + row for c, row in zip(ev["classes"], ev["confusion"])]))
-    out.append(_img(run / "confusion.png", "confusion matrix"))
-    out.append("<h3>The most confident mistakes</h3>" + _img(run / "mistakes.png", "wrongly classified test images"))
+    out.append(_img(run / rf.CONFUSION, "confusion matrix"))
+    out.append("<h3>The most confident mistakes</h3>" + _img(run / rf.MISTAKES, "wrongly classified test images"))
     out.append("<h3>Calibration: does 90% sure mean right 9 times in 10?</h3>" + _calibration_text(meta, ev))
-    out.append(_img(run / "calibration.png", "reliability diagram before and after temperature scaling"))
+    out.append(_img(run / rf.CALIBRATION, "reliability diagram before and after temperature scaling"))
     return "".join(out)
 
 
 def build_report(run_dir, model_path=None):
     """report.html as a string, from what RUN_DIR holds (model file, history, PNGs, evaluation.json)."""
-    from .bundle import load_model
-    from .models import summary
     run = Path(run_dir)
-    model_path = Path(model_path) if model_path else run / "model.safetensors"
+    model_path = Path(model_path) if model_path else run / rf.MODEL
     model, meta = load_model(model_path)
     try:
         model_summary = summary(model, int(meta["image_size"]))
     except RuntimeError:
         model_summary = None
-    ev = _read_json(run / "evaluation.json")
-    history = _read_history(run / "history.csv")
+    ev = _read_json(run / rf.EVALUATION)
+    history = _read_history(run / rf.HISTORY)
     title = f"foldercnn report: {run.resolve().name}"
     when = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     body = [f"<h1>{_esc(title)}</h1>",
@@ -289,6 +289,6 @@ def build_report(run_dir, model_path=None):
 
 def write_report(run_dir, model_path=None):
     """Write RUN_DIR/report.html (atomically) and return its path."""
-    path = Path(run_dir) / "report.html"
+    path = Path(run_dir) / rf.REPORT
     write_text(path, build_report(run_dir, model_path))
     return path

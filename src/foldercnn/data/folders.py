@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .errors import FolderCNNError
+from ..errors import FolderCNNError
 from .images import IMAGE_EXTENSIONS, ImageDecodeError, decode, is_candidate
 
 

@@ -10,7 +10,7 @@ from pathlib import Path, PurePosixPath
 
 from tqdm import tqdm
 
-from .errors import FolderCNNError
+from ..errors import FolderCNNError
 
 MAX_UNPACKED_BYTES = 4 << 30  # refuse zip bombs
 

@@ -1,0 +1,204 @@
+"""The model file: one safetensors file with the weights and everything needed to use them.
+
+Metadata (JSON under the "foldercnn" key): format version, architecture and its arguments, class names in
+order, image size, preprocessing, calibration, recipe, final metrics. No pickle anywhere.
+
+A model file may come from someone else, so nothing in it is trusted: the header is read by hand (bounded),
+the metadata checked against a schema, and the tensor names, shapes, dtypes and byte ranges compared with
+what the architecture needs *before* the network is built or a byte of weights is read. Loading therefore
+allocates at most what the file itself holds, and any defect is one FolderCNNError naming it.
+"""
+import json
+import math
+import struct
+from pathlib import Path
+
+from ..errors import FolderCNNError
+from ..files import atomic_path
+
+FORMAT_VERSION = 1
+METADATA_KEY = "foldercnn"
+MAX_HEADER_BYTES = 64 << 20  # safetensors' own limit is 100 MB; ours: a few KB of metadata + tensor index
+MAX_CLASSES = 10_000
+MAX_CLASS_NAME = 255
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+               "BOOL": 1}
+REQUIRED = ("architecture", "arch_args", "classes", "image_size", "preprocessing")
+
+
+def save_model(path, model, metadata):
+    """Write weights + metadata atomically (temp file, fsync, rename)."""
+    from safetensors.torch import save_file
+    meta = {"format_version": FORMAT_VERSION, **metadata}
+    validate_metadata(meta, "the model being saved")
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(meta)})
+    return Path(path)
+
+
+def read_header(path):
+    """(metadata dict, {tensor name: {dtype, shape, data_offsets}}) of a model file, validated."""
+    path = Path(path)
+    if not path.is_file():
+        raise FolderCNNError(f"model file not found: {path}")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise FolderCNNError(f"{path} is not a safetensors model file (only {size} bytes)")
+        (n,) = struct.unpack("<Q", head)
+        if n > min(MAX_HEADER_BYTES, size - 8):
+            raise FolderCNNError(f"{path} is not a safetensors model file (its header claims {n} bytes; "
+                                 f"the file has {size})")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise FolderCNNError(f"{path} is not a safetensors model file (unreadable header)") from None
+    if not isinstance(header, dict):
+        raise FolderCNNError(f"{path} is not a safetensors model file (header is not an object)")
+    extra = header.pop("__metadata__", None) or {}
+    if not isinstance(extra, dict) or METADATA_KEY not in extra:
+        raise FolderCNNError(f"{path} is a safetensors file without foldercnn metadata")
+    try:
+        meta = json.loads(extra[METADATA_KEY])
+    except (TypeError, json.JSONDecodeError):
+        raise FolderCNNError(f"{path} has corrupt foldercnn metadata (not JSON)") from None
+    validate_metadata(meta, str(path))
+    _check_tensor_index(header, size - 8 - n, path)
+    return meta, header
+
+
+def read_metadata(path):
+    return read_header(path)[0]
+
+
+def _fail(where, problem):
+    raise FolderCNNError(f"{where}: {problem}; this is not a usable foldercnn model file")
+
+
+def _is_int(x):
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x):
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def validate_metadata(meta, where):
+    """Types and ranges of every field a model file's user relies on."""
+    from .registry import get_spec
+    if not isinstance(meta, dict):
+        _fail(where, "the metadata is not an object")
+    version = meta.get("format_version", 0)
+    if not _is_int(version) or version < 1:
+        _fail(where, f"format_version {version!r} is not a positive whole number")
+    if version > FORMAT_VERSION:
+        raise FolderCNNError(f"{where} was written by a newer foldercnn (format {version}); upgrade foldercnn")
+    missing = [k for k in REQUIRED if k not in meta]
+    if missing:
+        _fail(where, f"the metadata lacks {', '.join(missing)}")
+    arch = meta["architecture"]
+    if not isinstance(arch, str):
+        _fail(where, "architecture is not a name")
+    try:
+        spec = get_spec(arch)
+        spec.check_args(meta["arch_args"])
+        spec.check_image_size(meta["image_size"], "image_size")
+    except FolderCNNError as e:
+        _fail(where, str(e))
+    if "image_size" in meta["arch_args"] and meta["arch_args"]["image_size"] not in (None, meta["image_size"]):
+        _fail(where, f"arch_args image_size {meta['arch_args']['image_size']} differs from image_size "
+                     f"{meta['image_size']}")
+    classes = meta["classes"]
+    if not isinstance(classes, list) or not 2 <= len(classes) <= MAX_CLASSES:
+        _fail(where, f"classes must be a list of 2 to {MAX_CLASSES} names")
+    if not all(isinstance(c, str) and c.strip() and len(c) <= MAX_CLASS_NAME for c in classes):
+        _fail(where, f"every class name must be a non-empty string of at most {MAX_CLASS_NAME} characters")
+    if len(set(classes)) != len(classes):
+        _fail(where, "class names repeat")
+    pre = meta["preprocessing"]
+    if not isinstance(pre, dict):
+        _fail(where, "preprocessing is not an object")
+    for key in ("mean", "std"):
+        v = pre.get(key)
+        if not (isinstance(v, list) and len(v) == 3 and all(_is_number(x) for x in v)):
+            _fail(where, f"preprocessing {key} must be a list of 3 numbers")
+    if not all(x > 0 for x in pre["std"]):
+        _fail(where, "preprocessing std must be positive")
+    if "rescale" in pre and not (_is_number(pre["rescale"]) and pre["rescale"] > 0):
+        _fail(where, "preprocessing rescale must be a positive number")
+    cal = meta.get("calibration")
+    if cal is not None:
+        if not isinstance(cal, dict):
+            _fail(where, "calibration is not an object")
+        t = cal.get("temperature", 1.0)
+        if not (_is_number(t) and 0.01 <= t <= 100):
+            _fail(where, f"calibration temperature {t!r} is not a number in [0.01, 100]")
+        u = cal.get("uncertain_below", 0.8)
+        if not (_is_number(u) and 0 <= u <= 1):
+            _fail(where, f"calibration uncertain_below {u!r} is not a number in [0, 1]")
+    if "tta" in meta and not isinstance(meta["tta"], bool):
+        _fail(where, "tta must be true or false")
+
+
+def _check_tensor_index(header, data_bytes, where):
+    """Every tensor entry well formed, inside the file, its byte range matching its shape and dtype, and no
+    two ranges overlapping (so the tensors together never claim more bytes than the file has)."""
+    for name, entry in header.items():
+        if not isinstance(entry, dict):
+            _fail(where, f"tensor {name!r} has no description")
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if dtype not in DTYPE_BYTES:
+            _fail(where, f"tensor {name!r} has an unknown dtype {dtype!r}")
+        if not (isinstance(shape, list) and len(shape) <= 8 and all(_is_int(d) and d >= 0 for d in shape)):
+            _fail(where, f"tensor {name!r} has a malformed shape {shape!r}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)
+                and 0 <= offsets[0] <= offsets[1] <= data_bytes):
+            _fail(where, f"tensor {name!r} lies outside the file (truncated or tampered)")
+        if offsets[1] - offsets[0] != math.prod(shape) * DTYPE_BYTES[dtype]:
+            _fail(where, f"tensor {name!r}: {offsets[1] - offsets[0]} bytes for shape {shape} of {dtype}")
+    end = 0
+    for start, stop in sorted(tuple(e["data_offsets"]) for e in header.values()):
+        if start < end:
+            _fail(where, "two tensors share bytes (tampered)")
+        end = stop
+
+
+def check_weights_match(meta, header, where):
+    """The file's tensors are exactly those the architecture has: same names, shapes and dtypes."""
+    import torch
+
+    from .registry import expected_tensors
+    names = {torch.float32: "F32", torch.int64: "I64"}
+    expected = expected_tensors(meta["architecture"], len(meta["classes"]), meta["arch_args"])
+    missing = sorted(set(expected) - set(header))
+    extra = sorted(set(header) - set(expected))
+    if missing or extra:
+        _fail(where, f"its tensors do not fit architecture {meta['architecture']} with {len(meta['classes'])} "
+                     f"classes (missing: {', '.join(missing[:3]) or 'none'}; unexpected: "
+                     f"{', '.join(extra[:3]) or 'none'})")
+    for name, (shape, dtype) in expected.items():
+        entry = header[name]
+        if tuple(entry["shape"]) != shape:
+            _fail(where, f"tensor {name} has shape {entry['shape']}, architecture {meta['architecture']} "
+                         f"needs {list(shape)}")
+        if entry["dtype"] != names.get(dtype, str(dtype)):
+            _fail(where, f"tensor {name} is {entry['dtype']}, expected {names.get(dtype, dtype)}")
+
+
+def load_model(path, device="cpu"):
+    """Validate the file, then build the network from its metadata and load its weights (strict)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from .registry import create_model
+    meta, header = read_header(path)
+    check_weights_match(meta, header, str(path))
+    model = create_model(meta["architecture"], num_classes=len(meta["classes"]), **meta["arch_args"])
+    try:
+        model.load_state_dict(load_file(str(path), device=str(device)), strict=True)
+    except (SafetensorError, RuntimeError, OSError) as e:
+        _fail(str(path), f"its weights could not be read ({e})")
+    return model.to(device).eval(), meta

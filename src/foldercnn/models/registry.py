@@ -1,0 +1,173 @@
+"""Registry of architectures: a name -> a ModelSpec that builds the network and says what it can do.
+
+Like timm's registry, each entry carries its pretrained configuration (whether weights ship, the input
+mean/std they expect) and its capabilities (linear probe, how many blocks fine-tuning may train), so recipes
+and the model-file checks ask the registry instead of knowing any architecture.
+
+Every network built here implements one small interface:
+    model(x) -> logits            model.features(x) -> (N, D) penultimate features
+    model.head -> nn.Linear       model.freeze_for_fine_tuning(blocks) / model.unfreeze()
+"""
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ..errors import FolderCNNError
+from . import cnn, effnet
+
+MAX_IMAGE_SIZE = 1024  # a model file asking for more is refused (memory per image grows with its square)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    build: Callable  # build(num_classes, **args, pretrained=False) -> nn.Module
+    description: str
+    args: dict = field(default_factory=dict)  # argument name -> check(value) raising ValueError if unusable
+    min_image_size: int = 8
+    pretrained: bool = False  # ImageNet weights ship with foldercnn's dependencies
+    mean: tuple = None  # input normalisation the pretrained weights expect, in [0, 1] pixel units
+    std: tuple = None
+    linear_probe: bool = False  # frozen features + a linear head is a sensible recipe
+    fine_tune_blocks: int = 0  # how many of its last blocks fine-tuning may unfreeze (0: not supported)
+
+    def check_args(self, args):
+        """Refuse unknown or out-of-range architecture arguments (from a recipe or a model file)."""
+        if not isinstance(args, dict):
+            raise FolderCNNError(f"{self.name}: architecture arguments must be an object, got {type(args).__name__}")
+        unknown = sorted(set(args) - set(self.args))
+        if unknown:
+            raise FolderCNNError(f"{self.name} has no argument {', '.join(unknown)} "
+                                 f"(it takes: {', '.join(sorted(self.args)) or 'none'})")
+        for key, value in args.items():
+            try:
+                self.args[key](value)
+            except (ValueError, TypeError) as e:
+                raise FolderCNNError(f"{self.name}: bad {key}={value!r}: {e}") from None
+
+    def check_image_size(self, size, what="--image-size"):
+        if not isinstance(size, int) or isinstance(size, bool):
+            raise FolderCNNError(f"{what} must be a whole number of pixels, got {size!r}")
+        if not self.min_image_size <= size <= MAX_IMAGE_SIZE:
+            raise FolderCNNError(f"{self.name} needs {what} between {self.min_image_size} and {MAX_IMAGE_SIZE}, "
+                                 f"got {size}")
+
+
+_SPECS = {}
+
+
+def register(spec):
+    _SPECS[spec.name] = spec
+    return spec
+
+
+def available_models():
+    return sorted(_SPECS)
+
+
+def get_spec(name):
+    if name not in _SPECS:
+        raise FolderCNNError(f"unknown model '{name}' (available: {', '.join(available_models())})")
+    return _SPECS[name]
+
+
+def models_with(capability):
+    """Names of the architectures with a capability ('pretrained', 'linear_probe', 'fine_tune_blocks')."""
+    return [n for n in available_models() if getattr(_SPECS[n], capability)]
+
+
+def create_model(name, num_classes, pretrained=False, **args):
+    spec = get_spec(name)
+    spec.check_args(args)
+    if pretrained and not spec.pretrained:
+        raise FolderCNNError(f"{name} has no pretrained weights (models with them: "
+                             f"{', '.join(models_with('pretrained'))})")
+    return spec.build(num_classes, pretrained=pretrained, **args)
+
+
+def expected_tensors(name, num_classes, args):
+    """{tensor name: (shape, dtype)} of an architecture's state dict, without allocating it (meta device)."""
+    spec = get_spec(name)
+    spec.check_args(args)
+    with torch.device("meta"):
+        model = spec.build(num_classes, pretrained=False, **args)
+    return {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
+
+
+def predict_logits(model, x, tta=False):
+    """Float32 logits; with tta, averaged over the image and its mirror image (test-time augmentation)."""
+    logits = model(x).float()
+    if tta:
+        logits = (logits + model(x.flip(-1)).float()) / 2
+    return logits
+
+
+def count_parameters(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def summary(model, image_size):
+    """Keras-style table of leaf layers, output shapes and parameter counts."""
+    rows, hooks = [], []
+    for name, module in model.named_modules():
+        if len(list(module.children())) == 0:
+            hooks.append(module.register_forward_hook(
+                lambda m, i, o, name=name: rows.append(
+                    (f"{name} ({type(m).__name__})", str(tuple(o.shape[1:])),
+                     sum(p.numel() for p in m.parameters(recurse=False))))))
+    was_training = model.training
+    model.eval()
+    try:
+        model(torch.zeros(1, 3, image_size, image_size, device=next(model.parameters()).device))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    total = count_parameters(model)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    w = max([len(r[0]) for r in rows] + [20]) + 2
+    line = "-" * (w + 36)
+    out = [line, f"{'Layer (type)':<{w}}{'Output shape':<22}{'Param #':>14}", "=" * (w + 36)]
+    out += [f"{n:<{w}}{s:<22}{p:>14,}" for n, s, p in rows]
+    out += ["=" * (w + 36), f"Total params: {total:,}", f"Trainable params: {trainable:,}",
+            f"Non-trainable params: {total - trainable:,}", line]
+    return "\n".join(out)
+
+
+# ---- argument checks (a model file from someone else must not be able to ask for 360 GB) ----------------
+
+def _probability(value):
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value < 1.0:
+        raise ValueError("must be a number in [0, 1)")
+
+
+def _image_size_arg(value):
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or
+                              not 8 <= value <= MAX_IMAGE_SIZE):
+        raise ValueError(f"must be a whole number between 8 and {MAX_IMAGE_SIZE}")
+
+
+def _tutorial_image_size(value):
+    _image_size_arg(value)
+    if value is None or cnn.tutorial_output_side(value) < 1:
+        raise ValueError("tutorial-cnn needs an image size of at least 46")
+
+
+def _widths(value):
+    if (not isinstance(value, (list, tuple)) or not 2 <= len(value) <= 8
+            or not all(isinstance(w, int) and not isinstance(w, bool) and 1 <= w <= 2048 for w in value)):
+        raise ValueError("must be a list of 2 to 8 whole numbers between 1 and 2048")
+
+
+register(ModelSpec(
+    "tutorial-cnn", cnn.tutorial_cnn, "the Keras Rock-Paper-Scissors tutorial's CNN (3.5 M parameters at 150 px)",
+    args={"image_size": _tutorial_image_size, "dropout": _probability}, min_image_size=46))
+register(ModelSpec(
+    "fast-cnn", cnn.fast_cnn, "small batch-norm CNN for CPU speed, any input size",
+    args={"widths": _widths, "image_size": _image_size_arg, "dropout": _probability}, min_image_size=8))
+register(ModelSpec(
+    "effnet-lite0", effnet.effnet_lite0, "EfficientNet-Lite0 (4.0 M parameters), ImageNet weights",
+    args={"dropout": _probability}, min_image_size=32, pretrained=True,
+    mean=effnet.INPUT_MEAN, std=effnet.INPUT_STD, linear_probe=True, fine_tune_blocks=len(effnet.block_list())))

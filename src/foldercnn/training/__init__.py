@@ -1,0 +1,1 @@
+"""Stage 3, training: recipes, the training loop, transfer learning, and the folder -> run folder job."""

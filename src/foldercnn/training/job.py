@@ -1,0 +1,232 @@
+"""The whole job: a labelled folder -> a run folder (model file, history, figures, report.html).
+
+`train_folder` is a short sequence of named steps; the loop itself is `loop.fit`.
+"""
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .. import run_folder as rf
+from .. import runtime
+from ..data.augment import augment_batch
+from ..data.folders import check_same_classes, load_folder, scan_folder, stratified_split, summarize_skipped
+from ..errors import FolderCNNError
+from ..evaluation.calibration import choose_temperature
+from ..evaluation.metrics import calibration_summary
+from ..evaluation.report import write_report
+from ..files import check_out_dir
+from ..models.file import save_model
+from ..models.inference import DEFAULT_UNCERTAIN_BELOW, batched_logits
+from ..models.preprocess import default_preprocessing
+from ..models.registry import count_parameters, create_model, summary
+from ..plots import augmentation_preview, sample_grid, training_curves
+from .loop import fit
+from .recipes import check_recipe, get_recipe
+from .transfer import linear_probe
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    model_path: Path
+    history: list
+    best_epoch: int
+    classes: list
+    recipe: object
+    interrupted: bool
+    n_train: int
+    n_val: int
+    skipped: list
+    seconds: dict
+    fine_tuned_epochs: int = 0
+
+
+def prepare_data(data_dir, recipe, val_dir=None, val_fraction=None, seed=0, log=print):
+    """Scan and decode the training (and validation) images once; split if no validation folder."""
+    if val_dir is not None and val_fraction is not None:
+        raise FolderCNNError("give either --val or --val-fraction, not both")
+    folder = scan_folder(data_dir)
+    if val_dir is not None:
+        val_folder = scan_folder(val_dir, min_classes=1)
+        check_same_classes(folder.classes, val_dir, val_folder.classes)
+        train = load_folder(folder, recipe.image_size)
+        val = load_folder(val_folder, recipe.image_size)
+        skipped = train.skipped + val.skipped
+        log(f"validation: {len(val)} images from {val_dir}")
+    else:
+        fraction = 0.2 if val_fraction is None else val_fraction
+        everything = load_folder(folder, recipe.image_size)
+        train_idx, val_idx = stratified_split(everything.labels, fraction, seed)
+        if len(val_idx) == 0:
+            raise FolderCNNError(f"too few images in {data_dir} to hold out a validation split")
+        train, val = everything.subset(train_idx), everything.subset(val_idx)
+        skipped = everything.skipped
+        how = "default " if val_fraction is None else ""
+        log(f"validation: a stratified {fraction:.0%} of {data_dir} held out ({how}--val-fraction, seed {seed}): "
+            f"{len(train)} images train, {len(val)} validate")
+    if skipped:
+        log(f"skipped {len(skipped)} file(s):\n{summarize_skipped(skipped)}")
+    return train, val, skipped
+
+
+def data_summary(data_dir, val_dir, val_fraction, train, val, skipped, max_listed=50):
+    """What the model was trained on, for the model file and the report."""
+    counts = {c: [int((train.labels == i).sum()), int((val.labels == i).sum())] for i, c in enumerate(train.classes)}
+    how = f"the folder {val_dir}" if val_dir is not None else \
+        f"a stratified {0.2 if val_fraction is None else val_fraction:.0%} held out of the training folder"
+    return {"train_dir": str(data_dir), "validation": how, "counts": counts, "n_skipped": len(skipped),
+            "skipped": [{"path": str(p), "reason": r} for p, r in skipped[:max_listed]]}
+
+
+def calibrate(model, val, recipe, device, uncertain_below=DEFAULT_UNCERTAIN_BELOW):
+    """Fit the softmax temperature on the validation split (never on a test folder) for the model file."""
+    logits = batched_logits(model, val.take(slice(None)), recipe.mean, recipe.std, device, recipe.tta,
+                            batch_size=256)
+    labels = val.labels
+    t, rule = choose_temperature(logits, labels)
+    cal = calibration_summary(logits, labels, t)
+    before, after = cal["uncalibrated"], cal["calibrated"]
+    return {"temperature": t, "uncertain_below": uncertain_below, "rule": rule,
+            "fitted_on": f"validation split ({len(val)} images)",
+            "val_errors": int((logits.argmax(1) != labels).sum()),
+            "val_nll_before": before["nll"], "val_nll_after": after["nll"],
+            "val_ece_before": before["ece"], "val_ece_after": after["ece"]}
+
+
+def build_model(recipe, num_classes, seed):
+    torch.manual_seed(seed)
+    return create_model(recipe.model, num_classes, pretrained=recipe.pretrained, **recipe.model_args)
+
+
+def draw_previews(out_dir, data_dir, train, recipe, seed):
+    """augmentations.png (one image per class, augmented) and samples.png (six per class)."""
+    preview_idx = [int((train.labels == c).nonzero()[0]) for c in range(len(train.classes))
+                   if (train.labels == c).any()][:4]
+    described = ", ".join(f"{k}={v}" for k, v in recipe.augment.to_dict().items() if v)
+    augmentation_preview(train.take(torch.tensor(preview_idx)), lambda x, g: augment_batch(x, recipe.augment, g),
+                         described, out_dir / rf.AUGMENTATIONS, seed=seed)
+    shown = torch.cat([(train.labels == c).nonzero().flatten()[:: max(1, int((train.labels == c).sum()) // 6)][:6]
+                       for c in range(len(train.classes))])  # six spread-out images per class, not a copy of all
+    sample_grid(train.take(shown), train.labels[shown], train.classes, out_dir / rf.SAMPLES,
+                title=f"{Path(data_dir).name}: training images per class ({recipe.image_size} px, as the model sees them)")
+
+
+def run_training(model, train, val, recipe, *, fine_tune, device, precision, seed, deadline, log, save_history):
+    """The recipe's training: the loop, or a linear probe (then, with fine_tune, the loop on its last blocks).
+
+    Returns (FitResult, fine-tuning epochs finished). save_history(rows) runs after every epoch."""
+    if not recipe.linear_probe:
+        return fit(model, train, val, recipe, device=device, precision=precision, seed=seed, log=log,
+                   on_epoch=lambda r: save_history(r.history), deadline=deadline), 0
+    probe = linear_probe(model, train, val, recipe, device=device, precision=precision, seed=seed, log=log,
+                         deadline=deadline)
+    if not fine_tune:
+        return probe, 0
+    log(f"fine-tuning the last {recipe.fine_tune_blocks} blocks for {recipe.epochs} epochs")
+    model.load_state_dict(probe.best_state)
+    probe_row = dict(probe.history[-1], epoch=0)  # epoch 0 of the history: the linear probe
+    model.freeze_for_fine_tuning(recipe.fine_tune_blocks)
+    try:
+        result = fit(model, train, val, recipe, device=device, precision=precision, seed=seed, log=log,
+                     on_epoch=lambda r: save_history([probe_row] + r.history), deadline=deadline)
+    finally:
+        model.unfreeze()
+    epochs_done = len(result.history)
+    result.history = [probe_row] + result.history
+    if result.best_state is None:
+        log("no fine-tuning epoch finished: the model is the linear probe (fine_tuned_epochs 0 in the model file)")
+        result.best_state, result.best_epoch = probe.best_state, 1
+    else:
+        result.best_epoch += 1
+    return result, epochs_done
+
+
+def model_metadata(recipe, train, val, skipped, *, data_dir, val_dir, val_fraction, seed, precision, fine_tune,
+                   fine_tuned_epochs, result, calibration, timing):
+    best = result.history[result.best_epoch - 1]
+    return {
+        "architecture": recipe.model,
+        "arch_args": recipe.model_args,
+        "classes": train.classes,
+        "image_size": recipe.image_size,
+        "preprocessing": default_preprocessing(recipe.mean, recipe.std),
+        "recipe": recipe.to_dict(),
+        "seed": seed,
+        "precision": precision,
+        "tta": recipe.tta,
+        "fine_tuned": bool(fine_tune and fine_tuned_epochs > 0),
+        "fine_tuned_epochs": fine_tuned_epochs,
+        "calibration": calibration,
+        "metrics": {"epoch": result.best_epoch, "epochs_run": len(result.history),
+                    "val_accuracy": best["val_accuracy"], "val_loss": best["val_loss"],
+                    "train_accuracy": best["accuracy"], "train_loss": best["loss"],
+                    "n_train": len(train), "n_val": len(val), "interrupted": result.interrupted},
+        "timing": timing,
+        "data": data_summary(data_dir, val_dir, val_fraction, train, val, skipped),
+    }
+
+
+def train_folder(data_dir, out_dir, recipe="fast", val_dir=None, val_fraction=None, seed=0,
+                 precision="auto", device="auto", time_budget=None, fine_tune=False,
+                 uncertain_below=DEFAULT_UNCERTAIN_BELOW, log=print, **overrides):
+    """Train a classifier on DATA_DIR and write the run directory. Returns a TrainResult.
+
+    time_budget: seconds of wall clock for the whole job, decoding included; training runs as many
+    epochs as fit in it (the learning-rate schedule follows the clock) and keeps the best epoch.
+    Process-wide speed settings (threads, allocator) are the caller's: see `foldercnn.runtime.setup()`.
+    """
+    t0 = time.perf_counter()
+    recipe = get_recipe(recipe, **overrides) if isinstance(recipe, str) else recipe
+    check_recipe(recipe, fine_tune=fine_tune)
+    if time_budget is not None and not time_budget > 0:
+        raise FolderCNNError(f"--time-budget must be positive, got {time_budget}")
+    if not 0.0 <= uncertain_below <= 1.0:
+        raise FolderCNNError(f"--uncertain-below must be between 0 and 1, got {uncertain_below}")
+    check_out_dir(out_dir, [data_dir, val_dir])
+    device = runtime.choose_device(device)
+    precision = runtime.resolve_precision(precision, device)
+    # about a second is kept back for saving the model and drawing the curves
+    deadline = None if time_budget is None else t0 + time_budget - 1.0
+
+    train, val, skipped = prepare_data(data_dir, recipe, val_dir, val_fraction, seed, log)
+    t_data = time.perf_counter() - t0
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    model = build_model(recipe, len(train.classes), seed)
+    log(f"recipe '{recipe.name}': {recipe.description}")
+    log(f"model {recipe.model} at {recipe.image_size}x{recipe.image_size}, {count_parameters(model):,} parameters, "
+        f"{device.type} {precision}, {torch.get_num_threads()} threads")
+    log(summary(model, recipe.image_size))
+    draw_previews(out_dir, data_dir, train, recipe, seed)
+    if deadline is not None:
+        log(f"time budget: {time_budget:g} s in all, {deadline - time.perf_counter():.1f} s left for training")
+
+    t1 = time.perf_counter()
+    result, fine_tuned_epochs = run_training(
+        model, train, val, recipe, fine_tune=fine_tune, device=device, precision=precision, seed=seed,
+        deadline=deadline, log=log, save_history=lambda rows: rf.write_history(out_dir / rf.HISTORY, rows))
+    t_train = time.perf_counter() - t1
+    if result.best_state is None:
+        raise FolderCNNError("stopped before the first epoch finished; no model saved")
+    model.load_state_dict(result.best_state)
+
+    calibration = calibrate(model, val, recipe, device, uncertain_below)
+    log(f"calibration on the validation split: temperature {calibration['temperature']:.3f} "
+        f"({calibration['rule']}), NLL "
+        f"{calibration['val_nll_before']:.4f} -> {calibration['val_nll_after']:.4f}, expected calibration error "
+        f"{calibration['val_ece_before']:.4f} -> {calibration['val_ece_after']:.4f}")
+    metadata = model_metadata(recipe, train, val, skipped, data_dir=data_dir, val_dir=val_dir,
+                              val_fraction=val_fraction, seed=seed, precision=precision, fine_tune=fine_tune,
+                              fine_tuned_epochs=fine_tuned_epochs, result=result, calibration=calibration,
+                              timing={"data_seconds": t_data, "train_seconds": t_train})
+    model_path = save_model(out_dir / rf.MODEL, model, metadata)
+    rf.write_history(out_dir / rf.HISTORY, result.history)
+    training_curves(result.history, out_dir / rf.CURVES,
+                    title=f"{recipe.name} recipe: {len(train)} training images, {len(val)} validation")
+    log(f"report: {write_report(out_dir)}")
+    return TrainResult(out_dir, model_path, result.history, result.best_epoch, train.classes, recipe,
+                       result.interrupted, len(train), len(val), skipped,
+                       {"data": t_data, "train": t_train}, fine_tuned_epochs)
