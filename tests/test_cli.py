@@ -9,13 +9,13 @@ import time
 import pytest
 from PIL import Image
 
+from testkit import run_cli
 from foldercnn.models.file import read_metadata
 
 
 @pytest.fixture(scope="module")
 def cli_run(shapes_dirs, tmp_path_factory):
     """`foldercnn train` on generated shapes, once for the module."""
-    from conftest import run_cli
     out = tmp_path_factory.mktemp("cli") / "run"
     r = run_cli("train", shapes_dirs[0], "--val", shapes_dirs[1], "--epochs", "10", "--image-size", "32",
                 "--seed", "1", "--out", out)

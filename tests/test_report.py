@@ -3,6 +3,7 @@ import json
 import shutil
 
 import pytest
+from testkit import run_cli
 from PIL import Image
 
 FIGURES = ("confusion.png", "mistakes.png", "calibration.png")
@@ -11,7 +12,6 @@ FIGURES = ("confusion.png", "mistakes.png", "calibration.png")
 @pytest.fixture(scope="module")
 def evaluated_run(trained_model, shapes_dirs, tmp_path_factory):
     """A copy of the trained run folder, then `foldercnn evaluate MODEL TEST --out RUN --json` on it."""
-    from conftest import run_cli
     run = tmp_path_factory.mktemp("report") / "run"
     shutil.copytree(trained_model.out_dir, run)
     r = run_cli("evaluate", run / "model.safetensors", shapes_dirs[1], "--out", run, "--json")

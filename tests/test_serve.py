@@ -21,9 +21,9 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 import foldercnn
-from conftest import draw_shape, run_cli
 from foldercnn.data.images import MAX_PIXELS
 from foldercnn.deploy.serve import create_app
+from testkit import draw_shape, free_port, run_cli, running_server
 
 MB = 1024 * 1024
 
@@ -237,65 +237,6 @@ def test_bad_options_are_clear_errors(classifier):
 
 
 # --- a real server subprocess ------------------------------------------------------------------------------
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, proc, port, log):
-        self.proc, self.port, self.log = proc, port, log
-        self.url = f"http://127.0.0.1:{port}"
-
-    def output(self):
-        return Path(self.log).read_text()
-
-
-def start_server(model_path, *options, log, env=None, port=None):
-    port = port or free_port()
-    out = open(log, "w")
-    proc = subprocess.Popen([sys.executable, "-m", "foldercnn.cli", "serve", str(model_path), "--port", str(port),
-                             *map(str, options)], stdout=out, stderr=subprocess.STDOUT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
-    out.close()
-    return Server(proc, port, log)
-
-
-def wait_healthy(server, timeout=60):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.proc.poll() is not None:
-            raise AssertionError(f"server exited with {server.proc.returncode}: {server.output()}")
-        try:
-            if httpx.get(server.url + "/healthz", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            time.sleep(0.1)
-    raise AssertionError(f"server not healthy within {timeout} s: {server.output()}")
-
-
-def stop(server):
-    if server.proc.poll() is None:
-        server.proc.terminate()
-        try:
-            server.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            server.proc.kill()
-            server.proc.wait(timeout=15)
-
-
-@contextlib.contextmanager
-def running_server(model_path, *options, log, env=None):
-    """`foldercnn serve` on a free 127.0.0.1 port, healthy, and always stopped afterwards."""
-    server = start_server(model_path, *options, log=log, env=env)
-    try:
-        wait_healthy(server)
-        yield server
-    finally:
-        stop(server)
-
 
 @pytest.fixture(scope="module")
 def server(model_path, tmp_path_factory):

@@ -10,8 +10,7 @@ import pytest
 from playwright.sync_api import expect
 
 import foldercnn
-from conftest import CHROMIUM, CHROMIUM_FLAGS
-from test_serve import running_server
+from testkit import CHROMIUM, CHROMIUM_FLAGS, running_server
 
 pytestmark = pytest.mark.browser
 

@@ -13,7 +13,7 @@ from foldercnn.data.folders import decode_cached, scan_folder
 from foldercnn.models.registry import create_model, predict_logits
 from foldercnn.training.loop import WeightEMA, lr_factor
 
-from conftest import make_shapes
+from testkit import make_shapes
 
 
 @pytest.fixture

@@ -87,9 +87,9 @@ def get_recipe(name, **overrides):
     spec = get_spec(recipe.model)
     if "image_size" in spec.args and (recipe.model == "tutorial-cnn" or "image_size" in recipe.model_args):
         recipe = replace(recipe, model_args={**recipe.model_args, "image_size": recipe.image_size})
+    check_recipe(recipe)
     if recipe.pretrained:  # pretrained weights expect their own input normalisation
         recipe = replace(recipe, mean=tuple(spec.mean), std=tuple(spec.std))
-    check_recipe(recipe)
     return recipe
 
 

@@ -1,0 +1,117 @@
+"""Helpers shared by the test modules (importable because pyproject's pytest `pythonpath` names tests/):
+generated images, the real `foldercnn` command in a subprocess, a real `foldercnn serve` on 127.0.0.1, and
+where the browser is."""
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+from PIL import Image, ImageDraw
+
+SHAPES = ("circle", "square", "triangle")
+
+
+def draw_shape(kind, size, rng):
+    """A coloured shape at a random place and scale on a white background."""
+    im = Image.new("RGB", (size, size), "white")
+    d = ImageDraw.Draw(im)
+    r = rng.uniform(0.22, 0.32) * size
+    cx, cy = rng.uniform(r + 1, size - r - 1, 2)
+    colour = tuple(int(c) for c in rng.integers(0, 180, 3))
+    if kind == "circle":
+        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
+    elif kind == "square":
+        d.rectangle([cx - r, cy - r, cx + r, cy + r], fill=colour)
+    else:
+        d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=colour)
+    return im
+
+
+def make_shapes(root, per_class=24, size=40, seed=0, classes=SHAPES, fmt="png"):
+    rng = np.random.default_rng(seed)
+    root = Path(root)
+    for kind in classes:
+        (root / kind).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            draw_shape(kind, size, rng).save(root / kind / f"{kind}{i}.{fmt}")
+    return root
+
+
+def run_cli(*args, env=None, timeout=300):
+    """Run the real `foldercnn` command in a subprocess."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "foldercnn.cli", *map(str, args)], capture_output=True,
+                          text=True, env=full_env, timeout=timeout)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, proc, port, log):
+        self.proc, self.port, self.log = proc, port, log
+        self.url = f"http://127.0.0.1:{port}"
+
+    def output(self):
+        return Path(self.log).read_text()
+
+
+def start_server(model_path, *options, log, env=None, port=None):
+    port = port or free_port()
+    out = open(log, "w")
+    proc = subprocess.Popen([sys.executable, "-m", "foldercnn.cli", "serve", str(model_path), "--port", str(port),
+                             *map(str, options)], stdout=out, stderr=subprocess.STDOUT,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+    out.close()
+    return Server(proc, port, log)
+
+
+def wait_healthy(server, timeout=60):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.proc.poll() is not None:
+            raise AssertionError(f"server exited with {server.proc.returncode}: {server.output()}")
+        try:
+            if httpx.get(server.url + "/healthz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            time.sleep(0.1)
+    raise AssertionError(f"server not healthy within {timeout} s: {server.output()}")
+
+
+def stop(server):
+    if server.proc.poll() is None:
+        server.proc.terminate()
+        try:
+            server.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            server.proc.kill()
+            server.proc.wait(timeout=15)
+
+
+@contextlib.contextmanager
+def running_server(model_path, *options, log, env=None):
+    """`foldercnn serve` on a free 127.0.0.1 port, healthy, and always stopped afterwards."""
+    server = start_server(model_path, *options, log=log, env=env)
+    try:
+        wait_healthy(server)
+        yield server
+    finally:
+        stop(server)
+
+
+# found on PATH, exactly as .ci/run looks for it (`command -v chromium`); None when not installed
+CHROMIUM = shutil.which("chromium")
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--no-first-run"]
+
+
