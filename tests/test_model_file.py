@@ -120,7 +120,7 @@ TAMPERED = {  # name -> (how to break a good file, what the error must say)
     "negative temperature": (lambda d: _with_meta(d, lambda m: m["calibration"].update(temperature=-1)),
                              "temperature"),
     "newer format": (lambda d: _with_meta(d, lambda m: m.update(format_version=99)), "newer foldercnn"),
-    "class count differs": (lambda d: _with_meta(d, lambda m: m.update(classes=["a", "b"])), "do not fit"),
+    "class count differs": (lambda d: _with_meta(d, lambda m: m.update(classes=["a", "b"])), "needs [2, 192]"),
     "truncated": (lambda d: d[: len(d) // 2], "outside the file"),
     "swapped shapes": (lambda d: _with_header(d, _swap_shapes), "bytes for shape"),
     "extra tensor": (lambda d: _with_header(d, lambda h: h.update(extra={"dtype": "F32", "shape": [0],
