@@ -34,6 +34,7 @@ def main():
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--seed-epochs", type=int, default=None, help="epochs for the seed recipe (default 25)")
     args = ap.parse_args()
+    foldercnn.runtime.setup()
     rows, first_fast = [], None
     with tempfile.TemporaryDirectory() as tmp:
         for recipe in args.recipes.split(","):

@@ -93,6 +93,7 @@ def scaling_child(data, factor, out):
             for f in (data / "train" / cls).iterdir():
                 (tmp / "train" / cls / f"{k}_{f.name}").symlink_to(f.resolve())
     os.environ["FOLDERCNN_CACHE"] = str(tmp / "cache")
+    runtime.setup()
     t = time.perf_counter()
     result = foldercnn.train(tmp / "train", tmp / "run", recipe="fast", epochs=1, seed=0, log=quiet)
     total = time.perf_counter() - t

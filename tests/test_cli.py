@@ -1,10 +1,11 @@
 """The real `foldercnn` command, end to end, in subprocesses."""
 import csv
 import json
+import queue
 import signal
 import subprocess
 import sys
-import time
+import threading
 
 import pytest
 from PIL import Image
@@ -23,6 +24,7 @@ def cli_run(shapes_dirs, tmp_path_factory):
     return out, r
 
 
+@pytest.mark.slow
 def test_train_writes_run_directory(cli_run):
     out, r = cli_run
     for name in ("model.safetensors", "history.csv", "curves.png", "augmentations.png"):
@@ -35,6 +37,7 @@ def test_train_writes_run_directory(cli_run):
     assert read_metadata(out / "model.safetensors")["metrics"]["n_val"] == 45
 
 
+@pytest.mark.slow
 def test_evaluate_beats_chance_and_json_shape(cli_run, shapes_dirs, cli):
     out, _ = cli_run
     r = cli("evaluate", out / "model.safetensors", shapes_dirs[1], "--json")
@@ -48,6 +51,7 @@ def test_evaluate_beats_chance_and_json_shape(cli_run, shapes_dirs, cli):
     assert "confusion matrix" in text and "precision" in text
 
 
+@pytest.mark.slow
 def test_predict_json_and_text(cli_run, shapes_dirs, cli, tmp_path):
     out, _ = cli_run
     folder = tmp_path / "new"
@@ -76,6 +80,7 @@ def test_inspect(shapes_dirs, cli, tmp_path):
     assert (tmp_path / "samples.png").is_file()
 
 
+@pytest.mark.slow
 def test_seed_makes_training_repeatable(shapes_dirs, tmp_path, cli):
     runs = []
     for name in ("a", "b"):
@@ -103,29 +108,32 @@ def torch_equal(x, y):
     (["train", "{data}", "--out", "{tmp}/r", "--val-fraction", "1.5"], "between 0 and 1"),
     (["train", "{data}", "--out", "{tmp}/r", "--fine-tune"], "follows a linear probe"),
 ])
-def test_errors_are_clear_without_traceback(args, message, cli, tmp_path, shapes_dirs, cli_run):
+def test_errors_are_clear_without_traceback(args, message, cli, tmp_path, shapes_dirs, trained_model):
     fill = {"missing": tmp_path / "missing", "tmp": tmp_path, "data": shapes_dirs[0],
-            "model": cli_run[0] / "model.safetensors"}
+            "model": trained_model.model_path}
     r = cli(*[a.format(**fill) for a in args])
     assert r.returncode == 2
     assert message in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_ctrl_c_keeps_best_model(shapes_dirs, tmp_path):
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "foldercnn.cli", "train", str(shapes_dirs[0]), "--epochs", "500",
                              "--image-size", "24", "--out", str(out)], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env={**__import__("os").environ,
                                                                      "PYTHONUNBUFFERED": "1"})
-    lines = []
-    deadline = time.time() + 120
-    for line in proc.stdout:
-        lines.append(line)
-        if line.startswith("epoch   2/"):
-            proc.send_signal(signal.SIGINT)
-            break
-        assert time.time() < deadline
-    rest = proc.communicate(timeout=60)[0]
+    lines = queue.Queue()  # read in a thread, so a silent hang fails the test instead of blocking it
+    threading.Thread(target=lambda: [lines.put(line) for line in iter(proc.stdout.readline, "")], daemon=True).start()
+    try:
+        while not lines.get(timeout=300).startswith("epoch   2/"):
+            pass
+    except queue.Empty:
+        proc.kill()
+        pytest.fail("no second epoch within 300 s")
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=120)
+    rest = "".join(lines.queue)
     assert proc.returncode == 130, rest
     assert "interrupted" in rest and "Traceback" not in rest
     assert (out / "model.safetensors").is_file()

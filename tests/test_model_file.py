@@ -30,7 +30,9 @@ def test_metadata_makes_the_file_self_contained(trained_model):
     assert meta["image_size"] == 32 and meta["architecture"] == "fast-cnn"
     assert meta["format_version"] == 1 and meta["recipe"]["name"] == "fast"
     assert {"rescale", "mean", "std", "resize"} <= set(meta["preprocessing"])
-    assert 0 <= meta["metrics"]["val_accuracy"] <= 1
+    best = trained_model.history[trained_model.best_epoch - 1]
+    assert meta["metrics"]["val_accuracy"] == best["val_accuracy"] and meta["metrics"]["epoch"] == trained_model.best_epoch
+    assert meta["metrics"]["n_train"] + meta["metrics"]["n_val"] == 120
 
 
 def test_atomic_write_leaves_no_temp_files(tmp_path):
@@ -44,10 +46,15 @@ def test_atomic_write_leaves_no_temp_files(tmp_path):
 
 
 def test_no_pickle_in_model_file(trained_model):
+    """Every byte is accounted for: an 8-byte length, a JSON header, then exactly the raw tensor bytes it
+    describes, back to back. There is no room for anything else (a pickle included)."""
     data = trained_model.model_path.read_bytes()
     header_len = int.from_bytes(data[:8], "little")
     header = json.loads(data[8: 8 + header_len])
-    assert "__metadata__" in header and b"\x80\x04\x95" not in data[:8 + header_len]
+    json.loads(header.pop("__metadata__")["foldercnn"])
+    ranges = sorted(tuple(e["data_offsets"]) for e in header.values())
+    assert ranges[0][0] == 0 and all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    assert 8 + header_len + ranges[-1][1] == len(data)
 
 
 @pytest.mark.parametrize("kind", ["missing", "garbage", "no_metadata", "wrong_weights"])

@@ -1,31 +1,52 @@
-"""Second tier: the real Rock-Paper-Scissors images, when $FOLDERCNN_RPS_DIR points at them."""
+"""Second tier: the README's figures on the real Rock-Paper-Scissors images.
+
+Runs when $FOLDERCNN_RPS_DIR (train/, test/, validation/) and $FOLDERCNN_RPS_PHOTOS_DIR (real photos of hands)
+point at the data; `.ci/run` sets both. A variable that is set but points at something unusable is a failure,
+not a skip, so CI cannot go green without the data it was told to use.
+"""
 import json
 import os
 from pathlib import Path
 
 import pytest
 
-RPS = os.environ.get("FOLDERCNN_RPS_DIR")
-pytestmark = [pytest.mark.realdata,
-              pytest.mark.skipif(not RPS or not (Path(RPS) / "train").is_dir(),
-                                 reason="set FOLDERCNN_RPS_DIR to the Rock-Paper-Scissors folder (train/, test/)")]
+pytestmark = pytest.mark.realdata
+
+
+def data_dir(variable, must_have):
+    value = os.environ.get(variable)
+    if not value:
+        pytest.skip(f"set {variable} to run the real-data tier")
+    path = Path(value)
+    missing = [m for m in must_have if not (path / m).is_dir()]
+    if missing:
+        pytest.fail(f"{variable}={value} is set but lacks {', '.join(missing)}: fix or unset it")
+    return path
 
 
 @pytest.fixture(scope="module")
 def rps():
-    return Path(RPS)
+    return data_dir("FOLDERCNN_RPS_DIR", ["train", "test"])
 
 
 @pytest.fixture(scope="module")
-def subset_run(rps, tmp_path_factory):
-    """Train the fast recipe briefly on 200 images per class (linked, not copied)."""
+def photos():
+    return data_dir("FOLDERCNN_RPS_PHOTOS_DIR", ["sxsw", "green-screen"])
+
+
+@pytest.fixture(scope="module")
+def fast_run(rps, tmp_path_factory):
+    """The README's headline: the default recipe on all of train/ (about 40 s on 2 cores)."""
     import foldercnn
-    base = tmp_path_factory.mktemp("rps")
-    for cls in ("paper", "rock", "scissors"):
-        (base / "train" / cls).mkdir(parents=True)
-        for f in sorted((rps / "train" / cls).iterdir())[::4][:200]:
-            (base / "train" / cls / f.name).symlink_to(f.resolve())
-    return foldercnn.train(base / "train", base / "run", recipe="fast", epochs=6, seed=0, log=lambda *a: None)
+    foldercnn.runtime.setup()
+    return foldercnn.train(rps / "train", tmp_path_factory.mktemp("rps") / "run", seed=0, log=lambda *a: None)
+
+
+@pytest.fixture(scope="module")
+def test_evaluation(fast_run, rps, cli):
+    r = cli("evaluate", fast_run.model_path, rps / "test", "--out", fast_run.out_dir, "--json")
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
 
 
 def test_inspect_real_training_set(rps, cli, tmp_path):
@@ -35,31 +56,50 @@ def test_inspect_real_training_set(rps, cli, tmp_path):
     assert "300x300" in r.stdout and "every file is usable" in r.stdout
 
 
-def test_short_training_on_subset_is_well_above_chance(subset_run, rps, cli):
-    r = cli("evaluate", subset_run.model_path, rps / "test", "--json")
-    assert r.returncode == 0, r.stderr
-    result = json.loads(r.stdout)
-    assert result["n"] == 372
-    assert result["accuracy"] > 0.75  # chance is 1/3
+@pytest.mark.slow
+def test_default_recipe_reaches_the_readme_accuracy_on_test(test_evaluation):
+    """README: the fast recipe reaches ~96-98% on the 372 test images; 95% leaves room for seed noise."""
+    assert test_evaluation["n"] == 372 and test_evaluation["n_skipped"] == 0
+    assert test_evaluation["accuracy"] >= 0.95
+    lo, hi = test_evaluation["accuracy_ci95"]
+    assert lo <= test_evaluation["accuracy"] <= hi and hi - lo < 0.08
 
 
-def test_predicts_new_photos(subset_run, rps, cli):
+@pytest.mark.slow
+def test_calibration_improves_ece_on_real_test_images(test_evaluation):
+    """README: temperature scaling (fitted on validation only) lowers the test ECE; measured 0.09 -> 0.01-0.03."""
+    cal = test_evaluation["calibration"]
+    assert cal["calibrated"]["ece"] < cal["uncalibrated"]["ece"]
+    assert cal["calibrated"]["ece"] < 0.05
+    assert cal["calibrated"]["nll"] < cal["uncalibrated"]["nll"]
+
+
+@pytest.mark.slow
+def test_report_is_completed_with_the_test_section(test_evaluation, fast_run):
+    page = (fast_run.out_dir / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 6
+    assert f"{100 * test_evaluation['accuracy']:.1f}%" in page and "372" in page
+
+
+@pytest.mark.slow
+def test_predicts_the_tutorials_new_photos(fast_run, rps, cli):
     if not (rps / "validation").is_dir():
         pytest.skip("no validation/ folder")
-    r = cli("predict", subset_run.model_path, rps / "validation", "--json")
+    r = cli("predict", fast_run.model_path, rps / "validation", "--json")
+    assert r.returncode == 0, r.stderr
     rows = json.loads(r.stdout)
     assert len(rows) == 33
     right = sum(Path(row["path"]).parent.name == row["label"] for row in rows)
-    assert right / len(rows) > 0.6
+    assert right >= 30  # CGI hands like the training set's: a good model misses at most a few
 
 
-def test_evaluate_out_completes_the_report_on_real_test_images(subset_run, rps, cli):
-    run = subset_run.out_dir
-    r = cli("evaluate", subset_run.model_path, rps / "test", "--out", run, "--json")
-    assert r.returncode == 0, r.stderr
-    result = json.loads(r.stdout)
-    cal = result["calibration"]
-    assert 0 <= cal["calibrated"]["ece"] <= 1 and 0 <= cal["uncalibrated"]["ece"] <= 1
-    assert result["accuracy_ci95"][0] < result["accuracy"] < result["accuracy_ci95"][1]
-    page = (run / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 6 and "372" in page
+@pytest.mark.slow
+def test_real_photo_sets_are_evaluated_and_the_gap_is_visible(fast_run, photos):
+    """A model trained on CGI hands is measured on real photos: every image read, accuracy reported
+    (README: far below the CGI test figure; this is the gap the report must not hide)."""
+    import foldercnn
+    clf = foldercnn.load(fast_run.model_path)
+    for name, count in (("sxsw", 1877), ("green-screen", 2188)):
+        ev = foldercnn.evaluate(clf, photos / name)
+        assert ev.n == count and not ev.skipped
+        assert 0.0 <= ev.accuracy < 0.9

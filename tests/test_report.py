@@ -3,6 +3,8 @@ import json
 import shutil
 
 import pytest
+
+import foldercnn
 from testkit import run_cli
 from PIL import Image
 
@@ -30,12 +32,16 @@ def test_train_writes_a_report_without_test_figures(trained_model):
 
 def test_evaluate_json_carries_every_number(evaluated_run):
     run, d = evaluated_run
-    assert d["n"] == 45 and 0 <= d["accuracy_ci95"][0] <= d["accuracy"] <= d["accuracy_ci95"][1] <= 1
+    from foldercnn.evaluation.calibration import wilson_interval
+    assert d["n"] == 45 and d["accuracy"] == d["n_correct"] / 45
+    assert d["accuracy_ci95"] == pytest.approx(list(wilson_interval(d["n_correct"], 45)))
     assert set(d["per_class"]) == {"circle", "square", "triangle"} and set(d["macro_avg"]) == {"precision", "recall", "f1"}
     cal = d["calibration"]
     for part in ("uncalibrated", "calibrated"):
         assert {"ece", "nll", "mean_confidence", "reliability"} <= set(cal[part])
-    assert cal["temperature"] > 0
+    meta = foldercnn.load(run / "model.safetensors").metadata
+    assert cal["temperature"] == meta["calibration"]["temperature"]  # the model's own, not refitted on test
+    assert sum(b["count"] for b in cal["calibrated"]["reliability"]) == 45
     assert {"threshold", "count", "errors_flagged", "errors"} <= set(d["uncertain"])
     assert len(d["predictions"]) == 45 and len(d["mistakes"]) == 45 - d["n_correct"]
     assert json.loads((run / "evaluation.json").read_text())["accuracy"] == d["accuracy"]

@@ -1,18 +1,13 @@
 """`foldercnn serve`: the API in-process (FastAPI's TestClient) and as a real server subprocess on 127.0.0.1."""
 import asyncio
-import contextlib
 import io
 import json
 import os
 import re
 import signal
 import socket
-import subprocess
-import sys
-import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -23,7 +18,7 @@ from PIL import Image
 import foldercnn
 from foldercnn.data.images import MAX_PIXELS
 from foldercnn.deploy.serve import create_app
-from testkit import draw_shape, free_port, run_cli, running_server
+from testkit import draw_shape, free_port, run_cli, running_server, start_server, stop, wait_healthy
 
 MB = 1024 * 1024
 

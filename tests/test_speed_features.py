@@ -67,8 +67,9 @@ def test_time_budget_stops_training(shapes_dirs, tmp_path):
     result = foldercnn.train(shapes_dirs[0], tmp_path / "run", epochs=10_000, image_size=24, time_budget=6,
                              log=lambda *a: None)
     elapsed = time.perf_counter() - t
-    assert elapsed < 6 + 4  # a little slack for the last validation and writing files
+    # stopped by the budget, not by the epoch count (the margin is for a loaded machine, not a speed claim)
     assert 1 <= len(result.history) < 10_000 and result.model_path.is_file()
+    assert elapsed < 6 + 60
 
 
 def test_schedule_ends_at_zero():

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 import foldercnn
-from testkit import run_cli
 
 PACKAGE = Path(foldercnn.__file__).parent
 # lower layers never import higher ones: base < data < models < evaluation < training < deploy < entry points

@@ -28,7 +28,12 @@ _API = {
 __all__ = ["FolderCNNError", "__version__", *_API]
 
 
+_SUBMODULES = ("runtime", "data", "models", "training", "evaluation", "deploy")
+
+
 def __getattr__(name):
+    if name in _SUBMODULES:
+        return importlib.import_module(f"foldercnn.{name}")
     if name in _API:
         module, attr = _API[name]
         value = getattr(importlib.import_module(module), attr)
@@ -38,4 +43,4 @@ def __getattr__(name):
 
 
 def __dir__():
-    return sorted(set(globals()) | set(_API))
+    return sorted(set(globals()) | set(_API) | set(_SUBMODULES))

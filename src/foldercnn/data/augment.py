@@ -11,7 +11,6 @@ Semantics follow Keras' ImageDataGenerator so the `seed` recipe matches the tuto
   brightness, contrast, saturation (not in the tutorial): per-image factors in [1 - b, 1 + b]
 The transform maps output pixel coordinates to input ones, like Keras/scipy, and samples bilinearly.
 """
-import math
 from dataclasses import asdict, dataclass
 
 import torch

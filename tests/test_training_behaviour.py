@@ -1,0 +1,89 @@
+"""Training features observed in what they do, not in a flag that echoes an argument: bf16 autocast really
+computes in bfloat16, the saved model is the chosen epoch's, flip TTA averages an image with its mirror, and
+the temperature is fitted on the validation split only."""
+import copy
+
+import pytest
+import torch
+
+import foldercnn
+from foldercnn.data.folders import load_folder, scan_folder, stratified_split
+from foldercnn.evaluation.calibration import choose_temperature
+from foldercnn.models.inference import batched_logits
+from foldercnn.models.registry import create_model
+from foldercnn.training.job import prepare_data
+from foldercnn.training.loop import fit
+from foldercnn.training.recipes import get_recipe
+
+
+@pytest.fixture(scope="module")
+def tiny_split(shapes_dirs):
+    data = load_folder(scan_folder(shapes_dirs[0]), 16)
+    train_idx, val_idx = stratified_split(data.labels, 0.3, seed=0)
+    return data.subset(train_idx), data.subset(val_idx)
+
+
+@pytest.mark.parametrize("precision,dtype", [("bf16", torch.bfloat16), ("fp32", torch.float32)])
+def test_precision_is_what_the_convolutions_compute_in(tiny_split, precision, dtype):
+    train, val = tiny_split
+    recipe = get_recipe("fast", epochs=1, image_size=16)
+    model = create_model("fast-cnn", 3)
+    seen = set()
+    model[0][0].register_forward_hook(lambda m, i, o: seen.add((m.training, o.dtype)))
+    fit(model, train, val, recipe, device=torch.device("cpu"), precision=precision, seed=0, log=lambda *a: None)
+    assert (True, dtype) in seen  # training steps ran in the requested precision
+    assert (True, torch.bfloat16 if dtype == torch.float32 else torch.float32) not in seen
+
+
+def test_the_kept_weights_are_the_best_epochs(tiny_split):
+    """Noisy validation labels make validation accuracy go up and down; the kept state is the best epoch's
+    (ties to the later one), not the last."""
+    train, val = tiny_split
+    g = torch.Generator().manual_seed(3)
+    noisy = copy.copy(val)
+    noisy.labels = torch.randint(0, 3, (len(val),), generator=g)
+    recipe = get_recipe("fast", epochs=8, image_size=16, lr=0.2)
+    model = create_model("fast-cnn", 3)
+    states = []
+    result = fit(model, train, noisy, recipe, device=torch.device("cpu"), precision="fp32", seed=0,
+                 log=lambda *a: None, on_epoch=lambda r: states.append(copy.deepcopy(model.state_dict())))
+    accuracies = [h["val_accuracy"] for h in result.history]
+    best = max(range(len(accuracies)), key=lambda i: (accuracies[i], i)) + 1
+    assert best != len(accuracies), f"precondition: the last epoch must not be the best here ({accuracies})"
+    assert result.best_epoch == best
+    for k, v in result.best_state.items():
+        assert torch.equal(v, states[best - 1][k]), k
+
+
+def test_flip_tta_averages_the_image_and_its_mirror(trained_model, shapes_dirs, cli):
+    clf = foldercnn.load(trained_model.model_path)
+    folder = load_folder(scan_folder(shapes_dirs[1], classes=clf.classes, min_classes=1), clf.image_size)
+    x = folder.images
+    model = clf.model.eval()
+    with torch.no_grad():
+        from foldercnn.models.preprocess import preprocess
+        plain = model(preprocess(x, clf.mean, clf.std)).float()
+        mirrored = model(preprocess(x.flip(2), clf.mean, clf.std)).float()  # NHWC: width is dim 2
+    expected = torch.softmax((plain + mirrored) / 2 / clf.temperature, 1)
+    assert torch.allclose(clf.logits(x, tta=True), (plain + mirrored) / 2, atol=1e-4)
+    ev = foldercnn.evaluate(clf, shapes_dirs[1], tta=True)
+    assert torch.allclose(torch.tensor(ev.probabilities), expected, atol=1e-4)
+    # the command line's --tta reaches the same numbers
+    import json
+    r = cli("evaluate", trained_model.model_path, shapes_dirs[1], "--tta", "--json")
+    rows = json.loads(r.stdout)["predictions"]
+    got = torch.tensor([row["probability"] for row in rows])
+    assert torch.allclose(got, expected.max(1).values, atol=1e-4)
+    assert not torch.allclose(expected, torch.softmax(plain / clf.temperature, 1), atol=1e-3)  # TTA mattered
+
+
+def test_temperature_is_fitted_on_the_validation_split(trained_model, shapes_dirs):
+    """Recompute the validation split the job used and the temperature the rule gives on it: the stored one."""
+    clf = foldercnn.load(trained_model.model_path)
+    recipe = get_recipe("fast", epochs=8, image_size=32)
+    _, val, _ = prepare_data(shapes_dirs[0], recipe, seed=0, log=lambda *a: None)
+    logits = batched_logits(clf.model, val.take(slice(None)), clf.mean, clf.std)
+    t, rule = choose_temperature(logits, val.labels)
+    cal = clf.metadata["calibration"]
+    assert cal["temperature"] == pytest.approx(t, rel=1e-6) and cal["rule"] == rule
+    assert cal["fitted_on"] == f"validation split ({len(val)} images)"
