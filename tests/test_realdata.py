@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from testkit import run_cli
+
 pytestmark = pytest.mark.realdata
 
 
@@ -43,8 +45,8 @@ def fast_run(rps, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def test_evaluation(fast_run, rps, cli):
-    r = cli("evaluate", fast_run.model_path, rps / "test", "--out", fast_run.out_dir, "--json")
+def test_evaluation(fast_run, rps):
+    r = run_cli("evaluate", fast_run.model_path, rps / "test", "--out", fast_run.out_dir, "--json")
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)
 
