@@ -2,24 +2,15 @@
 
 Layout: DATA_DIR/<class name>/<images, sub-folders allowed>. Nothing is ever written here.
 """
-import os
-import re
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
-from tqdm import tqdm
 
 from ..errors import FolderCNNError
-from .images import IMAGE_EXTENSIONS, ImageDecodeError, decode, is_candidate
-
-
-def natural_key(text):
-    """Sort key where digit runs compare as numbers: "2" < "10", "img9" < "img10"."""
-    return [int(part) if part.isdigit() else part.casefold() for part in re.split(r"(\d+)", text)]
+from .decode import decode_images, natural_key, walk_images  # noqa: F401 (part of this module's API)
+from .images import IMAGE_EXTENSIONS, is_candidate
 
 
 @dataclass
@@ -34,22 +25,6 @@ class ImageFolder:
     def counts(self):
         c = Counter(self.labels)
         return {name: c.get(i, 0) for i, name in enumerate(self.classes)}
-
-
-def walk_images(folder, skipped):
-    """Image files under `folder` (recursive, natural order); other files go to `skipped` with the reason."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = sorted((d for d in dirnames if not d.startswith(".")), key=natural_key)
-        for name in sorted(filenames, key=natural_key):
-            path = Path(dirpath) / name
-            if is_candidate(path):
-                found.append(path)
-            elif name.startswith("."):
-                skipped.append((path, "hidden file"))
-            else:
-                skipped.append((path, f"not an image file extension ({path.suffix or 'none'})"))
-    return found
 
 
 def list_class_dirs(root):
@@ -132,38 +107,6 @@ class DecodedImages:
         rows = index if self.rows is None else self.rows[index]
         return DecodedImages(self.images, self.labels[index], [self.paths[i] for i in index.tolist()],
                              self.classes, [], rows)
-
-
-def _decode_one(args):
-    path, size = args
-    try:
-        return decode(path, size), None
-    except ImageDecodeError as e:
-        return None, str(e)
-    except MemoryError:
-        return None, "not enough memory to decode"
-
-
-def decode_images(paths, size, workers=None, desc="decoding", out=None):
-    """Decode many files with a thread pool (Pillow releases the GIL while decoding).
-
-    Returns (array (N, S, S, 3) uint8 of the good ones, their indices, [(index, reason)] of the bad ones).
-    `out`: a preallocated (len(paths), S, S, 3) array (e.g. a memory map) to decode into.
-    """
-    workers = workers or min(8, os.cpu_count() or 1)
-    if out is None:
-        out = np.empty((len(paths), size, size, 3), dtype=np.uint8)
-    good, bad = [], []
-    with ThreadPoolExecutor(workers) as pool:
-        results = pool.map(_decode_one, ((p, size) for p in paths), chunksize=16)
-        for i, (arr, reason) in enumerate(tqdm(results, total=len(paths), desc=desc, unit="img",
-                                               leave=False, disable=None)):
-            if arr is None:
-                bad.append((i, reason))
-            else:
-                out[len(good)] = arr
-                good.append(i)
-    return out[: len(good)], good, bad
 
 
 def decode_cached(files, size, root, desc="decoding"):

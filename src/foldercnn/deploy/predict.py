@@ -1,9 +1,7 @@
 """`foldercnn predict`: classify image files and whole folders with a model file."""
 from pathlib import Path
 
-import torch
-
-from ..data.folders import decode_images, walk_images
+from ..data.decode import decode_images, walk_images
 from ..errors import FolderCNNError
 
 
@@ -21,12 +19,12 @@ def expand_paths(paths):
 
 
 def predict_paths(classifier, paths, batch_size=64):
-    """Predict every image under `paths`; returns (predictions, [(path, reason)] skipped)."""
+    """Predict every image under `paths` with a Classifier or an OnnxClassifier; returns
+    (predictions, [(path, reason)] skipped)."""
     files, skipped = expand_paths(paths)
     array, good, bad = decode_images(files, classifier.image_size, desc="reading images")
     skipped += [(files[i], reason) for i, reason in bad]
-    probs = classifier.probabilities(torch.from_numpy(array), batch_size)
-    return [classifier.prediction(p, files[i]) for p, i in zip(probs, good)], skipped
+    return classifier.predict_arrays(array, [files[i] for i in good], batch_size), skipped
 
 
 def prediction_rows(predictions, top_k=None):

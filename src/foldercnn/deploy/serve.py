@@ -26,7 +26,8 @@ from starlette.requests import ClientDisconnect
 from .. import runtime
 from ..data.images import ImageDecodeError, decode
 from ..errors import FolderCNNError
-from ..models.inference import Classifier, load
+from ..models.inference import Classifier
+from .onnx_predict import OnnxClassifier, load_any
 from ..version import __version__
 
 MB = 1024 * 1024
@@ -214,9 +215,7 @@ class Service:
     def classify(self, uploads):
         """Runs in a pool thread: decode every upload, one forward pass for the request, one row per file."""
         arrays = np.stack([decode_upload(u, self.classifier.image_size) for u in uploads])
-        probabilities = self.classifier.probabilities(torch.from_numpy(arrays))
-        return [{"filename": u.filename, **self.classifier.prediction(p).to_dict()}
-                for u, p in zip(uploads, probabilities)]
+        return [{"filename": u.filename, **p.to_dict()} for u, p in zip(uploads, self.classifier.predict_arrays(arrays))]
 
     async def predict(self, request):
         if self.pool is None:
@@ -290,8 +289,8 @@ def create_app(classifier_or_model_path, max_upload_mb=10.0, max_files=16, worke
     workers = runtime.physical_cores() if workers is None else workers
     if workers < 1:
         raise FolderCNNError("--workers must be at least 1")
-    classifier = (classifier_or_model_path if isinstance(classifier_or_model_path, Classifier)
-                  else load(classifier_or_model_path))
+    classifier = (classifier_or_model_path if isinstance(classifier_or_model_path, (Classifier, OnnxClassifier))
+                  else load_any(classifier_or_model_path, threads=1))
     limits = Limits(int(max_upload_mb * MB), int(max_files))
     service = Service(classifier, limits, workers, max_waiting)
     page = page_html(limits)
@@ -351,7 +350,8 @@ def listen(host, port):
 def run_server(model_path, host="127.0.0.1", port=8000, max_upload_mb=10.0, max_files=16, workers=None):
     """`foldercnn serve`: load the model, then serve until Ctrl-C or SIGTERM (graceful shutdown)."""
     import uvicorn
-    classifier = load(model_path)  # a missing or bad file is a FolderCNNError before anything listens
+    # a missing or bad file is a FolderCNNError before anything listens; .onnx files run on onnxruntime
+    classifier = load_any(model_path, threads=1)
     # many small requests: each inference on one thread, `workers` of them side by side
     torch.set_num_threads(1)
     app = create_app(classifier, max_upload_mb=max_upload_mb, max_files=max_files, workers=workers)

@@ -1,21 +1,15 @@
 """A loaded model file, ready to classify: the one batched-inference path used by predict, evaluate, serve
 and training's calibration."""
 import os
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
 from ..data.images import ImageDecodeError, decode
 from ..errors import FolderCNNError
+from ..prediction import DEFAULT_UNCERTAIN_BELOW, Prediction, from_probabilities  # noqa: F401 (re-exported)
 from .file import load_model
 from .preprocess import preprocess
 from .registry import predict_logits
-
-# A prediction whose calibrated top probability is below this is flagged "uncertain" (stored per model;
-# `foldercnn train --uncertain-below` changes it). See README, "How good is the model?".
-DEFAULT_UNCERTAIN_BELOW = 0.8  # calibrated: wrong at least one time in five
-
 
 @torch.no_grad()
 def batched_logits(model, images_uint8_nhwc, mean, std, device="cpu", tta=False, batch_size=64):
@@ -30,23 +24,6 @@ def batched_logits(model, images_uint8_nhwc, mean, std, device="cpu", tta=False,
     if out:
         return torch.cat(out)
     return torch.empty(0, model.head.out_features)
-
-
-@dataclass
-class Prediction:
-    label: str
-    probability: float
-    probabilities: dict  # class name -> probability, in the model's class order
-    path: str = None
-    uncertain: bool = False  # calibrated top probability below the model's threshold
-
-    def top_k(self, k):
-        return sorted(self.probabilities.items(), key=lambda kv: -kv[1])[:k]
-
-    def to_dict(self):
-        """The JSON form every interface prints (callers add where the image came from)."""
-        return {"label": self.label, "probability": self.probability, "probabilities": self.probabilities,
-                "uncertain": self.uncertain}
 
 
 class Classifier:
@@ -81,10 +58,13 @@ class Classifier:
 
     def prediction(self, probs, path=None):
         """A Prediction from one row of calibrated probabilities."""
-        i = int(probs.argmax())
-        return Prediction(self.classes[i], float(probs[i]),
-                          {c: float(p) for c, p in zip(self.classes, probs.tolist())},
-                          None if path is None else str(path), bool(probs[i] < self.uncertain_below))
+        return from_probabilities(self.classes, probs.tolist(), self.uncertain_below, path)
+
+    def predict_arrays(self, arrays_uint8_nhwc, paths=None, batch_size=64):
+        """(N, S, S, 3) uint8 numpy array of decoded images -> N Predictions (the serve and predict path)."""
+        probs = self.probabilities(torch.from_numpy(np.ascontiguousarray(arrays_uint8_nhwc)), batch_size)
+        paths = paths if paths is not None else [None] * len(probs)
+        return [self.prediction(p, path) for p, path in zip(probs, paths)]
 
     def decode(self, image):
         try:
