@@ -51,6 +51,10 @@ def build_parser():
     p.add_argument("--out", required=True, help="run directory to write")
     p.add_argument("--fine-tune", action="store_true",
                    help="for a recipe with a linear probe (transfer): then also train the last blocks")
+    p.add_argument("--resume", nargs="?", const=True, choices=[True, "force"], type=lambda v: v,
+                   help="continue from RUN_DIR/checkpoint.safetensors (an interrupted run is continued anyway, "
+                        "with a message); 'force': even if the data folder or the recipe changed")
+    p.add_argument("--restart", action="store_true", help="ignore a checkpoint left in RUN_DIR and start over")
     p.add_argument("--uncertain-below", type=float, metavar="P",
                    help="predictions whose calibrated top probability is below P are marked uncertain "
                         "(stored in the model; default 0.8)")
@@ -111,10 +115,23 @@ def _overrides(args):
                 image_size=args.image_size, lr=args.lr)
 
 
+def _stop_on_sigterm():
+    """SIGTERM (a pre-empted machine, `kill`) stops training like Ctrl-C: the best finished epoch is saved."""
+    import signal
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, stop)
+
+
 def cmd_train(args):
     from .training.job import train_folder
     _setup_runtime()
+    _stop_on_sigterm()
+    if args.resume and args.restart:
+        raise FolderCNNError("give --resume or --restart, not both")
     extra = {} if args.uncertain_below is None else {"uncertain_below": args.uncertain_below}
+    extra["resume"] = False if args.restart else args.resume
     result = train_folder(args.data_dir, args.out, recipe=args.recipe, val_dir=args.val,
                           val_fraction=args.val_fraction, seed=args.seed, precision=args.precision,
                           time_budget=args.time_budget, fine_tune=args.fine_tune, **extra, **_overrides(args))

@@ -2,6 +2,7 @@
 
 `train_folder` is a short sequence of named steps; the loop itself is `loop.fit`.
 """
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from ..models.inference import DEFAULT_UNCERTAIN_BELOW, batched_logits
 from ..models.preprocess import default_preprocessing
 from ..models.registry import count_parameters, create_model, summary
 from ..plots import augmentation_preview, sample_grid, training_curves
+from . import checkpoint as ckpt
 from .loop import fit
 from .recipes import check_recipe, get_recipe
 from .transfer import linear_probe
@@ -113,13 +115,16 @@ def draw_previews(out_dir, data_dir, train, recipe, seed):
                 title=f"{Path(data_dir).name}: training images per class ({recipe.image_size} px, as the model sees them)")
 
 
-def run_training(model, train, val, recipe, *, fine_tune, device, precision, seed, deadline, log, save_history):
+def run_training(model, train, val, recipe, *, fine_tune, device, precision, seed, deadline, log, save_history,
+                 checkpoint=None, resume=None):
     """The recipe's training: the loop, or a linear probe (then, with fine_tune, the loop on its last blocks).
 
-    Returns (FitResult, fine-tuning epochs finished). save_history(rows) runs after every epoch."""
+    Returns (FitResult, fine-tuning epochs finished). save_history(rows) runs after every epoch; checkpoint
+    and resume go to the loop (a resumed fine-tuning run recomputes the probe, which is deterministic)."""
+    loop = dict(device=device, precision=precision, seed=seed, log=log, deadline=deadline, checkpoint=checkpoint,
+                resume=resume)
     if not recipe.linear_probe:
-        return fit(model, train, val, recipe, device=device, precision=precision, seed=seed, log=log,
-                   on_epoch=lambda r: save_history(r.history), deadline=deadline), 0
+        return fit(model, train, val, recipe, on_epoch=lambda r: save_history(r.history), **loop), 0
     probe = linear_probe(model, train, val, recipe, device=device, precision=precision, seed=seed, log=log,
                          deadline=deadline)
     if not fine_tune:
@@ -129,8 +134,7 @@ def run_training(model, train, val, recipe, *, fine_tune, device, precision, see
     probe_row = dict(probe.history[-1], epoch=0)  # epoch 0 of the history: the linear probe
     model.freeze_for_fine_tuning(recipe.fine_tune_blocks)
     try:
-        result = fit(model, train, val, recipe, device=device, precision=precision, seed=seed, log=log,
-                     on_epoch=lambda r: save_history([probe_row] + r.history), deadline=deadline)
+        result = fit(model, train, val, recipe, on_epoch=lambda r: save_history([probe_row] + r.history), **loop)
     finally:
         model.unfreeze()
     epochs_done = len(result.history)
@@ -168,13 +172,34 @@ def model_metadata(recipe, train, val, skipped, *, data_dir, val_dir, val_fracti
     }
 
 
+def find_resume(out_dir, identity, resume, log):
+    """The checkpoint to continue from, or None. A checkpoint left in RUN_DIR is used (with a message) unless
+    resume is False; one from a different data folder, split or recipe is refused unless resume == "force"."""
+    path = Path(out_dir) / ckpt.FILE
+    if resume is False or not path.is_file():
+        if resume is True:
+            raise FolderCNNError(f"--resume: no checkpoint in {out_dir} (nothing to continue)")
+        return None
+    info, tensors = ckpt.read(path)
+    changed = [k for k in identity if info["identity"].get(k) != identity[k]]
+    if changed and resume != "force":
+        raise FolderCNNError(f"{path} belongs to a different run (changed: {', '.join(changed)}); "
+                             "use --resume force to continue anyway, or another --out, or delete the checkpoint")
+    log(f"continuing the interrupted run in {out_dir} from {path.name} (epoch {info['epoch']} finished"
+        + (f"; {', '.join(changed)} changed, continuing anyway" if changed else "")
+        + "); delete that file to start over")
+    return info, tensors
+
+
 def train_folder(data_dir, out_dir, recipe="fast", val_dir=None, val_fraction=None, seed=0,
                  precision="auto", device="auto", time_budget=None, fine_tune=False,
-                 uncertain_below=DEFAULT_UNCERTAIN_BELOW, log=print, **overrides):
+                 uncertain_below=DEFAULT_UNCERTAIN_BELOW, log=print, resume=None, **overrides):
     """Train a classifier on DATA_DIR and write the run directory. Returns a TrainResult.
 
     time_budget: seconds of wall clock for the whole job, decoding included; training runs as many
     epochs as fit in it (the learning-rate schedule follows the clock) and keeps the best epoch.
+    resume: None continues from RUN_DIR/checkpoint.safetensors when one is there (an interrupted run),
+    True requires one, False ignores it, "force" continues even if the data or recipe changed.
     Process-wide speed settings (threads, allocator) are the caller's: see `foldercnn.runtime.setup()`.
     """
     t0 = time.perf_counter()
@@ -195,6 +220,12 @@ def train_folder(data_dir, out_dir, recipe="fast", val_dir=None, val_fraction=No
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
+    identity = json.loads(json.dumps({  # as the checkpoint's JSON will give it back
+        "data": ckpt.fingerprint(train.paths + val.paths, [len(train), len(val)]),
+        "recipe": recipe.to_dict(), "seed": seed, "precision": precision, "fine_tune": bool(fine_tune)}))
+    resume_from = find_resume(out_dir, identity, resume, log)
+    if resume_from is not None and deadline is not None:
+        deadline -= resume_from[0]["seconds_spent"]  # the budget counts the time already spent
     model = build_model(recipe, len(train.classes), seed)
     log(f"recipe '{recipe.name}': {recipe.description}")
     log(f"model {recipe.model} at {recipe.image_size}x{recipe.image_size}, {count_parameters(model):,} parameters, "
@@ -207,7 +238,8 @@ def train_folder(data_dir, out_dir, recipe="fast", val_dir=None, val_fraction=No
     t1 = time.perf_counter()
     result, fine_tuned_epochs = run_training(
         model, train, val, recipe, fine_tune=fine_tune, device=device, precision=precision, seed=seed,
-        deadline=deadline, log=log, save_history=lambda rows: rf.write_history(out_dir / rf.HISTORY, rows))
+        deadline=deadline, log=log, save_history=lambda rows: rf.write_history(out_dir / rf.HISTORY, rows),
+        checkpoint=lambda write: write(out_dir / ckpt.FILE, {"identity": identity}), resume=resume_from)
     t_train = time.perf_counter() - t1
     if result.best_state is None:
         raise FolderCNNError("stopped before the first epoch finished; no model saved")
@@ -227,6 +259,8 @@ def train_folder(data_dir, out_dir, recipe="fast", val_dir=None, val_fraction=No
     training_curves(result.history, out_dir / rf.CURVES,
                     title=f"{recipe.name} recipe: {len(train)} training images, {len(val)} validation")
     log(f"report: {write_report(out_dir)}")
+    if not result.interrupted:  # finished: a later run in this folder starts afresh
+        (out_dir / ckpt.FILE).unlink(missing_ok=True)
     return TrainResult(out_dir, model_path, result.history, result.best_epoch, train.classes, recipe,
                        result.interrupted, len(train), len(val), skipped,
                        {"data": t_data, "train": t_train}, fine_tuned_epochs)

@@ -14,6 +14,7 @@ from ..data.augment import augment_batch
 from ..errors import FolderCNNError
 from ..models.preprocess import normalize, preprocess, to_unit
 from ..models.registry import predict_logits
+from . import checkpoint as ckpt
 
 
 def make_optimizer(model, recipe):
@@ -61,19 +62,26 @@ class WeightEMA:
             e.copy_(b)
 
 
-def index_batches(n, batch_size, generator):
-    """Endless stream of index batches drawn from successive seeded permutations (like Keras' iterator)."""
-    perm, pos = torch.randperm(n, generator=generator), 0
-    while True:
+class BatchStream:
+    """Endless stream of index batches drawn from successive seeded permutations (like Keras' iterator).
+
+    Its whole state is the current permutation and the position in it (plus the generator), so a checkpoint
+    can record it and a resumed run draws the very same batches."""
+
+    def __init__(self, n, batch_size, generator):
+        self.n, self.batch_size, self.generator = n, batch_size, generator
+        self.perm, self.pos = torch.randperm(n, generator=generator), 0
+
+    def __next__(self):
         take, count = [], 0
-        while count < batch_size:
-            if pos >= n:
-                perm, pos = torch.randperm(n, generator=generator), 0
-            chunk = perm[pos: pos + batch_size - count]
-            pos += len(chunk)
+        while count < self.batch_size:
+            if self.pos >= self.n:
+                self.perm, self.pos = torch.randperm(self.n, generator=self.generator), 0
+            chunk = self.perm[self.pos: self.pos + self.batch_size - count]
+            self.pos += len(chunk)
             count += len(chunk)
             take.append(chunk)
-        yield torch.cat(take)
+        return torch.cat(take)
 
 
 @torch.no_grad()
@@ -112,11 +120,14 @@ def _is_better(stats, best):
     return best is None or stats["val_accuracy"] >= best["val_accuracy"]
 
 
-def fit(model, train, val, recipe, *, device, precision, seed, log=print, on_epoch=None, deadline=None):
+def fit(model, train, val, recipe, *, device, precision, seed, log=print, on_epoch=None, deadline=None,
+        checkpoint=None, resume=None):
     """Train `model` on decoded images; validate every epoch. Ctrl-C stops after keeping the best so far.
 
     deadline: a time.perf_counter() value; training runs epochs until it (not recipe.epochs), and the
     learning-rate schedule follows elapsed time instead of steps, so it still ends at zero.
+    checkpoint(write): called after every epoch with write(path, extra_info) that saves the run's whole state
+    (see checkpoint.py); resume: a checkpoint's (info, tensors) to continue from instead of starting.
     All state lives in locals and arguments, so several fits can run side by side (and, later, per rank).
     """
     g = torch.Generator().manual_seed(seed)
@@ -125,10 +136,18 @@ def fit(model, train, val, recipe, *, device, precision, seed, log=print, on_epo
     ema = WeightEMA(model, recipe.ema) if recipe.ema else None
     steps = recipe.steps_per_epoch or math.ceil(len(train) / recipe.batch_size)
     epochs = recipe.epochs if deadline is None else 1_000_000
-    total_steps, step = steps * epochs, 0
-    fit_start, val_seconds = time.perf_counter(), 0.0
-    batches = index_batches(len(train), min(recipe.batch_size, len(train)), g)
+    total_steps, step, first_epoch, spent = steps * epochs, 0, 1, 0.0
+    batches = BatchStream(len(train), min(recipe.batch_size, len(train)), g)
     result, best = FitResult(), None
+    if resume is not None:
+        info, tensors = resume
+        result.best_state = ckpt.restore(info, tensors, model=model, optimizer=optimizer, generator=g,
+                                         batches=batches, ema=ema)
+        result.history, result.best_epoch = info["history"], info["best_epoch"]
+        best = result.history[result.best_epoch - 1] if result.best_epoch else None
+        step, first_epoch, spent = info["step"], info["epoch"] + 1, info["seconds_spent"]
+        log(f"resumed after epoch {info['epoch']} (step {step}, {spent:.0f} s already spent)")
+    fit_start, val_seconds = time.perf_counter() - spent, 0.0
 
     def progress():
         if deadline is None:
@@ -136,7 +155,7 @@ def fit(model, train, val, recipe, *, device, precision, seed, log=print, on_epo
         return min(1.0, (time.perf_counter() - fit_start) / max(1e-9, deadline - val_seconds - fit_start))
 
     try:
-        for epoch in range(1, epochs + 1):
+        for epoch in range(first_epoch, epochs + 1):
             start, loss_sum, correct, seen = time.perf_counter(), 0.0, 0, 0
             label = f"epoch {epoch}/{recipe.epochs if deadline is None else '?'}"
             bar = tqdm(range(steps), desc=label, unit="step", leave=False, disable=None)
@@ -186,6 +205,12 @@ def fit(model, train, val, recipe, *, device, precision, seed, log=print, on_epo
                 f"{stats['seconds']:.1f}s" + ("  *" if improved and recipe.keep == "best" else ""))
             if on_epoch:
                 on_epoch(result)
+            if checkpoint:
+                info = {"epoch": epoch, "step": step, "history": result.history, "best_epoch": result.best_epoch,
+                        "seconds_spent": time.perf_counter() - fit_start}
+                checkpoint(lambda path, extra=None: ckpt.save(
+                    path, model=model, optimizer=optimizer, generator=g, batches=batches, ema=ema,
+                    best_state=result.best_state, info={**info, **(extra or {})}))
             if deadline is not None and progress() >= 1.0:
                 log("time budget spent")
                 break
