@@ -25,8 +25,7 @@ def predict_paths(classifier, paths, batch_size=64):
     files, skipped = expand_paths(paths)
     array, good, bad = decode_images(files, classifier.image_size, desc="reading images")
     skipped += [(files[i], reason) for i, reason in bad]
-    probs = classifier.probabilities(torch.from_numpy(array), batch_size)
-    return [classifier.prediction(p, files[i]) for p, i in zip(probs, good)], skipped
+    return classifier.predictions(torch.from_numpy(array), [files[i] for i in good], batch_size), skipped
 
 
 def prediction_rows(predictions, top_k=None):

@@ -214,9 +214,8 @@ class Service:
     def classify(self, uploads):
         """Runs in a pool thread: decode every upload, one forward pass for the request, one row per file."""
         arrays = np.stack([decode_upload(u, self.classifier.image_size) for u in uploads])
-        probabilities = self.classifier.probabilities(torch.from_numpy(arrays))
-        return [{"filename": u.filename, **self.classifier.prediction(p).to_dict()}
-                for u, p in zip(uploads, probabilities)]
+        predictions = self.classifier.predictions(torch.from_numpy(arrays))
+        return [{"filename": u.filename, **p.to_dict()} for u, p in zip(uploads, predictions)]
 
     async def predict(self, request):
         if self.pool is None:
@@ -245,6 +244,8 @@ class PredictionOut(BaseModel):
     probability: float
     probabilities: dict[str, float]
     uncertain: bool
+    unfamiliar: bool | None = None  # null: the model file has no unfamiliarity score (older files)
+    unfamiliarity: float | None = None  # score / threshold; above 1 means unfamiliar
 
 
 PREDICT_DOCS = {

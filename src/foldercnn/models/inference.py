@@ -8,9 +8,9 @@ import torch
 
 from ..data.images import ImageDecodeError, decode
 from ..errors import FolderCNNError
-from .file import load_model
+from .file import load_model_file
 from .preprocess import preprocess
-from .registry import predict_logits
+from .registry import predict_logits_and_features
 
 # A prediction whose calibrated top probability is below this is flagged "uncertain" (stored per model;
 # `foldercnn train --uncertain-below` changes it). See README, "How good is the model?".
@@ -18,18 +18,25 @@ DEFAULT_UNCERTAIN_BELOW = 0.8  # calibrated: wrong at least one time in five
 
 
 @torch.no_grad()
-def batched_logits(model, images_uint8_nhwc, mean, std, device="cpu", tta=False, batch_size=64):
-    """(N, S, S, 3) uint8 tensor -> (N, classes) float32 logits: eval mode, fp32, channels-last, in batches."""
+def batched_logits(model, images_uint8_nhwc, mean, std, device="cpu", tta=False, batch_size=64, features=False):
+    """(N, S, S, 3) uint8 tensor -> (N, classes) float32 logits: eval mode, fp32, channels-last, in batches.
+
+    features=True returns (logits, (N, D) penultimate features) from the same pass (features, then the head;
+    with tta both are the mean over the image and its mirror image)."""
     was_training = model.training
     model.eval()
-    out = []
+    logits, feats = [], []
     for start in range(0, len(images_uint8_nhwc), batch_size):
         x = preprocess(images_uint8_nhwc[start:start + batch_size].to(device), mean, std)
-        out.append(predict_logits(model, x.contiguous(memory_format=torch.channels_last), tta).cpu())
+        lg, ft = predict_logits_and_features(model, x.contiguous(memory_format=torch.channels_last), tta)
+        logits.append(lg.cpu())
+        if features:
+            feats.append(ft.cpu())
     model.train(was_training)
-    if out:
-        return torch.cat(out)
-    return torch.empty(0, model.head.out_features)
+    logits = torch.cat(logits) if logits else torch.empty(0, model.head.out_features)
+    if not features:
+        return logits
+    return logits, (torch.cat(feats) if feats else torch.empty(0, model.head.in_features))
 
 
 @dataclass
@@ -39,6 +46,13 @@ class Prediction:
     probabilities: dict  # class name -> probability, in the model's class order
     path: str = None
     uncertain: bool = False  # calibrated top probability below the model's threshold
+    # score / the model's threshold (above 1: unfamiliar); None for model files without the unfamiliar section
+    unfamiliarity: float = None
+
+    @property
+    def unfamiliar(self):
+        """The image does not look like the training images (None: the model file cannot tell)."""
+        return None if self.unfamiliarity is None else bool(self.unfamiliarity > 1.0)
 
     def top_k(self, k):
         return sorted(self.probabilities.items(), key=lambda kv: -kv[1])[:k]
@@ -46,14 +60,15 @@ class Prediction:
     def to_dict(self):
         """The JSON form every interface prints (callers add where the image came from)."""
         return {"label": self.label, "probability": self.probability, "probabilities": self.probabilities,
-                "uncertain": self.uncertain}
+                "uncertain": self.uncertain, "unfamiliar": self.unfamiliar, "unfamiliarity": self.unfamiliarity}
 
 
 class Classifier:
     """A loaded model file. `predict` takes a path, bytes, a PIL image or an HxWxC array."""
 
-    def __init__(self, model, metadata, device="cpu", path=None):
+    def __init__(self, model, metadata, device="cpu", path=None, unfamiliarity=None):
         self.model = model
+        self.unfamiliarity = unfamiliarity  # models.unfamiliar.Unfamiliarity, or None (older model files)
         self.path = None if path is None else str(path)
         self.metadata = metadata
         self.device = torch.device(device)
@@ -75,16 +90,34 @@ class Classifier:
         tta = self.tta if tta is None else tta
         return batched_logits(self.model, images_uint8_nhwc, self.mean, self.std, self.device, tta, batch_size)
 
+    def logits_and_unfamiliarity(self, images_uint8_nhwc, batch_size=64, tta=None):
+        """(logits, (N,) unfamiliarity or None) from one forward pass: the features, then the head."""
+        tta = self.tta if tta is None else tta
+        if self.unfamiliarity is None:
+            return self.logits(images_uint8_nhwc, batch_size, tta), None
+        logits, features = batched_logits(self.model, images_uint8_nhwc, self.mean, self.std, self.device, tta,
+                                          batch_size, features=True)
+        return logits, self.unfamiliarity.unfamiliarity(features)
+
     def probabilities(self, images_uint8_nhwc, batch_size=64):
         """(N, S, S, 3) uint8 tensor -> (N, classes) calibrated probabilities."""
         return torch.softmax(self.logits(images_uint8_nhwc, batch_size) / self.temperature, dim=1)
 
-    def prediction(self, probs, path=None):
-        """A Prediction from one row of calibrated probabilities."""
+    def prediction(self, probs, path=None, unfamiliarity=None):
+        """A Prediction from one row of calibrated probabilities (and its unfamiliarity, if known)."""
         i = int(probs.argmax())
         return Prediction(self.classes[i], float(probs[i]),
                           {c: float(p) for c, p in zip(self.classes, probs.tolist())},
-                          None if path is None else str(path), bool(probs[i] < self.uncertain_below))
+                          None if path is None else str(path), bool(probs[i] < self.uncertain_below),
+                          None if unfamiliarity is None else float(unfamiliarity))
+
+    def predictions(self, images_uint8_nhwc, paths=None, batch_size=64):
+        """(N, S, S, 3) uint8 tensor -> N Predictions (probabilities and unfamiliarity from one pass)."""
+        logits, unfamiliarity = self.logits_and_unfamiliarity(images_uint8_nhwc, batch_size)
+        probs = torch.softmax(logits / self.temperature, dim=1)
+        paths = [None] * len(probs) if paths is None else paths
+        scores = [None] * len(probs) if unfamiliarity is None else unfamiliarity.tolist()
+        return [self.prediction(p, path, u) for p, path, u in zip(probs, paths, scores)]
 
     def decode(self, image):
         try:
@@ -96,16 +129,15 @@ class Classifier:
     def predict(self, image):
         path = image if isinstance(image, (str, os.PathLike)) else None
         x = torch.from_numpy(self.decode(image)).unsqueeze(0)
-        return self.prediction(self.probabilities(x)[0], path)
+        return self.predictions(x, [path])[0]
 
     def predict_many(self, images, batch_size=64):
         arrays = np.stack([self.decode(im) for im in images]) if images else np.empty((0, 3, 3, 3), np.uint8)
-        probs = self.probabilities(torch.from_numpy(arrays), batch_size)
-        return [self.prediction(p, im if isinstance(im, (str, os.PathLike)) else None)
-                for p, im in zip(probs, images)]
+        return self.predictions(torch.from_numpy(arrays),
+                                [im if isinstance(im, (str, os.PathLike)) else None for im in images], batch_size)
 
 
 def load(path, device="cpu"):
     """Load a model file for prediction: `foldercnn.load("run/model.safetensors").predict("hand.png")`."""
-    model, meta = load_model(path, device)
-    return Classifier(model, meta, device, path)
+    model, meta, unfamiliarity = load_model_file(path, device)
+    return Classifier(model, meta, device, path, unfamiliarity)
