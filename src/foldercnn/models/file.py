@@ -233,10 +233,25 @@ def check_weights_match(meta, header, where):
             _fail(where, f"tensor {name} is {entry['dtype']}, expected {names.get(dtype, dtype)}")
 
 
+def _read_float32(path, entries):
+    """{name: float32 array} of a few small tensors (already validated F32 entries), read by hand: only
+    their own bytes are read."""
+    import numpy as np
+    out = {}
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        for name, e in entries.items():
+            start, stop = e["data_offsets"]
+            f.seek(8 + n + start)
+            out[name] = np.frombuffer(f.read(stop - start), dtype="<f4").reshape(e["shape"]).copy()
+    return out
+
+
 def load_model_file(path, device="cpu"):
     """Validate the file, then build the network from its metadata and load its weights (strict).
 
     Returns (model, metadata, Unfamiliarity or None: files without the "unfamiliar" section have none)."""
+    import numpy as np
     import torch
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -245,18 +260,19 @@ def load_model_file(path, device="cpu"):
     from .unfamiliar import PREFIX, Unfamiliarity
     meta, header = read_header(path)
     check_weights_match(meta, header, str(path))
-    model = create_model(meta["architecture"], num_classes=len(meta["classes"]), **meta["arch_args"])
+    unfamiliarity = None
     try:
+        if UNFAMILIAR_KEY in meta:  # checked before the network is built: a bad file costs only these bytes
+            extra = _read_float32(path, {k: v for k, v in header.items() if k.startswith(PREFIX)})
+            if not all(np.isfinite(v).all() for v in extra.values()):
+                _fail(str(path), "its unfamiliar tensors hold NaN or infinite values (tampered)")
+            unfamiliarity = Unfamiliarity.from_file({k: torch.from_numpy(v) for k, v in extra.items()},
+                                                    meta[UNFAMILIAR_KEY])
+        model = create_model(meta["architecture"], num_classes=len(meta["classes"]), **meta["arch_args"])
         tensors = load_file(str(path), device=str(device))
-        extra = {k: tensors.pop(k) for k in [k for k in tensors if k.startswith(PREFIX)]}
-        model.load_state_dict(tensors, strict=True)
+        model.load_state_dict({k: v for k, v in tensors.items() if not k.startswith(PREFIX)}, strict=True)
     except (SafetensorError, RuntimeError, OSError) as e:
         _fail(str(path), f"its weights could not be read ({e})")
-    unfamiliarity = None
-    if UNFAMILIAR_KEY in meta:
-        unfamiliarity = Unfamiliarity.from_file({k: v.to("cpu") for k, v in extra.items()}, meta[UNFAMILIAR_KEY])
-        if not all(bool(torch.isfinite(v).all()) for v in extra.values()):
-            _fail(str(path), "its unfamiliar tensors hold NaN or infinite values (tampered)")
     return model.to(device).eval(), meta, unfamiliarity
 
 
