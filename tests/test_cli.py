@@ -64,7 +64,8 @@ def test_predict_json_and_text(cli_run, shapes_dirs, cli, tmp_path):
     rows = json.loads(r.stdout)
     assert len(rows) == 3 and "broken.png" in r.stderr
     for row in rows:
-        assert {"path", "label", "probability", "probabilities"} <= set(row)
+        assert {"path", "label", "probability", "probabilities", "uncertain", "unfamiliar", "unfamiliarity"} <= set(row)
+        assert row["unfamiliar"] == (row["unfamiliarity"] > 1)
         assert set(row["probabilities"]) == {"circle", "square", "triangle"}
         assert row["probability"] == max(row["probabilities"].values())
         assert len(row["top_k"]) == 2

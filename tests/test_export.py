@@ -88,6 +88,7 @@ def test_export_reports_parity_and_the_int8_cost(exported, trained_model, shapes
     (fp32, int8), lines = exported
     text = "\n".join(lines)
     assert "same top-1 for 120 of 120" in text and "int8" in text and "faster" in text
+    assert "same flag for 120 of 120" in text  # the unfamiliarity output agrees with PyTorch's
     files = sorted(shapes_dirs[1].rglob("*.png"))
     torch_preds = foldercnn.load(trained_model.model_path).predict_many(files)
     for path, least in ((fp32, 1.0), (int8, 0.9)):
@@ -120,6 +121,7 @@ def test_the_onnx_predictor_needs_no_torch(exported, trained_model, shapes_dirs)
     assert [row["label"] for row in rows] == [row["label"] for row in torch_rows] and len(rows) == 45
     for a, b in zip(rows, torch_rows):
         assert abs(a["probability"] - b["probability"]) < 1e-4 and a["uncertain"] == b["uncertain"]
+        assert a["unfamiliar"] == b["unfamiliar"] and abs(a["unfamiliarity"] - b["unfamiliarity"]) < 1e-3
 
 
 def test_serve_answers_from_an_onnx_file(exported, shapes_dirs):

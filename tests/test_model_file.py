@@ -107,6 +107,13 @@ def _huge_tensor(h):
     h["0.0.weight"]["shape"] = [100000, 100000, 3, 3]
 
 
+def _nan_in_unfamiliar(d):
+    header, body = _split(d)
+    start = header["unfamiliar.means"]["data_offsets"][0]
+    body = body[:start] + b"\x00\x00\xc0\x7f" + body[start + 4:]  # float32 NaN
+    return _join(header, body)
+
+
 def _overlapping(h):
     first = min(h[k]["data_offsets"][0] for k in h if k != "__metadata__")
     big = max((k for k in h if k != "__metadata__"), key=lambda k: h[k]["data_offsets"][1] - h[k]["data_offsets"][0])
@@ -135,6 +142,17 @@ TAMPERED = {  # name -> (how to break a good file, what the error must say)
     "missing tensor": (lambda d: _with_header(d, lambda h: h.pop("0.0.weight")), "missing: 0.0.weight"),
     "huge declared tensor": (lambda d: _with_header(d, _huge_tensor), "bytes for shape"),
     "overlapping tensors": (lambda d: _with_header(d, _overlapping), "share bytes"),
+    "unfamiliar tensors without their section": (lambda d: _with_meta(d, lambda m: m.pop("unfamiliar")),
+                                                 "unexpected: unfamiliar."),
+    "unfamiliar tensor missing": (lambda d: _with_header(d, lambda h: h.pop("unfamiliar.means")),
+                                  "missing: unfamiliar.means"),
+    "unfamiliar rank differs": (lambda d: _with_meta(d, lambda m: m["unfamiliar"].update(rank=10, inv_rest=1.0)),
+                                "unfamiliar.basis has shape"),
+    "unfamiliar feature width": (lambda d: _with_meta(d, lambda m: m["unfamiliar"].update(feature_dim=100, rank=100)),
+                                 "differs from architecture"),
+    "unfamiliar threshold": (lambda d: _with_meta(d, lambda m: m["unfamiliar"].update(threshold=-1)),
+                             "unfamiliar threshold"),
+    "unfamiliar NaN": (_nan_in_unfamiliar, "NaN"),
     "header length lies": (lambda d: (2 ** 40).to_bytes(8, "little") + d[8:], "header claims"),
     "not json": (lambda d: d[:8] + b"\xff" * int.from_bytes(d[:8], "little") + d[8 + int.from_bytes(d[:8], "little"):],
                  "unreadable header"),

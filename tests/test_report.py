@@ -44,6 +44,11 @@ def test_evaluate_json_carries_every_number(evaluated_run):
     assert sum(b["count"] for b in cal["calibrated"]["reliability"]) == 45
     assert {"threshold", "count", "errors_flagged", "errors"} <= set(d["uncertain"])
     assert len(d["predictions"]) == 45 and len(d["mistakes"]) == 45 - d["n_correct"]
+    f = d["flags"]
+    assert {"share_unfamiliar", "share_uncertain", "share_either", "errors_flagged", "selective_accuracy",
+            "auroc_unfamiliarity", "auroc_low_confidence"} <= set(f)
+    assert f["errors_flagged"]["uncertain"] == d["uncertain"]["errors_flagged"]
+    assert all("unfamiliarity" in r for r in d["predictions"])
     assert json.loads((run / "evaluation.json").read_text())["accuracy"] == d["accuracy"]
 
 

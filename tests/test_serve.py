@@ -103,9 +103,12 @@ def test_predict_gives_the_python_apis_answer_for_each_file_in_order(client, cla
     rows = r.json()
     assert [row["filename"] for row in rows] == [p.name for p in paths]
     for row, path in zip(rows, paths):
-        assert set(row) == {"filename", "label", "probability", "probabilities", "uncertain"}
+        assert set(row) == {"filename", "label", "probability", "probabilities", "uncertain", "unfamiliar",
+                            "unfamiliarity"}
         expected = classifier.predict(path)
         assert row["label"] == expected.label and row["uncertain"] == expected.uncertain
+        assert row["unfamiliar"] == expected.unfamiliar
+        assert row["unfamiliarity"] == pytest.approx(expected.unfamiliarity, rel=1e-4)
         assert list(row["probabilities"]) == classifier.classes
         assert row["probabilities"] == pytest.approx(expected.probabilities, abs=1e-5)
         assert row["probability"] == pytest.approx(max(row["probabilities"].values()))

@@ -45,7 +45,8 @@ def test_upload_through_the_page_shows_each_prediction(browser, server, trained_
         page.wait_for_selector("#classes li", timeout=15_000)
         assert page.locator("#classes li").all_inner_texts() == model.classes
         facts = page.locator("#facts").inner_text()
-        assert f"{model.image_size} × {model.image_size} px" in facts and "Validation accuracy" in facts
+        assert f"{model.image_size} × {model.image_size} px" in facts
+        assert "validation, from the training folder: optimistic" in facts  # no evaluation.json beside the model
         screenshot(page, tmp_path / f"serve-{viewport}-empty.png")
 
         page.set_input_files("#file-input", [str(p) for p in images] + [str(not_an_image)])
@@ -64,6 +65,33 @@ def test_upload_through_the_page_shows_each_prediction(browser, server, trained_
         screenshot(page, tmp_path / f"serve-{viewport}-predictions.png")
         page.click("#clear-button")
         assert page.locator("#results .card").count() == 0
+    finally:
+        page.close()
+
+
+def test_unfamiliar_image_is_shown_as_a_guess(browser, server, trained_model, shapes_dirs, tmp_path):
+    """Random noise is nothing like the shapes: its card says so and shows no confident percentage; a
+    familiar shape's card does not."""
+    import numpy as np
+    from PIL import Image
+    model = foldercnn.load(trained_model.model_path)
+    noise = tmp_path / "noise.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(noise)
+    assert model.predict(noise).unfamiliar is True
+    familiar = next(p for p in sorted(shapes_dirs[1].rglob("*.png")) if model.predict(p).unfamiliar is False)
+    page = browser.new_page(viewport=VIEWPORTS["desktop"])
+    try:
+        page.goto(server.url + "/")
+        page.wait_for_selector("#classes li", timeout=15_000)
+        page.set_input_files("#file-input", [str(noise), str(familiar)])
+        expect(page.locator("#results .card.pending")).to_have_count(0, timeout=30_000)
+        strange = page.locator("#results .card", has_text="noise.png")
+        assert "This does not look like the training images: the answer is a guess" in strange.inner_text()
+        assert strange.locator(".prob").count() == 0  # no big percentage
+        known = page.locator("#results .card", has_text=familiar.name)
+        assert "does not look like the training images" not in known.inner_text()
+        assert known.locator(".prob").count() == 1
+        screenshot(page, tmp_path / "serve-desktop-unfamiliar.png")
     finally:
         page.close()
 

@@ -178,7 +178,8 @@ def cmd_predict(args):
         k = args.top_k or len(predictions[0].probabilities) if predictions else 0
         for p in predictions:
             others = "  ".join(f"{c} {v:.3f}" for c, v in p.top_k(k))
-            flag = "  uncertain" if p.uncertain else ""
+            flag = ("  uncertain" if p.uncertain else "") + \
+                ("  unfamiliar (does not look like the training images: a guess)" if p.unfamiliar else "")
             print(f"{p.path}: {p.label} ({p.probability:.1%}){flag}   [{others}]")
     if not predictions:
         raise FolderCNNError("no images to classify" + (" (every file was skipped)" if skipped else ""))

@@ -48,9 +48,10 @@ QUANTIZED_OPS = ("Conv", "Gemm", "MatMul", "Add", "MaxPool", "GlobalAveragePool"
 
 
 class Deployable(nn.Module):
-    """(N, S, S, 3) uint8 RGB -> (calibrated probabilities, logits): the whole of Classifier.probabilities."""
+    """(N, S, S, 3) uint8 RGB -> (calibrated probabilities, logits[, unfamiliarity]): the whole of
+    Classifier.predictions, features then the head, as models.registry.predict_logits_and_features."""
 
-    def __init__(self, net, metadata):
+    def __init__(self, net, metadata, unfamiliarity=None):
         super().__init__()
         self.net = net
         pre = metadata["preprocessing"]
@@ -58,16 +59,31 @@ class Deployable(nn.Module):
         self.register_buffer("std", torch.tensor(pre["std"], dtype=torch.float32).view(1, 1, 1, 3))
         self.tta = bool(metadata.get("tta", False))
         self.temperature = float((metadata.get("calibration") or {}).get("temperature", 1.0))
+        self.unfamiliar = unfamiliarity is not None
+        if self.unfamiliar:  # Mahalanobis score (models.unfamiliar.Unfamiliarity.score), divided by its threshold
+            u = unfamiliarity
+            self.register_buffer("class_means", u.means.float())
+            self.register_buffer("basis", u.basis.float())
+            self.register_buffer("weights", u.weights.float())
+            self.inv_rest, self.threshold = float(u.inv_rest), float(u.threshold)
 
     def forward(self, images):
         x = ((images.float() * (1.0 / 255.0) - self.mean) / self.std).permute(0, 3, 1, 2)
         if self.tta:  # the image and its mirror in one batch: one network call
             n = x.shape[0]
-            both = self.net(torch.cat([x, x.flip(-1)])).float()
-            logits = (both[:n] + both[n:]) / 2
+            both = self.net.features(torch.cat([x, x.flip(-1)])).float()
+            features = (both[:n] + both[n:]) / 2
         else:
-            logits = self.net(x).float()
-        return torch.softmax(logits / self.temperature, dim=1), logits
+            features = self.net.features(x).float()
+        logits = nn.functional.linear(features, self.net.head.weight.float(), self.net.head.bias.float())
+        probabilities = torch.softmax(logits / self.temperature, dim=1)
+        if not self.unfamiliar:
+            return probabilities, logits
+        diff = (features @ self.basis)[:, None, :] - (self.class_means @ self.basis)[None]
+        d = (diff.square() * self.weights).sum(-1)
+        if self.inv_rest:
+            d = d + self.inv_rest * (features[:, None, :] - self.class_means[None]).square().sum(-1)
+        return probabilities, logits, d.min(1).values / self.threshold
 
 
 def metadata_props(metadata):
@@ -109,16 +125,18 @@ def _needs(package):
         raise FolderCNNError(f"export needs {package} (pip install 'foldercnn[export]')") from None
 
 
-def export_onnx(model, metadata, out_path, opset=DEFAULT_OPSET):
-    """Write `model` with its preprocessing and calibration as one self-contained ONNX file (atomically)."""
+def export_onnx(model, metadata, out_path, opset=DEFAULT_OPSET, unfamiliarity=None):
+    """Write `model` with its preprocessing and calibration (and the unfamiliarity score, when the model file
+    has one: a third output `unfamiliarity`, above 1 meaning unfamiliar) as one ONNX file (atomically)."""
     onnx = _needs("onnx")
     _needs("onnxscript")
     size = int(metadata["image_size"])
-    wrapper = Deployable(copy.deepcopy(model).float().eval(), metadata).eval()
+    wrapper = Deployable(copy.deepcopy(model).float().eval(), metadata, unfamiliarity).eval()
     example = torch.zeros(2, size, size, 3, dtype=torch.uint8)
+    outputs = list(OUTPUTS) + (["unfamiliarity"] if unfamiliarity is not None else [])
     with _quiet():
         program = torch.onnx.export(wrapper, (example,), dynamo=True, opset_version=opset, verbose=False,
-                                    input_names=[INPUT], output_names=list(OUTPUTS),
+                                    input_names=[INPUT], output_names=outputs,
                                     dynamic_shapes={INPUT: {0: torch.export.Dim("batch")}})
     proto = program.model_proto  # weights inline: export(f=...) would write a separate .data file
     onnx.helper.set_model_props(proto, metadata_props(metadata))
@@ -134,10 +152,26 @@ def _network_nodes(model):
     An ONNX graph's nodes are stored in topological order, so a slice of the list is a slice of the network."""
     nodes = list(model.graph.node)
     first = next(i for i, n in enumerate(nodes) if n.op_type == "Conv")
-    last = max(i for i, n in enumerate(nodes) if n.op_type in ("Gemm", "MatMul"))
+    last = next(i for i, n in enumerate(nodes) if n.op_type in ("Gemm", "MatMul") and i > first
+                and n.name in _classifier_nodes(model))
     groups = lambda n: next((a.i for a in n.attribute if a.name == "group"), 1)  # noqa: E731
     return [n.name for n in nodes[first:last] if n.op_type in QUANTIZED_OPS
             and not (n.op_type == "Conv" and groups(n) > 1)]
+
+
+def _classifier_nodes(model):
+    """The node(s) producing the `logits` output's input chain's last matrix product: the classifier."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    names, todo = set(), ["logits"]
+    while todo:
+        node = producers.get(todo.pop())
+        if node is None:
+            continue
+        if node.op_type in ("Gemm", "MatMul"):
+            names.add(node.name)
+            continue
+        todo += list(node.input)
+    return names
 
 
 def quantize_int8(fp32_path, out_path, calibration_images, batch_size=20):
@@ -221,7 +255,7 @@ def export_model(model_path, out=None, fmt="onnx", int8=False, calibration_dir=N
             raise FolderCNNError("--int8 needs --calibration-dir (a folder of training images; the model's own "
                                  "training folder was not found)")
         calibration_dir = train_dir
-    export_onnx(classifier.model, meta, out, opset)
+    export_onnx(classifier.model, meta, out, opset, classifier.unfamiliarity)
     log(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MB, opset {opset}, {meta['architecture']}, "
         f"{len(meta['classes'])} classes, input uint8 N x {meta['image_size']} x {meta['image_size']} x 3)")
 
@@ -235,14 +269,25 @@ def export_model(model_path, out=None, fmt="onnx", int8=False, calibration_dir=N
     reference = classifier.probabilities(torch.from_numpy(images)).numpy()
     onnx_fp32 = OnnxClassifier(out)
     got = onnx_fp32.probabilities(images)
-    log(f"check: {len(images)} images, max |probability difference| vs PyTorch {np.abs(got - reference).max():.2e}, "
-        f"same top-1 for {(got.argmax(1) == reference.argmax(1)).sum()} of {len(images)}")
+    check = (f"check: {len(images)} images, max |probability difference| vs PyTorch {np.abs(got - reference).max():.2e}, "
+             f"same top-1 for {(got.argmax(1) == reference.argmax(1)).sum()} of {len(images)}")
+    if onnx_fp32.has_unfamiliarity:
+        u_onnx = onnx_fp32.outputs(images)[1]
+        u_torch = classifier.logits_and_unfamiliarity(torch.from_numpy(images))[1].numpy()
+        check += (f"; unfamiliarity max relative difference {np.abs(u_onnx - u_torch).max() / max(1e-9, np.abs(u_torch).max()):.1e}, "
+                  f"same flag for {((u_onnx > 1) == (u_torch > 1)).sum()} of {len(images)}")
+    log(check)
     if not int8:
         return [out]
 
     # calibrate on every other sampled image; measure what int8 costs on the rest (not seen by the calibrator)
     out8 = out.with_name(out.stem + ".int8.onnx")
-    quantize_int8(out, out8, images[::2])
+    with tempfile.TemporaryDirectory() as tmp:
+        # onnxruntime's quantiser cannot prepare the unfamiliarity branch's graph: the int8 file carries
+        # probabilities and logits only (the fp32 file has the score)
+        plain = export_onnx(classifier.model, meta, Path(tmp) / "plain.onnx", opset) \
+            if classifier.unfamiliarity is not None else out
+        quantize_int8(plain, out8, images[::2])
     onnx_int8 = OnnxClassifier(out8)
     held_out, fp32_probs = images[1::2], got[1::2]
     got8 = onnx_int8.probabilities(held_out)

@@ -64,6 +64,7 @@ class OnnxClassifier:
         inputs = self.session.get_inputs()
         if len(inputs) != 1 or inputs[0].name != INPUT or inputs[0].type != "tensor(uint8)":
             raise FolderCNNError(f"{path}: expected one uint8 input named '{INPUT}'")
+        self.has_unfamiliarity = "unfamiliarity" in {o.name for o in self.session.get_outputs()}
         self.path = str(path)
         self.metadata = {**props, "classes": self.classes, "image_size": self.image_size,
                          "preprocessing": self.preprocessing, "format": "onnx"}
@@ -75,10 +76,22 @@ class OnnxClassifier:
                for i in range(0, len(images), batch_size)]
         return np.concatenate(out) if out else np.empty((0, len(self.classes)), np.float32)
 
+    def outputs(self, images_uint8_nhwc, batch_size=64):
+        """(probabilities, unfamiliarity or None) for (N, S, S, 3) uint8 images."""
+        images = np.ascontiguousarray(images_uint8_nhwc, dtype=np.uint8)
+        names = ["probabilities"] + (["unfamiliarity"] if self.has_unfamiliarity else [])
+        runs = [self.session.run(names, {INPUT: images[i:i + batch_size]}) for i in range(0, len(images), batch_size)]
+        if not runs:
+            return np.empty((0, len(self.classes)), np.float32), None
+        probs = np.concatenate([r[0] for r in runs])
+        return probs, (np.concatenate([r[1] for r in runs]) if self.has_unfamiliarity else None)
+
     def predict_arrays(self, arrays_uint8_nhwc, paths=None, batch_size=64):
-        probs = self.probabilities(arrays_uint8_nhwc, batch_size)
+        probs, unfamiliarity = self.outputs(arrays_uint8_nhwc, batch_size)
         paths = paths if paths is not None else [None] * len(probs)
-        return [from_probabilities(self.classes, p, self.uncertain_below, path) for p, path in zip(probs, paths)]
+        scores = unfamiliarity if unfamiliarity is not None else [None] * len(probs)
+        return [from_probabilities(self.classes, p, self.uncertain_below, path, u)
+                for p, path, u in zip(probs, paths, scores)]
 
     def decode(self, image):
         try:

@@ -26,6 +26,7 @@ from starlette.requests import ClientDisconnect
 from .. import runtime
 from ..data.images import ImageDecodeError, decode
 from ..errors import FolderCNNError
+from ..evaluation.headline import headline
 from ..models.inference import Classifier
 from .onnx_predict import OnnxClassifier, load_any
 from ..version import __version__
@@ -244,6 +245,8 @@ class PredictionOut(BaseModel):
     probability: float
     probabilities: dict[str, float]
     uncertain: bool
+    unfamiliar: bool | None = None  # null: the model file has no unfamiliarity score (older files)
+    unfamiliarity: float | None = None  # score / threshold; above 1 means unfamiliar
 
 
 PREDICT_DOCS = {
@@ -320,9 +323,11 @@ def create_app(classifier_or_model_path, max_upload_mb=10.0, max_files=16, worke
     async def predict(request: Request):
         return await service.predict(request)
 
-    @app.get("/model", summary="The model file's metadata: classes, image size, metrics, ...")
+    @app.get("/model", summary="The model file's metadata: classes, image size, metrics, ..., and `headline`: "
+                               "the test accuracy from evaluation.json beside the model file, else the "
+                               "(optimistic) validation accuracy")
     async def model():
-        return classifier.metadata
+        return {**classifier.metadata, "headline": headline(classifier.metadata, classifier.path)}
 
     @app.get("/healthz", summary="Liveness: 200 while the server runs")
     async def healthz():

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+from sklearn.metrics import confusion_matrix, precision_recall_fscore_support, roc_auc_score
 
 from ..data.folders import load_folder, scan_folder
 from ..models.inference import DEFAULT_UNCERTAIN_BELOW
@@ -27,6 +27,8 @@ class Evaluation:
     macro: dict = field(default_factory=dict)  # unweighted mean precision/recall/f1 over classes
     calibration: dict = field(default_factory=dict)  # temperature, ECE/NLL before and after, bins
     uncertain: dict = field(default_factory=dict)  # threshold, how many flagged, accuracy of each group
+    unfamiliarity: list = None  # score / threshold per image (None: the model file has no unfamiliarity score)
+    flags: dict = field(default_factory=dict)  # uncertain / unfamiliar / either: shares, errors caught, AUROCs
     data_dir: str = None
     model_path: str = None
     tta: bool = False
@@ -34,9 +36,11 @@ class Evaluation:
 
     def rows(self):
         """One dict per image: path, true and predicted class, the top and the true class's probability."""
+        unf = self.unfamiliarity if self.unfamiliarity is not None else [None] * len(self.y_true)
         return [{"path": str(p), "true": self.classes[t], "predicted": self.classes[int(np.argmax(pr))],
-                 "probability": float(max(pr)), "true_probability": float(pr[t])}
-                for p, t, pr in zip(self.paths, self.y_true, self.probabilities)]
+                 "probability": float(max(pr)), "true_probability": float(pr[t]),
+                 "unfamiliar": None if u is None else bool(u > 1), "unfamiliarity": u}
+                for p, t, pr, u in zip(self.paths, self.y_true, self.probabilities, unf)]
 
     def mistakes(self, limit=None):
         """Wrong predictions, most confident first: the ones that most mislead a user."""
@@ -48,7 +52,7 @@ class Evaluation:
                 "n_correct": int(round(self.accuracy * self.n)), "n_skipped": len(self.skipped),
                 "classes": self.classes, "per_class": self.per_class, "macro_avg": self.macro,
                 "confusion": self.confusion, "calibration": self.calibration, "uncertain": self.uncertain,
-                "mistakes": self.mistakes(),
+                "flags": self.flags, "mistakes": self.mistakes(),
                 "predictions": self.rows(),
                 "skipped": [{"path": str(p), "reason": r} for p, r in self.skipped],
                 "data_dir": self.data_dir, "model": self.model_path, "tta": self.tta, "seconds": self.seconds}
@@ -99,8 +103,41 @@ def uncertain_summary(probabilities, y_true, threshold):
             "errors_flagged": int((flagged & ~correct).sum()), "errors": int((~correct).sum())}
 
 
+def _auroc(wrong, score):
+    """AUROC of `score` for telling wrong predictions from right ones; None when only one outcome occurs."""
+    if len(wrong) == 0 or wrong.all() or not wrong.any():
+        return None
+    return float(roc_auc_score(wrong.astype(int), score))
+
+
+def flag_summary(probabilities, y_true, threshold, unfamiliarity=None):
+    """How the two warnings do on a labelled folder: the share of images flagged uncertain (calibrated top
+    probability < threshold), unfamiliar (unfamiliarity > 1) and either; how many of the mistakes each flag
+    catches; the accuracy on the images no flag touches (selective accuracy); and the AUROC of each score for
+    telling wrong answers from right ones. Unfamiliar entries are None for model files without the score."""
+    probs = np.asarray(probabilities, float).reshape(len(y_true), -1)
+    conf, wrong = probs.max(1), probs.argmax(1) != np.asarray(y_true, int)
+    uncertain = conf < threshold
+    known = unfamiliarity is not None
+    unf = np.asarray(unfamiliarity, float) > 1 if known else np.zeros(len(wrong), bool)
+    either = uncertain | unf
+    share = lambda m: float(m.mean()) if len(m) else None  # noqa: E731
+    return {
+        "n": int(len(wrong)), "errors": int(wrong.sum()),
+        "share_uncertain": share(uncertain), "share_unfamiliar": share(unf) if known else None,
+        "share_either": share(either),
+        "errors_flagged": {"uncertain": int((wrong & uncertain).sum()),
+                           "unfamiliar": int((wrong & unf).sum()) if known else None,
+                           "either": int((wrong & either).sum())},
+        "selective_accuracy": float(1 - wrong[~either].mean()) if (~either).any() else None,
+        "n_not_flagged": int((~either).sum()),
+        "auroc_unfamiliarity": _auroc(wrong, np.asarray(unfamiliarity, float)) if known else None,
+        "auroc_low_confidence": _auroc(wrong, 1 - conf),
+    }
+
+
 def evaluation_from_logits(logits, y_true, classes, temperature=1.0, uncertain_below=DEFAULT_UNCERTAIN_BELOW,
-                           **info):
+                           unfamiliarity=None, **info):
     logits = torch.as_tensor(logits, dtype=torch.float32)
     probs = torch.softmax(logits / temperature, dim=1)
     y_true = [int(y) for y in y_true]
@@ -110,7 +147,9 @@ def evaluation_from_logits(logits, y_true, classes, temperature=1.0, uncertain_b
     return Evaluation(classes, accuracy, len(y_true), per_class, cm, probabilities=probs.tolist(), y_true=y_true,
                       accuracy_ci=wilson_interval(correct, len(y_true)), macro=macro_average(per_class),
                       calibration=calibration_summary(logits, y_true, temperature),
-                      uncertain=uncertain_summary(probs.numpy(), y_true, uncertain_below), **info)
+                      uncertain=uncertain_summary(probs.numpy(), y_true, uncertain_below),
+                      unfamiliarity=None if unfamiliarity is None else [float(u) for u in unfamiliarity],
+                      flags=flag_summary(probs.numpy(), y_true, uncertain_below, unfamiliarity), **info)
 
 
 def evaluate_folder(classifier, data_dir, tta=None):
@@ -122,9 +161,10 @@ def evaluate_folder(classifier, data_dir, tta=None):
     folder = scan_folder(data_dir, classes=classifier.classes, min_classes=1)
     data = load_folder(folder, classifier.image_size, require_every_class=False)
     used_tta = classifier.tta if tta is None else bool(tta)
-    logits = classifier.logits(data.images, tta=used_tta)
+    logits, unfamiliarity = classifier.logits_and_unfamiliarity(data.images, tta=used_tta)
     return evaluation_from_logits(
         logits, data.labels.tolist(), classifier.classes, classifier.temperature, classifier.uncertain_below,
+        unfamiliarity=None if unfamiliarity is None else unfamiliarity.tolist(),
         skipped=data.skipped, paths=[str(p) for p in data.paths], data_dir=str(data_dir),
         model_path=getattr(classifier, "path", None), tta=used_tta, seconds=time.perf_counter() - start)
 
@@ -153,6 +193,7 @@ def format_evaluation(ev):
     if u:
         lines.append(f"uncertain (top probability < {u['threshold']:.2f}): {u['count']} of {ev.n}, "
                      f"holding {u['errors_flagged']} of the {u['errors']} mistakes")
+    lines += format_flags(ev.flags)
     wrong = ev.mistakes(5)
     if wrong:
         lines.append("most confident mistakes:")
@@ -162,3 +203,25 @@ def format_evaluation(ev):
     if len(ev.skipped) > 10:
         lines.append(f"... and {len(ev.skipped) - 10} more skipped")
     return "\n".join(lines)
+
+
+def _fmt(x, pct=True):
+    return "n/a" if x is None else (f"{100 * x:.1f}%" if pct else f"{x:.3f}")
+
+
+def format_flags(f):
+    """The warnings' text lines for `evaluate` (empty without flags)."""
+    if not f:
+        return []
+    e = f["errors_flagged"]
+    if f["share_unfamiliar"] is None:
+        unf = "unfamiliar: not available (the model file has no unfamiliarity score; retrain to get one)"
+    else:
+        unf = (f"unfamiliar (does not look like the training images): {_fmt(f['share_unfamiliar'])} of images, "
+               f"holding {e['unfamiliar']} of the {f['errors']} mistakes")
+    return [unf,
+            f"flagged uncertain or unfamiliar: {_fmt(f['share_either'])} of images, holding {e['either']} of the "
+            f"{f['errors']} mistakes; accuracy on the {f['n_not_flagged']} images not flagged: "
+            f"{_fmt(f['selective_accuracy'])}",
+            f"telling wrong from right (AUROC, 0.5 = chance): low confidence {_fmt(f['auroc_low_confidence'], False)}, "
+            f"unfamiliarity {_fmt(f['auroc_unfamiliarity'], False)}"]

@@ -16,6 +16,7 @@ from ..models.inference import load
 from ..models.registry import summary
 from ..plots import confusion_matrix_plot, mistakes_gallery, reliability_diagram
 from ..version import __version__
+from .headline import VALIDATION_LABEL
 from .metrics import evaluate_folder
 
 MISTAKE_THUMB = 160
@@ -127,13 +128,17 @@ def _summary_cards(meta, ev):
     cards = []
     if ev:
         lo, hi = ev["accuracy_ci95"]
-        cards.append(_card(_pct(ev["accuracy"]), f"test accuracy on {ev['n']} images "
+        cards.append(_card(_pct(ev["accuracy"]), f"test accuracy on {ev['n']} images from {ev.get('data_dir')} "
                                                  f"(95% interval {_pct(lo)}–{_pct(hi)})"))
         cards.append(_card(f"{ev['calibration']['calibrated']['ece']:.3f}",
                            "expected calibration error on test (0 is perfect)"))
+        f = ev.get("flags") or {}
+        if f.get("share_unfamiliar") is not None:
+            cards.append(_card(_pct(f["share_unfamiliar"]), "of test images flagged unfamiliar (not like the "
+                                                            "training images)"))
     m = meta.get("metrics", {})
     if "val_accuracy" in m:
-        cards.append(_card(_pct(m["val_accuracy"]), f"validation accuracy ({m.get('n_val', '?')} images, "
+        cards.append(_card(_pct(m["val_accuracy"]), f"{VALIDATION_LABEL} ({m.get('n_val', '?')} images, "
                                                      f"epoch {m.get('epoch', '?')})"))
     t = meta.get("timing", {})
     if t:
@@ -224,6 +229,35 @@ def _calibration_text(meta, ev):
     return "".join(out)
 
 
+def _flags_text(meta, ev):
+    sec = meta.get("unfamiliar")
+    out = []
+    if sec:
+        out.append(f"<p>An image is marked <b>unfamiliar</b> when its features (the network's last layer before "
+                   f"the classifier) lie far from those of every class of training images: Mahalanobis distance "
+                   f"over {sec['feature_dim']} features (rank {sec['rank']}), threshold {sec['threshold']:.4g}, "
+                   f"the {_esc(sec['rule'])}. It reliably notices images from another kind of source than the "
+                   f"training folder; within one kind of image it is a weak sign of a wrong answer, and "
+                   f"<i>uncertain</i> is the better one.</p>")
+    else:
+        out.append('<p class="missing">This model file has no unfamiliarity score (made by an older '
+                   "foldercnn); retrain to get one.</p>")
+    f = (ev or {}).get("flags")
+    if f:
+        e = f["errors_flagged"]
+        auc = lambda x: "n/a" if x is None else f"{x:.3f}"  # noqa: E731
+        out.append(_table(["on the test images", "share of images", "mistakes flagged"],
+                          [("uncertain", _pct(f["share_uncertain"]), f"{e['uncertain']} of {f['errors']}"),
+                           ("unfamiliar", _pct(f["share_unfamiliar"]),
+                            "n/a" if e["unfamiliar"] is None else f"{e['unfamiliar']} of {f['errors']}"),
+                           ("either", _pct(f["share_either"]), f"{e['either']} of {f['errors']}")]))
+        out.append(f"<p>Accuracy on the {f['n_not_flagged']} images neither flag touches: "
+                   f"{_pct(f['selective_accuracy'])}. Telling wrong answers from right ones (AUROC, 0.5 is "
+                   f"chance): low confidence {auc(f['auroc_low_confidence'])}, unfamiliarity "
+                   f"{auc(f['auroc_unfamiliarity'])}.</p>")
+    return "".join(out)
+
+
 def _evaluation_section(run, meta, ev):
     out = ["<h2>5. How good is it? The test images</h2>"]
     if not ev:
@@ -231,6 +265,7 @@ def _evaluation_section(run, meta, ev):
                    f'{_esc(run / rf.MODEL)} TEST_FOLDER --out {_esc(run)}</code> with images the model '
                    "never saw, and this section fills in.</p>")
         out.append("<h3>Calibration</h3>" + _calibration_text(meta, None))
+        out.append("<h3>Warnings: uncertain and unfamiliar</h3>" + _flags_text(meta, None))
         return "".join(out)
     lo, hi = ev["accuracy_ci95"]
     out.append(f"<p>On <b>{ev['n']}</b> images from <code>{_esc(ev['data_dir'])}</code>, which played no part in "
@@ -254,6 +289,7 @@ def _evaluation_section(run, meta, ev):
     out.append("<h3>The most confident mistakes</h3>" + _img(run / rf.MISTAKES, "wrongly classified test images"))
     out.append("<h3>Calibration: does 90% sure mean right 9 times in 10?</h3>" + _calibration_text(meta, ev))
     out.append(_img(run / rf.CALIBRATION, "reliability diagram before and after temperature scaling"))
+    out.append("<h3>Warnings: uncertain and unfamiliar</h3>" + _flags_text(meta, ev))
     return "".join(out)
 
 

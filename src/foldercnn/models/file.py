@@ -24,14 +24,23 @@ MAX_CLASS_NAME = 255
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                "BOOL": 1}
 REQUIRED = ("architecture", "arch_args", "classes", "image_size", "preprocessing")
+UNFAMILIAR_KEY = "unfamiliar"  # optional section; its tensors are allowed only when it is there
 
 
-def save_model(path, model, metadata):
-    """Write weights + metadata atomically (temp file, fsync, rename)."""
+def save_model(path, model, metadata, unfamiliarity=None):
+    """Write weights + metadata atomically (temp file, fsync, rename). unfamiliarity: a fitted
+    models.unfamiliar.Unfamiliarity, stored as extra tensors plus the metadata section "unfamiliar"."""
+    import torch
     from safetensors.torch import save_file
     meta = {"format_version": FORMAT_VERSION, **metadata}
+    meta.pop(UNFAMILIAR_KEY, None)
+    if unfamiliarity is not None:
+        meta[UNFAMILIAR_KEY] = unfamiliarity.metadata()
     validate_metadata(meta, "the model being saved")
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    if unfamiliarity is not None:
+        tensors.update({k: v.detach().to("cpu", torch.float32).contiguous()
+                        for k, v in unfamiliarity.tensors().items()})
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(meta)})
     return Path(path)
@@ -141,6 +150,33 @@ def validate_metadata(meta, where):
             _fail(where, f"calibration uncertain_below {u!r} is not a number in [0, 1]")
     if "tta" in meta and not isinstance(meta["tta"], bool):
         _fail(where, "tta must be true or false")
+    if UNFAMILIAR_KEY in meta:
+        _validate_unfamiliar(meta[UNFAMILIAR_KEY], where)
+
+
+def _validate_unfamiliar(section, where):
+    from .unfamiliar import SCORE
+    if not isinstance(section, dict):
+        _fail(where, "the unfamiliar section is not an object")
+    if section.get("score") != SCORE:
+        _fail(where, f"unfamiliar score {section.get('score')!r} is unknown (expected {SCORE!r})")
+    t = section.get("threshold")
+    if not (_is_number(t) and t > 0):
+        _fail(where, f"unfamiliar threshold {t!r} is not a finite positive number")
+    if not isinstance(section.get("rule"), str):
+        _fail(where, "unfamiliar rule is not text")
+    d, r = section.get("feature_dim"), section.get("rank")
+    if not (_is_int(d) and 1 <= d <= 1 << 16):
+        _fail(where, f"unfamiliar feature_dim {d!r} is not a whole number between 1 and 65536")
+    if not (_is_int(r) and 1 <= r <= d):
+        _fail(where, f"unfamiliar rank {r!r} is not a whole number between 1 and feature_dim {d}")
+    inv_rest = section.get("inv_rest")
+    if not (_is_number(inv_rest) and inv_rest >= 0):
+        _fail(where, f"unfamiliar inv_rest {inv_rest!r} is not a finite number >= 0")
+    if r < d and inv_rest == 0:
+        _fail(where, "a low-rank unfamiliar section needs a positive inv_rest")
+    if "shrinkage" in section and not (_is_number(section["shrinkage"]) and 0 <= section["shrinkage"] <= 1):
+        _fail(where, "unfamiliar shrinkage is not a number in [0, 1]")
 
 
 def _check_tensor_index(header, data_bytes, where):
@@ -170,9 +206,18 @@ def check_weights_match(meta, header, where):
     """The file's tensors are exactly those the architecture has: same names, shapes and dtypes."""
     import torch
 
-    from .registry import expected_tensors
+    from . import unfamiliar
+    from .registry import expected_tensors, feature_dim
     names = {torch.float32: "F32", torch.int64: "I64"}
     expected = expected_tensors(meta["architecture"], len(meta["classes"]), meta["arch_args"])
+    section = meta.get(UNFAMILIAR_KEY)
+    if section is not None:  # its tensors' shapes follow from the classes and the architecture's feature width
+        d = feature_dim(meta["architecture"], len(meta["classes"]), meta["arch_args"])
+        if section["feature_dim"] != d:
+            _fail(where, f"unfamiliar feature_dim {section['feature_dim']} differs from architecture "
+                         f"{meta['architecture']}'s {d} features")
+        expected.update({k: (shape, torch.float32) for k, shape in
+                         unfamiliar.expected_tensors(len(meta["classes"]), d, section["rank"]).items()})
     missing = sorted(set(expected) - set(header))
     extra = sorted(set(header) - set(expected))
     if missing or extra:
@@ -188,17 +233,50 @@ def check_weights_match(meta, header, where):
             _fail(where, f"tensor {name} is {entry['dtype']}, expected {names.get(dtype, dtype)}")
 
 
-def load_model(path, device="cpu"):
-    """Validate the file, then build the network from its metadata and load its weights (strict)."""
+def _read_float32(path, entries):
+    """{name: float32 array} of a few small tensors (already validated F32 entries), read by hand: only
+    their own bytes are read."""
+    import numpy as np
+    out = {}
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        for name, e in entries.items():
+            start, stop = e["data_offsets"]
+            f.seek(8 + n + start)
+            out[name] = np.frombuffer(f.read(stop - start), dtype="<f4").reshape(e["shape"]).copy()
+    return out
+
+
+def load_model_file(path, device="cpu"):
+    """Validate the file, then build the network from its metadata and load its weights (strict).
+
+    Returns (model, metadata, Unfamiliarity or None: files without the "unfamiliar" section have none)."""
+    import numpy as np
+    import torch
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     from .registry import create_model
+    from .unfamiliar import PREFIX, Unfamiliarity
     meta, header = read_header(path)
     check_weights_match(meta, header, str(path))
-    model = create_model(meta["architecture"], num_classes=len(meta["classes"]), **meta["arch_args"])
+    unfamiliarity = None
     try:
-        model.load_state_dict(load_file(str(path), device=str(device)), strict=True)
+        if UNFAMILIAR_KEY in meta:  # checked before the network is built: a bad file costs only these bytes
+            extra = _read_float32(path, {k: v for k, v in header.items() if k.startswith(PREFIX)})
+            if not all(np.isfinite(v).all() for v in extra.values()):
+                _fail(str(path), "its unfamiliar tensors hold NaN or infinite values (tampered)")
+            unfamiliarity = Unfamiliarity.from_file({k: torch.from_numpy(v) for k, v in extra.items()},
+                                                    meta[UNFAMILIAR_KEY])
+        model = create_model(meta["architecture"], num_classes=len(meta["classes"]), **meta["arch_args"])
+        tensors = load_file(str(path), device=str(device))
+        model.load_state_dict({k: v for k, v in tensors.items() if not k.startswith(PREFIX)}, strict=True)
     except (SafetensorError, RuntimeError, OSError) as e:
         _fail(str(path), f"its weights could not be read ({e})")
-    return model.to(device).eval(), meta
+    return model.to(device).eval(), meta, unfamiliarity
+
+
+def load_model(path, device="cpu"):
+    """(model, metadata) of a validated model file; see load_model_file."""
+    model, meta, _ = load_model_file(path, device)
+    return model, meta

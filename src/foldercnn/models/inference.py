@@ -7,30 +7,38 @@ import torch
 from ..data.images import ImageDecodeError, decode
 from ..errors import FolderCNNError
 from ..prediction import DEFAULT_UNCERTAIN_BELOW, Prediction, from_probabilities  # noqa: F401 (re-exported)
-from .file import load_model
+from .file import load_model_file
 from .preprocess import preprocess
-from .registry import predict_logits
+from .registry import predict_logits_and_features
 
 @torch.no_grad()
-def batched_logits(model, images_uint8_nhwc, mean, std, device="cpu", tta=False, batch_size=64):
-    """(N, S, S, 3) uint8 tensor -> (N, classes) float32 logits: eval mode, fp32, channels-last, in batches."""
+def batched_logits(model, images_uint8_nhwc, mean, std, device="cpu", tta=False, batch_size=64, features=False):
+    """(N, S, S, 3) uint8 tensor -> (N, classes) float32 logits: eval mode, fp32, channels-last, in batches.
+
+    features=True returns (logits, (N, D) penultimate features) from the same pass (features, then the head;
+    with tta both are the mean over the image and its mirror image)."""
     was_training = model.training
     model.eval()
-    out = []
+    logits, feats = [], []
     for start in range(0, len(images_uint8_nhwc), batch_size):
         x = preprocess(images_uint8_nhwc[start:start + batch_size].to(device), mean, std)
-        out.append(predict_logits(model, x.contiguous(memory_format=torch.channels_last), tta).cpu())
+        lg, ft = predict_logits_and_features(model, x.contiguous(memory_format=torch.channels_last), tta)
+        logits.append(lg.cpu())
+        if features:
+            feats.append(ft.cpu())
     model.train(was_training)
-    if out:
-        return torch.cat(out)
-    return torch.empty(0, model.head.out_features)
+    logits = torch.cat(logits) if logits else torch.empty(0, model.head.out_features)
+    if not features:
+        return logits
+    return logits, (torch.cat(feats) if feats else torch.empty(0, model.head.in_features))
 
 
 class Classifier:
     """A loaded model file. `predict` takes a path, bytes, a PIL image or an HxWxC array."""
 
-    def __init__(self, model, metadata, device="cpu", path=None):
+    def __init__(self, model, metadata, device="cpu", path=None, unfamiliarity=None):
         self.model = model
+        self.unfamiliarity = unfamiliarity  # models.unfamiliar.Unfamiliarity, or None (older model files)
         self.path = None if path is None else str(path)
         self.metadata = metadata
         self.device = torch.device(device)
@@ -52,19 +60,34 @@ class Classifier:
         tta = self.tta if tta is None else tta
         return batched_logits(self.model, images_uint8_nhwc, self.mean, self.std, self.device, tta, batch_size)
 
+    def logits_and_unfamiliarity(self, images_uint8_nhwc, batch_size=64, tta=None):
+        """(logits, (N,) unfamiliarity or None) from one forward pass: the features, then the head."""
+        tta = self.tta if tta is None else tta
+        if self.unfamiliarity is None:
+            return self.logits(images_uint8_nhwc, batch_size, tta), None
+        logits, features = batched_logits(self.model, images_uint8_nhwc, self.mean, self.std, self.device, tta,
+                                          batch_size, features=True)
+        return logits, self.unfamiliarity.unfamiliarity(features)
+
     def probabilities(self, images_uint8_nhwc, batch_size=64):
         """(N, S, S, 3) uint8 tensor -> (N, classes) calibrated probabilities."""
         return torch.softmax(self.logits(images_uint8_nhwc, batch_size) / self.temperature, dim=1)
 
-    def prediction(self, probs, path=None):
-        """A Prediction from one row of calibrated probabilities."""
-        return from_probabilities(self.classes, probs.tolist(), self.uncertain_below, path)
+    def prediction(self, probs, path=None, unfamiliarity=None):
+        """A Prediction from one row of calibrated probabilities (and its unfamiliarity, if known)."""
+        return from_probabilities(self.classes, probs.tolist(), self.uncertain_below, path, unfamiliarity)
+
+    def predictions(self, images_uint8_nhwc, paths=None, batch_size=64):
+        """(N, S, S, 3) uint8 tensor -> N Predictions (probabilities and unfamiliarity from one pass)."""
+        logits, unfamiliarity = self.logits_and_unfamiliarity(images_uint8_nhwc, batch_size)
+        probs = torch.softmax(logits / self.temperature, dim=1)
+        paths = [None] * len(probs) if paths is None else paths
+        scores = [None] * len(probs) if unfamiliarity is None else unfamiliarity.tolist()
+        return [self.prediction(p, path, u) for p, path, u in zip(probs, paths, scores)]
 
     def predict_arrays(self, arrays_uint8_nhwc, paths=None, batch_size=64):
         """(N, S, S, 3) uint8 numpy array of decoded images -> N Predictions (the serve and predict path)."""
-        probs = self.probabilities(torch.from_numpy(np.ascontiguousarray(arrays_uint8_nhwc)), batch_size)
-        paths = paths if paths is not None else [None] * len(probs)
-        return [self.prediction(p, path) for p, path in zip(probs, paths)]
+        return self.predictions(torch.from_numpy(np.ascontiguousarray(arrays_uint8_nhwc)), paths, batch_size)
 
     def decode(self, image):
         try:
@@ -76,16 +99,15 @@ class Classifier:
     def predict(self, image):
         path = image if isinstance(image, (str, os.PathLike)) else None
         x = torch.from_numpy(self.decode(image)).unsqueeze(0)
-        return self.prediction(self.probabilities(x)[0], path)
+        return self.predictions(x, [path])[0]
 
     def predict_many(self, images, batch_size=64):
         arrays = np.stack([self.decode(im) for im in images]) if images else np.empty((0, 3, 3, 3), np.uint8)
-        probs = self.probabilities(torch.from_numpy(arrays), batch_size)
-        return [self.prediction(p, im if isinstance(im, (str, os.PathLike)) else None)
-                for p, im in zip(probs, images)]
+        return self.predictions(torch.from_numpy(arrays),
+                                [im if isinstance(im, (str, os.PathLike)) else None for im in images], batch_size)
 
 
 def load(path, device="cpu"):
     """Load a model file for prediction: `foldercnn.load("run/model.safetensors").predict("hand.png")`."""
-    model, meta = load_model(path, device)
-    return Classifier(model, meta, device, path)
+    model, meta, unfamiliarity = load_model_file(path, device)
+    return Classifier(model, meta, device, path, unfamiliarity)

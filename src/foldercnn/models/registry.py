@@ -86,13 +86,22 @@ def create_model(name, num_classes, pretrained=False, **args):
     return spec.build(num_classes, pretrained=pretrained, **args)
 
 
-def expected_tensors(name, num_classes, args):
-    """{tensor name: (shape, dtype)} of an architecture's state dict, without allocating it (meta device)."""
+def _meta_model(name, num_classes, args):
     spec = get_spec(name)
     spec.check_args(args)
     with torch.device("meta"):
-        model = spec.build(num_classes, pretrained=False, **args)
+        return spec.build(num_classes, pretrained=False, **args)
+
+
+def expected_tensors(name, num_classes, args):
+    """{tensor name: (shape, dtype)} of an architecture's state dict, without allocating it (meta device)."""
+    model = _meta_model(name, num_classes, args)
     return {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
+
+
+def feature_dim(name, num_classes, args):
+    """D of `model.features(x)` -> (N, D): the head's input width, read on the meta device."""
+    return int(_meta_model(name, num_classes, args).head.in_features)
 
 
 def predict_logits(model, x, tta=False):
@@ -101,6 +110,17 @@ def predict_logits(model, x, tta=False):
     if tta:
         logits = (logits + model(x.flip(-1)).float()) / 2
     return logits
+
+
+def predict_logits_and_features(model, x, tta=False):
+    """(float32 logits, float32 penultimate features) from one pass: features, then the head. With tta the
+    features of the image and its mirror image are averaged; the head is linear, so the logits are the mean
+    of both images' logits, as predict_logits gives them. Eval mode only (dropout before the head is off)."""
+    features = model.features(x).float()
+    if tta:
+        features = (features + model.features(x.flip(-1)).float()) / 2
+    head = model.head
+    return torch.nn.functional.linear(features, head.weight.float(), head.bias.float()), features
 
 
 def count_parameters(model):

@@ -21,6 +21,7 @@ from ..files import check_out_dir
 from ..models.file import save_model
 from ..models.inference import DEFAULT_UNCERTAIN_BELOW, batched_logits
 from ..models.preprocess import default_preprocessing
+from ..models import unfamiliar
 from ..models.registry import count_parameters, create_model, summary
 from ..plots import augmentation_preview, sample_grid, training_curves
 from . import checkpoint as ckpt
@@ -95,6 +96,26 @@ def calibrate(model, val, recipe, device, uncertain_below=DEFAULT_UNCERTAIN_BELO
             "val_errors": int((logits.argmax(1) != labels).sum()),
             "val_nll_before": before["nll"], "val_nll_after": after["nll"],
             "val_ece_before": before["ece"], "val_ece_after": after["ece"]}
+
+
+def fit_unfamiliarity(model, train, val, recipe, device, log=print):
+    """The unfamiliarity score (models/unfamiliar.py) on the penultimate features of the training split, its
+    threshold on the validation split only: eval mode, fp32, no augmentation, the batched inference path."""
+    def features(data):
+        return batched_logits(model, data.take(slice(None)), recipe.mean, recipe.std, device, recipe.tta,
+                              batch_size=256, features=True)[1]
+    try:
+        fitted = unfamiliar.fit(features(train), train.labels, features(val), val.labels,
+                                num_classes=len(train.classes))
+    except ValueError as e:
+        log(f"no unfamiliarity score: {e}")
+        return None
+    if not fitted.threshold < float("inf"):
+        log("no unfamiliarity score: the validation split gave no usable threshold")
+        return None
+    log(f"unfamiliarity: Mahalanobis distance on {fitted.feature_dim}-d features (rank {fitted.rank}), "
+        f"threshold {fitted.threshold:.4g} ({fitted.rule})")
+    return fitted
 
 
 def build_model(recipe, num_classes, seed):
@@ -250,11 +271,12 @@ def train_folder(data_dir, out_dir, recipe="fast", val_dir=None, val_fraction=No
         f"({calibration['rule']}), NLL "
         f"{calibration['val_nll_before']:.4f} -> {calibration['val_nll_after']:.4f}, expected calibration error "
         f"{calibration['val_ece_before']:.4f} -> {calibration['val_ece_after']:.4f}")
+    unfamiliarity = fit_unfamiliarity(model, train, val, recipe, device, log)
     metadata = model_metadata(recipe, train, val, skipped, data_dir=data_dir, val_dir=val_dir,
                               val_fraction=val_fraction, seed=seed, precision=precision, fine_tune=fine_tune,
                               fine_tuned_epochs=fine_tuned_epochs, result=result, calibration=calibration,
                               timing={"data_seconds": t_data, "train_seconds": t_train})
-    model_path = save_model(out_dir / rf.MODEL, model, metadata)
+    model_path = save_model(out_dir / rf.MODEL, model, metadata, unfamiliarity)
     rf.write_history(out_dir / rf.HISTORY, result.history)
     training_curves(result.history, out_dir / rf.CURVES,
                     title=f"{recipe.name} recipe: {len(train)} training images, {len(val)} validation")

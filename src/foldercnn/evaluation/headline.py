@@ -1,0 +1,42 @@
+"""The one accuracy figure to show first (serve page, GET /model, the report's top card), stated honestly:
+the test accuracy when RUN_DIR/evaluation.json lies beside the model file (from `foldercnn evaluate MODEL
+TEST_FOLDER --out RUN_DIR`), else the validation accuracy, labelled as the optimistic figure it is."""
+import json
+from pathlib import Path
+
+from .. import run_folder as rf
+
+VALIDATION_LABEL = "validation, from the training folder: optimistic"
+
+
+def read_evaluation(model_path):
+    """The evaluation.json beside MODEL_PATH if it was made for a model file of that name, else None."""
+    if model_path is None:
+        return None
+    model_path = Path(model_path)
+    try:
+        ev = json.loads((model_path.parent / rf.EVALUATION).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(ev, dict) or not isinstance(ev.get("accuracy"), (int, float)) or not ev.get("n"):
+        return None
+    if ev.get("model") and Path(str(ev["model"])).name != model_path.name:
+        return None  # made for another model file in the same folder
+    return ev
+
+
+def headline(meta, model_path=None, evaluation=None):
+    """{"source": "test"|"validation"|None, "accuracy", "n", "folder", "label"}."""
+    ev = evaluation if evaluation is not None else read_evaluation(model_path)
+    if ev:
+        folder = ev.get("data_dir") or "a test folder"
+        return {"source": "test", "accuracy": float(ev["accuracy"]), "accuracy_ci95": ev.get("accuracy_ci95"),
+                "n": int(ev["n"]), "folder": folder,
+                "label": f"test accuracy on {int(ev['n'])} images from {folder}"}
+    m = meta.get("metrics") or {}
+    if "val_accuracy" in m:
+        return {"source": "validation", "accuracy": float(m["val_accuracy"]), "accuracy_ci95": None,
+                "n": m.get("n_val"), "folder": (meta.get("data") or {}).get("train_dir"),
+                "label": f"{VALIDATION_LABEL} ({m.get('n_val', '?')} images)"}
+    return {"source": None, "accuracy": None, "accuracy_ci95": None, "n": None, "folder": None,
+            "label": "no accuracy measured yet"}

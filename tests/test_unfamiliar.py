@@ -1,0 +1,132 @@
+"""The unfamiliarity score: the Gaussians, the threshold (validation only), the model file, and the fields
+every interface shows."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from PIL import Image
+
+import foldercnn
+from foldercnn.evaluation.report import evaluate_to_folder
+from foldercnn.models import unfamiliar
+from foldercnn.models.file import read_header
+
+
+def gaussians(n, d=8, classes=3, seed=0, spread=6.0):
+    g = torch.Generator().manual_seed(seed)
+    means = torch.randn(classes, d, generator=g) * spread
+    y = torch.arange(n) % classes
+    return means[y] + torch.randn(n, d, generator=g), y, means
+
+
+@pytest.mark.parametrize("d, rank", [(8, 8), (300, 64)])
+def test_far_point_is_unfamiliar_and_a_class_mean_is_not(d, rank):
+    x, y, means = gaussians(600, d)
+    xv, yv, _ = gaussians(150, d, seed=1)
+    xv = xv - gaussians(150, d, seed=1)[2][yv] + means[yv]  # validation from the same class means
+    fitted = unfamiliar.fit(x, y, xv, yv)
+    assert fitted.rank == rank and fitted.feature_dim == d
+    assert 0 < fitted.threshold < float("inf")
+    far = means.mean(0, keepdim=True) + 50.0
+    u = fitted.unfamiliarity(torch.cat([means, far]))
+    assert (u[:3] < 1).all() and u[3] > 1
+    # cluster-held-out scores run higher than plain ones: at most ~1% of validation is flagged
+    assert float((fitted.unfamiliarity(xv) > 1).float().mean()) <= 0.02
+
+
+def test_threshold_is_chosen_on_validation_only(trained_model, shapes_dirs, tmp_path):
+    """fit sees training and validation features only; evaluating on other folders never touches it."""
+    x, y, means = gaussians(300)
+    xv, yv, _ = gaussians(90, seed=5)
+    xv = xv - gaussians(90, seed=5)[2][yv] + means[yv]
+    a, b = unfamiliar.fit(x, y, xv, yv), unfamiliar.fit(x, y, xv, yv)
+    assert a.threshold == b.threshold  # deterministic
+    assert unfamiliar.fit(x, y, xv * 1.5, yv).threshold != a.threshold  # it does depend on validation
+    path = trained_model.model_path
+    before = path.read_bytes()
+    model = foldercnn.load(path)
+    other = tmp_path / "other"
+    shutil.copytree(shapes_dirs[1], other)
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(other / "circle" / "black.png")
+    for folder in (shapes_dirs[1], other):
+        foldercnn.evaluate(model, folder)
+    assert model.unfamiliarity.threshold == read_header(path)[0]["unfamiliar"]["threshold"]
+    assert path.read_bytes() == before
+
+
+def test_model_file_section_and_one_pass(trained_model, shapes_dirs):
+    meta, header = read_header(trained_model.model_path)
+    sec = meta["unfamiliar"]
+    assert sec["score"] == "mahalanobis" and sec["feature_dim"] == 192 and sec["rank"] == 192
+    assert "cluster-held-out" in sec["rule"] and sec["threshold"] > 0
+    assert header["unfamiliar.means"]["shape"] == [3, 192] and header["unfamiliar.basis"]["shape"] == [192, 192]
+    model = foldercnn.load(trained_model.model_path)
+    images = torch.from_numpy(np.stack([model.decode(p) for p in sorted(shapes_dirs[1].rglob("*.png"))[:6]]))
+    for tta in (False, True):  # the logits from the features pass are those of the plain pass
+        logits, u = model.logits_and_unfamiliarity(images, tta=tta)
+        assert torch.allclose(logits, model.logits(images, tta=tta), atol=1e-4) and u.shape == (6,)
+
+
+def _strip_unfamiliar(src, dst):
+    """The same model as an older foldercnn wrote it: no section, no extra tensors."""
+    from safetensors.torch import load_file, save_file
+    meta, _ = read_header(src)
+    del meta["unfamiliar"]
+    tensors = {k: v for k, v in load_file(str(src)).items() if not k.startswith("unfamiliar.")}
+    save_file(tensors, str(dst), metadata={"foldercnn": json.dumps(meta)})
+
+
+def test_old_model_files_load_and_give_null(trained_model, shapes_dirs, tmp_path):
+    old = tmp_path / "old.safetensors"
+    _strip_unfamiliar(trained_model.model_path, old)
+    model, new = foldercnn.load(old), foldercnn.load(trained_model.model_path)
+    image = next(shapes_dirs[1].rglob("*.png"))
+    p = model.predict(image)
+    assert p.unfamiliar is None and p.unfamiliarity is None
+    d = p.to_dict()
+    assert d["unfamiliar"] is None and d["unfamiliarity"] is None
+    assert json.loads(json.dumps(d))["unfamiliar"] is None  # null in JSON
+    assert p.probabilities == pytest.approx(new.predict(image).probabilities)
+    f = foldercnn.evaluate(model, shapes_dirs[1]).to_dict()["flags"]
+    assert f["share_unfamiliar"] is None and f["auroc_unfamiliarity"] is None and f["share_uncertain"] is not None
+
+
+def test_evaluate_flags(trained_model, shapes_dirs, tmp_path):
+    ev = foldercnn.evaluate(foldercnn.load(trained_model.model_path), shapes_dirs[1])
+    f = ev.to_dict()["flags"]
+    assert set(f) >= {"share_uncertain", "share_unfamiliar", "share_either", "errors_flagged",
+                      "selective_accuracy", "auroc_unfamiliarity", "auroc_low_confidence"}
+    assert max(f["share_uncertain"], f["share_unfamiliar"]) <= f["share_either"] <= 1
+    assert f["errors_flagged"]["either"] <= f["errors"]
+    rows = ev.to_dict()["predictions"]
+    assert all(isinstance(r["unfamiliarity"], float) and r["unfamiliar"] == (r["unfamiliarity"] > 1) for r in rows)
+    from foldercnn.evaluation.metrics import flag_summary
+    same = flag_summary([[0.9, 0.1], [0.2, 0.8]], [0, 1], 0.8, [0.5, 2.0])
+    assert same["auroc_low_confidence"] is None and same["errors"] == 0  # one outcome only: no AUROC
+    assert same["share_unfamiliar"] == 0.5 and same["selective_accuracy"] == 1.0
+
+
+def test_serve_fields_and_headline(trained_model, shapes_dirs, tmp_path):
+    from foldercnn.deploy.serve import create_app
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(trained_model.model_path, run / "model.safetensors")
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8))
+    import io
+    buf = io.BytesIO()
+    noise.save(buf, "PNG")
+    with TestClient(create_app(str(run / "model.safetensors"), workers=1)) as client:
+        h = client.get("/model").json()["headline"]
+        assert h["source"] == "validation" and "optimistic" in h["label"]
+        rows = client.post("/predict", files=[("files", ("noise.png", buf.getvalue(), "image/png"))]).json()
+        assert rows[0]["unfamiliar"] is True and rows[0]["unfamiliarity"] > 1
+    evaluate_to_folder(run / "model.safetensors", shapes_dirs[1], run)
+    with TestClient(create_app(str(run / "model.safetensors"), workers=1)) as client:
+        h = client.get("/model").json()["headline"]
+        assert h["source"] == "test" and h["n"] == 45 and h["folder"] == str(shapes_dirs[1])
+    page = (run / "report.html").read_text()
+    assert f"test accuracy on 45 images from {shapes_dirs[1]}" in page
+    assert "validation, from the training folder: optimistic" in page and "unfamiliar" in page
