@@ -101,6 +101,7 @@ def torch_equal(x, y):
     return torch.equal(x, y)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args,message", [
     (["train", "{missing}", "--out", "{tmp}/r"], "folder not found"),
     (["evaluate", "{tmp}/nope.safetensors", "{tmp}"], "model file not found"),

@@ -16,6 +16,7 @@ from foldercnn.models.preprocess import default_preprocessing
 from foldercnn.models.registry import create_model
 from testkit import run_cli
 
+pytestmark = pytest.mark.slow  # real exports and subprocesses: not in the quick loop
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 

@@ -81,6 +81,7 @@ def test_report_command_recreates_the_page(evaluated_run, cli):
     assert after.count("data:image/png;base64,") == before.count("data:image/png;base64,") == 6
 
 
+@pytest.mark.slow
 def test_report_and_evaluate_errors_are_clear(shapes_dirs, cli, tmp_path, trained_model):
     r = cli("report", tmp_path / "nothing-here")
     assert r.returncode == 2 and "run folder not found" in r.stderr

@@ -14,6 +14,8 @@ from safetensors.torch import load_file
 
 from testkit import run_cli
 
+pytestmark = pytest.mark.slow  # real subprocesses end to end: not in the quick loop
+
 EPOCHS = 6
 
 

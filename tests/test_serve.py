@@ -247,6 +247,7 @@ def server(model_path, tmp_path_factory):
         yield s
 
 
+@pytest.mark.slow
 def test_server_predicts_what_the_cli_predicts(server, model_path, shapes_dirs):
     path = sorted((shapes_dirs[1] / "triangle").glob("*.png"))[0]
     r = httpx.post(server.url + "/predict", files=files((path.name, path.read_bytes())), timeout=30)
@@ -260,6 +261,7 @@ def test_server_predicts_what_the_cli_predicts(server, model_path, shapes_dirs):
     assert "serving" in server.output() and server.url in server.output()
 
 
+@pytest.mark.slow
 def test_server_refuses_every_bad_upload_with_its_status_and_stays_up(server):
     good = shape_png()
     cases = [
@@ -296,12 +298,14 @@ def test_server_refuses_every_bad_upload_with_its_status_and_stays_up(server):
     assert "Traceback" not in server.output()
 
 
+@pytest.mark.slow
 def test_server_page_and_docs(server):
     assert "Use camera" in httpx.get(server.url + "/").text
     assert httpx.get(server.url + "/docs").status_code == 200
     assert httpx.get(server.url + "/model").json()["image_size"] > 0
 
 
+@pytest.mark.slow
 def test_a_missing_model_or_a_busy_port_is_a_clear_error(server, model_path, tmp_path):
     r = run_cli("serve", tmp_path / "nope.safetensors", "--port", free_port(), timeout=60)
     assert r.returncode == 2 and "foldercnn: error: model file not found" in r.stderr
@@ -313,6 +317,7 @@ def test_a_missing_model_or_a_busy_port_is_a_clear_error(server, model_path, tmp
     assert r.returncode == 2 and "cannot listen on 127.0.0.1" in r.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig,codes", [(signal.SIGTERM, {0, -signal.SIGTERM}), (signal.SIGINT, {130})])
 def test_signals_shut_the_server_down_cleanly(model_path, tmp_path, sig, codes):
     server = start_server(model_path, log=tmp_path / "server.log")

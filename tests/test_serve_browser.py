@@ -12,7 +12,7 @@ from playwright.sync_api import expect
 import foldercnn
 from testkit import CHROMIUM, CHROMIUM_FLAGS, running_server
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 VIEWPORTS = {"desktop": {"width": 1280, "height": 800}, "phone": {"width": 390, "height": 844}}
 

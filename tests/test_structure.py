@@ -122,6 +122,7 @@ print(json.dumps({"backend": matplotlib.get_backend(), "threads": torch.get_num_
 """
 
 
+@pytest.mark.slow
 def test_importing_and_calling_the_library_changes_nothing_in_the_callers_process(shapes_dirs, tmp_path):
     r = subprocess.run([sys.executable, "-c", LIBRARY_PROBE, str(shapes_dirs[0]), str(tmp_path)],
                        capture_output=True, text=True, timeout=300)
