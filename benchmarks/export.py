@@ -12,7 +12,6 @@ the host's speed drifts. Ratios are against PyTorch in the same round.
 import argparse
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,7 @@ import torch
 
 import foldercnn
 from foldercnn.data.decode import decode_images, walk_images
-from foldercnn.deploy.export import calibration_sample, export_onnx, quantize_int8
+from foldercnn.deploy.export import calibration_sample, export_onnx, median_seconds, quantize_int8
 from foldercnn.deploy.onnx_predict import OnnxClassifier
 
 RECIPES = {"fast": dict(recipe="fast"), "seed": dict(recipe="seed"), "transfer": dict(recipe="transfer")}
@@ -31,16 +30,6 @@ def labelled(folder, classes, size):
     array, good, _ = decode_images(files, size)
     truth = np.array([classes.index(Path(files[i]).relative_to(folder).parts[0]) for i in good])
     return array, truth
-
-
-def timed(fn, x, repeats):
-    fn(x)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn(x)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def main():
@@ -74,8 +63,8 @@ def main():
         for r in range(args.rounds):  # interleaved, rotating the order each round
             order = list(runners)[r % 3:] + list(runners)[:r % 3]
             for k in order:
-                lat[k].append(timed(runners[k], one, 50))
-                thr[k].append(64 / timed(runners[k], batch, 5))
+                lat[k].append(median_seconds(runners[k], one, 50))
+                thr[k].append(64 / median_seconds(runners[k], batch, 5))
         for k, run in runners.items():
             probs = reference if k == "pytorch" else run(images)
             ratio_l = statistics.median(a / b for a, b in zip(lat["pytorch"], lat[k]))

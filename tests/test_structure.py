@@ -12,7 +12,7 @@ import foldercnn
 
 PACKAGE = Path(foldercnn.__file__).parent
 # lower layers never import higher ones: base < data < models < evaluation < training < deploy < entry points
-LAYERS = {"version": 0, "errors": 0, "files": 0, "run_folder": 0, "runtime": 0, "plots": 0, "prediction": 0,
+LAYERS = {"version": 0, "errors": 0, "files": 0, "run_folder": 0, "runtime": 0, "plots": 0,
           "data": 1, "models": 2, "evaluation": 3, "training": 4, "deploy": 5,
           "cli": 6, "demo": 6, "__init__": 6, "__main__": 7}
 

@@ -38,7 +38,7 @@ from ..data.decode import decode_images, walk_images
 from ..errors import FolderCNNError
 from ..files import atomic_path
 from ..models.inference import load
-from ..prediction import DEFAULT_UNCERTAIN_BELOW
+from ..models.prediction import DEFAULT_UNCERTAIN_BELOW
 from ..version import __version__
 
 INPUT = "images"
@@ -225,14 +225,15 @@ def calibration_sample(folder, size, limit=200, seed=0):
     return array, labels
 
 
-def _latency_ms(run, image, repeats=30):
-    run(image)
+def median_seconds(run, x, repeats=30):
+    """Median wall time of run(x) over `repeats` calls, after one warm-up call."""
+    run(x)
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
-        run(image)
+        run(x)
         times.append(time.perf_counter() - t)
-    return 1000 * float(np.median(times))
+    return float(np.median(times))
 
 
 def export_model(model_path, out=None, fmt="onnx", int8=False, calibration_dir=None, opset=DEFAULT_OPSET,
@@ -299,7 +300,7 @@ def export_model(model_path, out=None, fmt="onnx", int8=False, calibration_dir=N
         acc32, acc8 = float((fp32_probs.argmax(1) == truth).mean()), float((got8.argmax(1) == truth).mean())
         msg += f", accuracy {acc32:.1%} (fp32) -> {acc8:.1%} (int8)"
     one = images[:1]
-    ms32 = _latency_ms(onnx_fp32.probabilities, one)
-    ms8 = _latency_ms(onnx_int8.probabilities, one)
+    ms32 = 1000 * median_seconds(onnx_fp32.probabilities, one)
+    ms8 = 1000 * median_seconds(onnx_int8.probabilities, one)
     log(msg + f"; one image {ms32:.2f} ms (fp32) -> {ms8:.2f} ms (int8), {ms32 / ms8:.2f}x faster")
     return [out, out8]

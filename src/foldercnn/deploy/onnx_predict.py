@@ -11,20 +11,18 @@ softmax) is inside the graph. Nothing here imports PyTorch, so a small device ne
 `pip install foldercnn[runtime]`-style dependencies.
 """
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
-from ..data.images import ImageDecodeError, decode
 from ..errors import FolderCNNError
-from ..prediction import from_probabilities
+from ..models.prediction import ImagePredictor
 
 INPUT = "images"
 REQUIRED_PROPS = ("classes", "image_size", "preprocessing", "temperature", "uncertain_below")
 
 
-class OnnxClassifier:
+class OnnxClassifier(ImagePredictor):
     """An exported model: the same `predict`, `predict_many`, `predict_arrays` as foldercnn.load()'s."""
 
     def __init__(self, path, threads=None):
@@ -88,27 +86,7 @@ class OnnxClassifier:
 
     def predict_arrays(self, arrays_uint8_nhwc, paths=None, batch_size=64):
         probs, unfamiliarity = self.outputs(arrays_uint8_nhwc, batch_size)
-        paths = paths if paths is not None else [None] * len(probs)
-        scores = unfamiliarity if unfamiliarity is not None else [None] * len(probs)
-        return [from_probabilities(self.classes, p, self.uncertain_below, path, u)
-                for p, path, u in zip(probs, paths, scores)]
-
-    def decode(self, image):
-        try:
-            return decode(image, self.image_size)
-        except ImageDecodeError as e:
-            name = image if isinstance(image, (str, os.PathLike)) else "image"
-            raise FolderCNNError(f"{name}: {e}") from None
-
-    def predict(self, image):
-        path = image if isinstance(image, (str, os.PathLike)) else None
-        return self.predict_arrays(self.decode(image)[None], [path])[0]
-
-    def predict_many(self, images, batch_size=64):
-        if not images:
-            return []
-        paths = [im if isinstance(im, (str, os.PathLike)) else None for im in images]
-        return self.predict_arrays(np.stack([self.decode(im) for im in images]), paths, batch_size)
+        return self.make_predictions(probs, unfamiliarity, paths)
 
 
 def is_onnx(path):

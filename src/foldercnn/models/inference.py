@@ -1,15 +1,13 @@
 """A loaded model file, ready to classify: the one batched-inference path used by predict, evaluate, serve
 and training's calibration."""
-import os
 import numpy as np
 import torch
 
-from ..data.images import ImageDecodeError, decode
-from ..errors import FolderCNNError
-from ..prediction import DEFAULT_UNCERTAIN_BELOW, Prediction, from_probabilities  # noqa: F401 (re-exported)
 from .file import load_model_file
+from .prediction import DEFAULT_UNCERTAIN_BELOW, ImagePredictor, Prediction  # noqa: F401 (re-exported)
 from .preprocess import preprocess
 from .registry import predict_logits_and_features
+
 
 @torch.no_grad()
 def batched_logits(model, images_uint8_nhwc, mean, std, device="cpu", tta=False, batch_size=64, features=False):
@@ -33,7 +31,7 @@ def batched_logits(model, images_uint8_nhwc, mean, std, device="cpu", tta=False,
     return logits, (torch.cat(feats) if feats else torch.empty(0, model.head.in_features))
 
 
-class Classifier:
+class Classifier(ImagePredictor):
     """A loaded model file. `predict` takes a path, bytes, a PIL image or an HxWxC array."""
 
     def __init__(self, model, metadata, device="cpu", path=None, unfamiliarity=None):
@@ -73,38 +71,16 @@ class Classifier:
         """(N, S, S, 3) uint8 tensor -> (N, classes) calibrated probabilities."""
         return torch.softmax(self.logits(images_uint8_nhwc, batch_size) / self.temperature, dim=1)
 
-    def prediction(self, probs, path=None, unfamiliarity=None):
-        """A Prediction from one row of calibrated probabilities (and its unfamiliarity, if known)."""
-        return from_probabilities(self.classes, probs.tolist(), self.uncertain_below, path, unfamiliarity)
-
     def predictions(self, images_uint8_nhwc, paths=None, batch_size=64):
         """(N, S, S, 3) uint8 tensor -> N Predictions (probabilities and unfamiliarity from one pass)."""
         logits, unfamiliarity = self.logits_and_unfamiliarity(images_uint8_nhwc, batch_size)
         probs = torch.softmax(logits / self.temperature, dim=1)
-        paths = [None] * len(probs) if paths is None else paths
-        scores = [None] * len(probs) if unfamiliarity is None else unfamiliarity.tolist()
-        return [self.prediction(p, path, u) for p, path, u in zip(probs, paths, scores)]
+        return self.make_predictions(probs.tolist(), None if unfamiliarity is None else unfamiliarity.tolist(),
+                                     paths)
 
     def predict_arrays(self, arrays_uint8_nhwc, paths=None, batch_size=64):
         """(N, S, S, 3) uint8 numpy array of decoded images -> N Predictions (the serve and predict path)."""
         return self.predictions(torch.from_numpy(np.ascontiguousarray(arrays_uint8_nhwc)), paths, batch_size)
-
-    def decode(self, image):
-        try:
-            return decode(image, self.image_size)
-        except ImageDecodeError as e:
-            name = image if isinstance(image, (str, os.PathLike)) else "image"
-            raise FolderCNNError(f"{name}: {e}") from None
-
-    def predict(self, image):
-        path = image if isinstance(image, (str, os.PathLike)) else None
-        x = torch.from_numpy(self.decode(image)).unsqueeze(0)
-        return self.predictions(x, [path])[0]
-
-    def predict_many(self, images, batch_size=64):
-        arrays = np.stack([self.decode(im) for im in images]) if images else np.empty((0, 3, 3, 3), np.uint8)
-        return self.predictions(torch.from_numpy(arrays),
-                                [im if isinstance(im, (str, os.PathLike)) else None for im in images], batch_size)
 
 
 def load(path, device="cpu"):

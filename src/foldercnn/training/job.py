@@ -83,30 +83,30 @@ def data_summary(data_dir, val_dir, val_fraction, train, val, skipped, max_liste
             "skipped": [{"path": str(p), "reason": r} for p, r in skipped[:max_listed]]}
 
 
-def calibrate(model, val, recipe, device, uncertain_below=DEFAULT_UNCERTAIN_BELOW):
-    """Fit the softmax temperature on the validation split (never on a test folder) for the model file."""
-    logits = batched_logits(model, val.take(slice(None)), recipe.mean, recipe.std, device, recipe.tta,
-                            batch_size=256)
-    labels = val.labels
+def final_pass(model, data, recipe, device):
+    """(logits, penultimate features) of the trained model on decoded images: eval mode, fp32, no augmentation,
+    the batched inference path that prediction uses."""
+    return batched_logits(model, data.take(slice(None)), recipe.mean, recipe.std, device, recipe.tta,
+                          batch_size=256, features=True)
+
+
+def calibrate(logits, labels, uncertain_below=DEFAULT_UNCERTAIN_BELOW):
+    """Fit the softmax temperature on the validation split's logits (never a test folder's) for the model file."""
     t, rule = choose_temperature(logits, labels)
     cal = calibration_summary(logits, labels, t)
     before, after = cal["uncalibrated"], cal["calibrated"]
     return {"temperature": t, "uncertain_below": uncertain_below, "rule": rule,
-            "fitted_on": f"validation split ({len(val)} images)",
+            "fitted_on": f"validation split ({len(labels)} images)",
             "val_errors": int((logits.argmax(1) != labels).sum()),
             "val_nll_before": before["nll"], "val_nll_after": after["nll"],
             "val_ece_before": before["ece"], "val_ece_after": after["ece"]}
 
 
-def fit_unfamiliarity(model, train, val, recipe, device, log=print):
-    """The unfamiliarity score (models/unfamiliar.py) on the penultimate features of the training split, its
-    threshold on the validation split only: eval mode, fp32, no augmentation, the batched inference path."""
-    def features(data):
-        return batched_logits(model, data.take(slice(None)), recipe.mean, recipe.std, device, recipe.tta,
-                              batch_size=256, features=True)[1]
+def fit_unfamiliarity(train_features, train_labels, val_features, val_labels, num_classes, log=print):
+    """The unfamiliarity score (models/unfamiliar.py) on the training split's penultimate features, its
+    threshold on the validation split's only."""
     try:
-        fitted = unfamiliar.fit(features(train), train.labels, features(val), val.labels,
-                                num_classes=len(train.classes))
+        fitted = unfamiliar.fit(train_features, train_labels, val_features, val_labels, num_classes=num_classes)
     except ValueError as e:
         log(f"no unfamiliarity score: {e}")
         return None
@@ -266,12 +266,14 @@ def train_folder(data_dir, out_dir, recipe="fast", val_dir=None, val_fraction=No
         raise FolderCNNError("stopped before the first epoch finished; no model saved")
     model.load_state_dict(result.best_state)
 
-    calibration = calibrate(model, val, recipe, device, uncertain_below)
+    val_logits, val_features = final_pass(model, val, recipe, device)  # one pass serves both fits below
+    calibration = calibrate(val_logits, val.labels, uncertain_below)
     log(f"calibration on the validation split: temperature {calibration['temperature']:.3f} "
         f"({calibration['rule']}), NLL "
         f"{calibration['val_nll_before']:.4f} -> {calibration['val_nll_after']:.4f}, expected calibration error "
         f"{calibration['val_ece_before']:.4f} -> {calibration['val_ece_after']:.4f}")
-    unfamiliarity = fit_unfamiliarity(model, train, val, recipe, device, log)
+    unfamiliarity = fit_unfamiliarity(final_pass(model, train, recipe, device)[1], train.labels, val_features,
+                                      val.labels, len(train.classes), log)
     metadata = model_metadata(recipe, train, val, skipped, data_dir=data_dir, val_dir=val_dir,
                               val_fraction=val_fraction, seed=seed, precision=precision, fine_tune=fine_tune,
                               fine_tuned_epochs=fine_tuned_epochs, result=result, calibration=calibration,

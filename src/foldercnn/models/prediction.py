@@ -1,5 +1,12 @@
-"""What a prediction is, shared by the PyTorch and the ONNX paths (no PyTorch import here)."""
+"""What a prediction is, and the image-in, prediction-out surface shared by the PyTorch Classifier and the ONNX
+OnnxClassifier (no PyTorch import here, so the ONNX path stays torch-free)."""
+import os
 from dataclasses import dataclass
+
+import numpy as np
+
+from ..data.images import ImageDecodeError, decode
+from ..errors import FolderCNNError
 
 # A prediction whose calibrated top probability is below this is flagged "uncertain" (stored per model;
 # `foldercnn train --uncertain-below` changes it). See README, "How good is the model?".
@@ -36,3 +43,36 @@ def from_probabilities(classes, probs, uncertain_below, path=None, unfamiliarity
     i = max(range(len(probs)), key=probs.__getitem__)
     return Prediction(classes[i], probs[i], dict(zip(classes, probs)), None if path is None else str(path),
                       probs[i] < uncertain_below, None if unfamiliarity is None else float(unfamiliarity))
+
+
+def _path_of(image):
+    return image if isinstance(image, (str, os.PathLike)) else None
+
+
+class ImagePredictor:
+    """`decode`, `predict` and `predict_many` for a classifier with `classes`, `image_size`, `uncertain_below`
+    and `predict_arrays((N, S, S, 3) uint8 array, paths, batch_size) -> [Prediction]`."""
+
+    def make_predictions(self, probabilities, unfamiliarity=None, paths=None):
+        """Predictions from rows of calibrated probabilities (and their unfamiliarity, when the model has it)."""
+        n = len(probabilities)
+        paths = [None] * n if paths is None else paths
+        scores = [None] * n if unfamiliarity is None else list(unfamiliarity)
+        return [from_probabilities(self.classes, p, self.uncertain_below, path, u)
+                for p, path, u in zip(probabilities, paths, scores)]
+
+    def decode(self, image):
+        try:
+            return decode(image, self.image_size)
+        except ImageDecodeError as e:
+            raise FolderCNNError(f"{_path_of(image) or 'image'}: {e}") from None
+
+    def predict(self, image):
+        """A path, bytes, a PIL image or an HxWxC array -> Prediction."""
+        return self.predict_arrays(self.decode(image)[None], [_path_of(image)])[0]
+
+    def predict_many(self, images, batch_size=64):
+        if not images:
+            return []
+        return self.predict_arrays(np.stack([self.decode(im) for im in images]), [_path_of(im) for im in images],
+                                   batch_size)
