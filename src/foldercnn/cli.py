@@ -42,6 +42,8 @@ def build_parser():
     p = sub.add_parser("inspect", help="summarise a labelled folder and draw samples.png")
     p.add_argument("data_dir")
     p.add_argument("--out", help="folder for samples.png (default: no picture)")
+    p.add_argument("--against", metavar="TEST_DIR",
+                   help="list images of TEST_DIR that nearly duplicate images of DATA_DIR (leaks)")
 
     p = sub.add_parser("train", help="train a classifier; writes RUN_DIR/model.safetensors, plots and report.html")
     p.add_argument("data_dir")
@@ -107,7 +109,7 @@ def build_parser():
 
 def cmd_inspect(args):
     from .data.inspect import format_report, inspect_folder
-    print(format_report(inspect_folder(args.data_dir, out_dir=args.out)))
+    print(format_report(inspect_folder(args.data_dir, out_dir=args.out, against=args.against)))
 
 
 def _overrides(args):

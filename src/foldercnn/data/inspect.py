@@ -5,6 +5,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from . import duplicates as dup
 from .folders import load_folder, scan_folder
 from .. import run_folder as rf
 from ..plots import sample_grid
@@ -21,6 +22,9 @@ class FolderReport:
     modes: Counter  # Pillow mode -> count
     formats: Counter
     skipped: list
+    duplicate_groups: list = None  # lists of paths of near-identical images, largest first
+    leaks: list = None  # (image of the --against folder, its near-duplicate here, score)
+    against: Path = None
     samples_path: Path = None
 
 
@@ -32,8 +36,9 @@ def _header(path):
         return None
 
 
-def inspect_folder(data_dir, out_dir=None, per_class=6):
-    """Scan DATA_DIR, decode every image once (finding the broken ones), summarise, draw samples.png."""
+def inspect_folder(data_dir, out_dir=None, per_class=6, against=None):
+    """Scan DATA_DIR, decode every image once (finding the broken ones), summarise, find near-duplicates, draw
+    samples.png. With `against` (a test folder): list its images that nearly duplicate an image of DATA_DIR."""
     folder = scan_folder(data_dir)
     data = load_folder(folder, THUMB, require_every_class=False)
     bad = {str(p) for p, _ in data.skipped}
@@ -47,7 +52,14 @@ def inspect_folder(data_dir, out_dir=None, per_class=6):
             modes[h[1]] += 1
             formats[h[2]] += 1
     counts = {c: int((data.labels == i).sum()) for i, c in enumerate(folder.classes)}
-    report = FolderReport(Path(data_dir), folder.classes, counts, sizes, modes, formats, data.skipped)
+    groups = dup.groups_of(dup.near_duplicate_groups(data.images, data.paths))
+    report = FolderReport(Path(data_dir), folder.classes, counts, sizes, modes, formats, data.skipped,
+                          [[data.paths[i] for i in g] for g in groups])
+    if against is not None:
+        other = load_folder(scan_folder(against, min_classes=1), THUMB, require_every_class=False)
+        report.against = Path(against)
+        report.leaks = [(other.paths[i], data.paths[j], s)
+                        for i, j, s in dup.matches_against(other.images, data.images)]
     if out_dir is not None:
         report.samples_path = sample_grid(data.images, data.labels, folder.classes,
                                           Path(out_dir) / rf.SAMPLES, per_class=per_class,
@@ -72,6 +84,26 @@ def format_report(r):
         lines += [f"  {p}: {why}" for p, why in r.skipped]
     else:
         lines.append("every file is usable")
+    lines += format_duplicates(r)
     if r.samples_path:
         lines.append(f"sample grid: {r.samples_path}")
     return "\n".join(lines)
+
+
+def format_duplicates(r, listed=5):
+    groups = r.duplicate_groups or []
+    lines = [f"near-duplicates: {len(groups)} groups, {sum(map(len, groups))} images "
+             f"(resized, re-compressed, slightly cropped copies, burst frames, neighbouring renders)"]
+    for g in groups[:listed]:
+        lines.append(f"  {len(g)} images: {g[0].name}, {g[1].name}" + (", ..." if len(g) > 2 else ""))
+    if len(groups) > listed:
+        lines.append(f"  ... and {len(groups) - listed} more groups")
+    if groups:
+        lines.append("  `foldercnn train` keeps each group on one side of its validation split")
+    if r.against is not None:
+        lines.append(f"leaks: {len(r.leaks)} image(s) of {r.against} nearly duplicate training images"
+                     + (" (test figures on them flatter the model)" if r.leaks else ""))
+        lines += [f"  {a} ~ {b} ({s:.3f})" for a, b, s in r.leaks[:20]]
+        if len(r.leaks) > 20:
+            lines.append(f"  ... and {len(r.leaks) - 20} more")
+    return lines

@@ -12,7 +12,8 @@ import torch
 from .. import run_folder as rf
 from .. import runtime
 from ..data.augment import augment_batch
-from ..data.folders import check_same_classes, load_folder, scan_folder, stratified_split, summarize_skipped
+from ..data.duplicates import groups_of, near_duplicate_groups
+from ..data.folders import check_same_classes, group_split, load_folder, scan_folder, summarize_skipped
 from ..errors import FolderCNNError
 from ..evaluation.calibration import choose_temperature
 from ..evaluation.metrics import calibration_summary
@@ -61,14 +62,23 @@ def prepare_data(data_dir, recipe, val_dir=None, val_fraction=None, seed=0, log=
     else:
         fraction = 0.2 if val_fraction is None else val_fraction
         everything = load_folder(folder, recipe.image_size)
-        train_idx, val_idx = stratified_split(everything.labels, fraction, seed)
+        # near-duplicates (burst frames, augmented copies, neighbouring renders) stay on one side of the split,
+        # or validation accuracy, the temperature and the unfamiliarity threshold all flatter the model
+        groups = near_duplicate_groups(everything.images, everything.paths)
+        train_idx, val_idx, by_image = group_split(everything.labels, groups, fraction, seed)
         if len(val_idx) == 0:
             raise FolderCNNError(f"too few images in {data_dir} to hold out a validation split")
         train, val = everything.subset(train_idx), everything.subset(val_idx)
         skipped = everything.skipped
         how = "default " if val_fraction is None else ""
+        dup_groups = groups_of(groups)
         log(f"validation: a stratified {fraction:.0%} of {data_dir} held out ({how}--val-fraction, seed {seed}): "
-            f"{len(train)} images train, {len(val)} validate")
+            f"{len(train)} images train, {len(val)} validate; {len(dup_groups)} groups of near-duplicates "
+            f"({sum(map(len, dup_groups))} images) kept on one side")
+        if by_image:
+            names = ", ".join(everything.classes[c] for c in by_image)
+            log(f"note: every near-duplicate group of {names} is too big to hold out whole, so those classes are "
+                f"split image by image: their validation figures flatter")
     if skipped:
         log(f"skipped {len(skipped)} file(s):\n{summarize_skipped(skipped)}")
     return train, val, skipped
@@ -78,7 +88,7 @@ def data_summary(data_dir, val_dir, val_fraction, train, val, skipped, max_liste
     """What the model was trained on, for the model file and the report."""
     counts = {c: [int((train.labels == i).sum()), int((val.labels == i).sum())] for i, c in enumerate(train.classes)}
     how = f"the folder {val_dir}" if val_dir is not None else \
-        f"a stratified {0.2 if val_fraction is None else val_fraction:.0%} held out of the training folder"
+        f"a stratified, near-duplicate-aware {0.2 if val_fraction is None else val_fraction:.0%} held out of the training folder"
     return {"train_dir": str(data_dir), "validation": how, "counts": counts, "n_skipped": len(skipped),
             "skipped": [{"path": str(p), "reason": r} for p, r in skipped[:max_listed]]}
 
