@@ -65,8 +65,10 @@ def build_parser():
     p = sub.add_parser("evaluate", help="accuracy with its 95%% interval, per-class metrics, confusion matrix, "
                                         "worst mistakes and calibration on a labelled folder")
     p.add_argument("model")
-    p.add_argument("data_dir")
-    p.add_argument("--json", action="store_true", help="print one JSON object with every number")
+    p.add_argument("data_dir", nargs="+", help="the test folder, then any other labelled folders (photos from "
+                                               "other people, rooms, cameras): one summary row each")
+    p.add_argument("--json", action="store_true", help="print one JSON object with every number (a list of them, "
+                                                       "one per folder, when several folders are given)")
     p.add_argument("--out", help="write evaluation.json, confusion.png, mistakes.png, calibration.png and "
                                  "report.html here (give the run folder to complete its report)")
     p.add_argument("--tta", action="store_true", help="average each prediction with its mirror image's")
@@ -144,11 +146,17 @@ def cmd_train(args):
 
 
 def cmd_evaluate(args):
-    from .evaluation.metrics import format_evaluation
+    from .evaluation.metrics import folder_row, format_evaluation, format_folder_table
     from .evaluation.report import evaluate_to_folder
     _setup_runtime()
-    ev, report = evaluate_to_folder(args.model, args.data_dir, args.out, tta=True if args.tta else None)
-    print(json.dumps(ev.to_dict()) if args.json else format_evaluation(ev))
+    evs, report = evaluate_to_folder(args.model, args.data_dir, args.out, tta=True if args.tta else None)
+    if args.json:
+        print(json.dumps(evs[0].to_dict() if len(evs) == 1 else [ev.to_dict() for ev in evs]))
+    else:
+        print(format_evaluation(evs[0]))
+        if len(evs) > 1:
+            print("\none row per folder (the first is the test folder above):")
+            print(format_folder_table([folder_row(ev.to_dict()) for ev in evs]))
     if report:
         print(f"wrote evaluation.json, confusion.png, mistakes.png, calibration.png and {report}",
               file=sys.stderr if args.json else sys.stdout)

@@ -2,7 +2,8 @@
 
     RUN_DIR/model.safetensors   the model file (weights + metadata)
     RUN_DIR/history.csv         one row per epoch
-    RUN_DIR/evaluation.json     the last `evaluate --out RUN_DIR`
+    RUN_DIR/evaluation.json     the last `evaluate --out RUN_DIR` (its first folder: the test folder)
+    RUN_DIR/other_folders.json  that evaluation's further folders, one summary row each
     RUN_DIR/report.html         the self-contained report
     RUN_DIR/*.png               the figures
 """
@@ -15,6 +16,7 @@ from .files import write_text
 MODEL = "model.safetensors"
 HISTORY = "history.csv"
 EVALUATION = "evaluation.json"
+OTHER_FOLDERS = "other_folders.json"
 REPORT = "report.html"
 SAMPLES = "samples.png"
 AUGMENTATIONS = "augmentations.png"

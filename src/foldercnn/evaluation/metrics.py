@@ -225,3 +225,35 @@ def format_flags(f):
             f"{_fmt(f['selective_accuracy'])}",
             f"telling wrong from right (AUROC, 0.5 = chance): low confidence {_fmt(f['auroc_low_confidence'], False)}, "
             f"unfamiliarity {_fmt(f['auroc_unfamiliarity'], False)}"]
+
+
+def folder_row(ev):
+    """One line of figures for a folder, from Evaluation.to_dict() (or evaluation.json): what `evaluate MODEL
+    DIR1 DIR2 ...` prints and the report's "other photos" table shows."""
+    f = ev.get("flags") or {}
+    return {"data_dir": ev.get("data_dir"), "n": ev["n"], "accuracy": ev["accuracy"],
+            "accuracy_ci95": ev["accuracy_ci95"],
+            "ece": ((ev.get("calibration") or {}).get("calibrated") or {}).get("ece"),
+            "share_flagged": f.get("share_either"), "share_unfamiliar": f.get("share_unfamiliar"),
+            "errors": f.get("errors"), "errors_flagged": (f.get("errors_flagged") or {}).get("either"),
+            "selective_accuracy": f.get("selective_accuracy"), "n_not_flagged": f.get("n_not_flagged"),
+            "auroc_low_confidence": f.get("auroc_low_confidence"), "auroc_unfamiliarity": f.get("auroc_unfamiliarity")}
+
+
+FOLDER_TABLE_HEADER = ["folder", "images", "accuracy", "95% interval", "ECE", "flagged", "mistakes flagged",
+                       "accuracy not flagged"]
+
+
+def folder_table_cells(row):
+    lo, hi = row["accuracy_ci95"]
+    caught = "n/a" if row["errors_flagged"] is None else f"{row['errors_flagged']} of {row['errors']}"
+    return [row["data_dir"], str(row["n"]), _fmt(row["accuracy"]), f"{_fmt(lo)}-{_fmt(hi)}",
+            _fmt(row["ece"], False), _fmt(row["share_flagged"]), caught, _fmt(row["selective_accuracy"])]
+
+
+def format_folder_table(rows):
+    """Plain-text table, one row per evaluated folder."""
+    cells = [FOLDER_TABLE_HEADER] + [folder_table_cells(r) for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(FOLDER_TABLE_HEADER))]
+    return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))
+                     for line in cells)

@@ -17,7 +17,7 @@ from ..models.registry import summary
 from ..plots import confusion_matrix_plot, mistakes_gallery, reliability_diagram
 from ..version import __version__
 from .headline import VALIDATION_LABEL
-from .metrics import evaluate_folder
+from .metrics import FOLDER_TABLE_HEADER, evaluate_folder, folder_row, folder_table_cells
 
 MISTAKE_THUMB = 160
 
@@ -44,18 +44,27 @@ def save_evaluation(ev, out_dir, n_mistakes=12):
     return out_dir
 
 
-def evaluate_to_folder(model_path, data_dir, out_dir=None, tta=None):
-    """Evaluate a model file on DATA_DIR; with OUT_DIR also write the figures and (re)write report.html there.
+def evaluate_to_folder(model_path, data_dirs, out_dir=None, tta=None):
+    """Evaluate a model file on one or more labelled folders; with OUT_DIR also write the figures and (re)write
+    report.html there. The first folder is the test folder (evaluation.json, figures, the headline); the others
+    ("other photos": other people, rooms, cameras) get one summary row each in other_folders.json.
 
-    Returns (Evaluation, report path or None).
+    Returns (list of Evaluations, report path or None).
     """
+    data_dirs = [data_dirs] if isinstance(data_dirs, (str, Path)) else list(data_dirs)
     if out_dir is not None:
-        check_out_dir(out_dir, [data_dir])
-    ev = evaluate_folder(load(model_path), data_dir, tta=tta)
+        check_out_dir(out_dir, data_dirs)
+    classifier = load(model_path)
+    evs = [evaluate_folder(classifier, d, tta=tta) for d in data_dirs]
     if out_dir is None:
-        return ev, None
-    save_evaluation(ev, out_dir)
-    return ev, write_report(out_dir, model_path)
+        return evs, None
+    save_evaluation(evs[0], out_dir)
+    others = Path(out_dir) / rf.OTHER_FOLDERS
+    if len(evs) > 1:
+        write_text(others, json.dumps([folder_row(ev.to_dict()) for ev in evs[1:]], indent=1))
+    else:  # rows from an earlier evaluation would sit beside a test figure they were not measured with
+        others.unlink(missing_ok=True)
+    return evs, write_report(out_dir, model_path)
 
 
 # ---- report.html ----
@@ -293,6 +302,25 @@ def _evaluation_section(run, meta, ev):
     return "".join(out)
 
 
+def _other_folders_section(run, ev):
+    rows = _read_json(run / rf.OTHER_FOLDERS)
+    if not ev or not rows:
+        return ""
+    table = [folder_table_cells(folder_row(ev))] + [folder_table_cells(r) for r in rows]
+    worst = min(rows, key=lambda r: r["accuracy"])
+    gap = ev["accuracy"] - worst["accuracy"]
+    note = (f'<p class="warn">On <code>{_esc(worst["data_dir"])}</code> it is right {_pct(worst["accuracy"])} of the '
+            f"time, {100 * gap:.0f} points below the test folder: photos unlike the training folder (other people, "
+            "rooms, cameras) are where this model is weak. Add some of them to the training folder.</p>"
+            if gap > 0.05 else "")
+    return ("<h2>6. How it does on other photos</h2>"
+            "<p>The test folder above usually comes from the same source as the training folder. These folders "
+            "were evaluated with it, to show how the model does on photos from elsewhere.</p>"
+            + _table(FOLDER_TABLE_HEADER, table) + note +
+            '<p class="note">ECE: expected calibration error of the calibrated probabilities (0 is perfect). '
+            "Flagged: uncertain or unfamiliar. Accuracy not flagged: on the images neither warning touches.</p>")
+
+
 def build_report(run_dir, model_path=None):
     """report.html as a string, from what RUN_DIR holds (model file, history, PNGs, evaluation.json)."""
     run = Path(run_dir)
@@ -315,6 +343,7 @@ def build_report(run_dir, model_path=None):
             "new photos (same people, same lighting). The test figures below are the ones to quote.</p>",
             _data_section(run, meta), _augmentation_section(run, meta), _model_section(meta, model_summary),
             _training_section(run, meta, history), _evaluation_section(run, meta, ev),
+            _other_folders_section(run, ev),
             "<h2>Use it</h2><pre>" + _esc(f"foldercnn predict {model_path} photo.jpg\n"
                                           f"foldercnn serve {model_path}\n"
                                           f"foldercnn report {run}") + "</pre>"]
