@@ -50,6 +50,9 @@ def build_parser():
     val = p.add_mutually_exclusive_group()
     val.add_argument("--val", help="validation folder with the same class sub-folders")
     val.add_argument("--val-fraction", type=float, help="hold out this stratified fraction (default 0.2)")
+    p.add_argument("--split", choices=["groups", "images"], default="groups",
+                   help="how --val-fraction holds images out: 'groups' (default) keeps near-duplicates (burst "
+                        "frames, copies) on one side so validation does not flatter; 'images': image by image")
     p.add_argument("--out", required=True, help="run directory to write")
     p.add_argument("--fine-tune", action="store_true",
                    help="for a recipe with a linear probe (transfer): then also train the last blocks")
@@ -95,6 +98,8 @@ def build_parser():
     p = sub.add_parser("demo", help="the Rock-Paper-Scissors tutorial's whole journey in one command")
     p.add_argument("--data", help="folder with train/ (and test/, validation/); default: find or download")
     p.add_argument("--out", default="foldercnn-demo", help="where outputs go (default ./foldercnn-demo)")
+    p.add_argument("--photos", help="real photos of hands (rock/paper/scissors folders, or folders of them) to "
+                                    "measure the model on; default $FOLDERCNN_RPS_PHOTOS_DIR when set")
     _add_training_options(p)
 
     sub.add_parser("models", help="list the architectures and recipes")
@@ -138,7 +143,8 @@ def cmd_train(args):
     extra["resume"] = False if args.restart else args.resume
     result = train_folder(args.data_dir, args.out, recipe=args.recipe, val_dir=args.val,
                           val_fraction=args.val_fraction, seed=args.seed, precision=args.precision,
-                          time_budget=args.time_budget, fine_tune=args.fine_tune, **extra, **_overrides(args))
+                          time_budget=args.time_budget, fine_tune=args.fine_tune, split=args.split, **extra,
+                          **_overrides(args))
     best = result.history[result.best_epoch - 1]
     print(f"saved {result.model_path} (epoch {result.best_epoch}, val_accuracy {best['val_accuracy']:.4f}); "
           f"plots and history.csv in {result.out_dir}")
@@ -199,7 +205,7 @@ def cmd_demo(args):
     from .demo import run_demo
     _setup_runtime()
     run_demo(data=args.data, out=args.out, recipe=args.recipe, seed=args.seed, precision=args.precision,
-             time_budget=args.time_budget, **_overrides(args))
+             time_budget=args.time_budget, photos=args.photos, **_overrides(args))
 
 
 def cmd_export(args):

@@ -1,4 +1,5 @@
 """`foldercnn demo`: the Keras Rock-Paper-Scissors tutorial's whole journey in one command."""
+import json
 import os
 import shutil
 from pathlib import Path
@@ -13,7 +14,8 @@ from .data.folders import stratified_split
 from .data.inspect import format_report, inspect_folder
 from .deploy.predict import predict_paths
 from .errors import FolderCNNError
-from .evaluation.metrics import evaluate_folder, format_evaluation
+from .evaluation.metrics import evaluate_folder, folder_row, format_evaluation, format_folder_table
+from .files import write_text
 from .evaluation.report import save_evaluation, write_report
 from .models.inference import load
 from .training.job import train_folder
@@ -93,9 +95,34 @@ def make_digits_folder(target):
     return target
 
 
+def find_photos(photos=None, log=print):
+    """Labelled folders of real photos to measure the model on: --photos, else $FOLDERCNN_RPS_PHOTOS_DIR.
+
+    The folder may itself hold the class folders, or hold several such folders (one per source)."""
+    how = "--photos"
+    if photos is None:
+        photos, how = os.environ.get("FOLDERCNN_RPS_PHOTOS_DIR"), "$FOLDERCNN_RPS_PHOTOS_DIR"
+        if not photos:
+            return []
+    photos = Path(photos)
+    if not photos.is_dir():
+        if how == "--photos":
+            raise FolderCNNError(f"--photos {photos}: no such folder")
+        log(f"{how}={photos} is not a folder; no real photos to measure on")
+        return []
+    names = {"paper", "rock", "scissors"}
+    if names & {p.name for p in photos.iterdir() if p.is_dir()}:
+        return [photos]
+    found = sorted(p for p in photos.iterdir() if p.is_dir() and names & {q.name for q in p.iterdir() if q.is_dir()})
+    if not found:
+        log(f"{how}={photos} holds no rock/paper/scissors folders; no real photos to measure on")
+    return found
+
+
 def run_demo(data=None, out="foldercnn-demo", recipe="fast", seed=0, precision="auto", time_budget=None, log=print,
-             progress=True, **overrides):
-    """Find data, inspect, train, plot, evaluate on the test set, classify validation/, list the outputs."""
+             progress=True, photos=None, **overrides):
+    """Find data, inspect, train, plot, evaluate on the test set and on real photos (when found), classify
+    validation/, list the outputs."""
     recipe_obj = get_recipe(recipe, **overrides)
     out = Path(out)
     try:
@@ -128,6 +155,16 @@ def run_demo(data=None, out="foldercnn-demo", recipe="fast", seed=0, precision="
         outputs["confusion matrix"] = out / rf.CONFUSION
         outputs["worst mistakes"] = out / rf.MISTAKES
         outputs["calibration"] = out / rf.CALIBRATION
+    photo_dirs = find_photos(photos, log) if title == "Rock-Paper-Scissors" else []
+    if photo_dirs and test_dir:
+        log("\n== 3b. real photos of hands (the tutorial's test set is CGI, like its training set)")
+        rows = [folder_row(ev.to_dict())] + [folder_row(evaluate_folder(classifier, d).to_dict()) for d in photo_dirs]
+        log(format_folder_table(rows))
+        write_text(out / rf.OTHER_FOLDERS, json.dumps(rows[1:], indent=1))
+        real = sum(r["accuracy"] * r["n"] for r in rows[1:]) / sum(r["n"] for r in rows[1:])
+        log(f"accuracy on the CGI test set {ev.accuracy:.1%}; on {sum(r['n'] for r in rows[1:])} real photos "
+            f"{real:.1%} (chance: {1 / len(classifier.classes):.0%})")
+        outputs["real photos"] = out / rf.OTHER_FOLDERS
     outputs["report"] = write_report(out)
 
     extra = root / "validation"

@@ -9,6 +9,13 @@ Semantics follow Keras' ImageDataGenerator so the `seed` recipe matches the tuto
   horizontal_flip  with probability 1/2
   fill         "nearest": pixels outside the source repeat the edge (border padding)
   brightness, contrast, saturation (not in the tutorial): per-image factors in [1 - b, 1 + b]
+Capture augmentation (the `robust` recipe: photos from other cameras, rooms and light), each with its probability
+or bound, applied after the geometry in this order:
+  backgrounds  probability of compositing a plain-background image's subject onto another background (backgrounds.py)
+  colour_cast  per-channel gains in [1 - c, 1 + c] (white balance, coloured light)
+  grey         probability of a grey-scale image
+  low_res      probability of shrinking to 25-60% of the side and back (low-resolution crops, blur)
+  noise        per-image Gaussian noise, standard deviation uniform in [0, noise]
 The transform maps output pixel coordinates to input ones, like Keras/scipy, and samples bilinearly.
 """
 from dataclasses import asdict, dataclass
@@ -28,11 +35,17 @@ class AugmentConfig:
     brightness: float = 0.0
     contrast: float = 0.0
     saturation: float = 0.0
+    backgrounds: float = 0.0
+    colour_cast: float = 0.0
+    grey: float = 0.0
+    low_res: float = 0.0
+    noise: float = 0.0
 
     def is_identity(self):
         return not self.horizontal_flip and not any(
             (self.rotation, self.width_shift, self.height_shift, self.shear, self.zoom, self.brightness,
-             self.contrast, self.saturation))
+             self.contrast, self.saturation, self.backgrounds, self.colour_cast, self.grey, self.low_res,
+             self.noise))
 
     def to_dict(self):
         return asdict(self)
@@ -99,10 +112,37 @@ def jitter_colour(x, cfg: AugmentConfig, generator=None):
     return x.clamp(0, 1)
 
 
+def _chosen(n, probability, generator, device):
+    return (torch.rand(n, generator=generator) < probability).view(n, 1, 1, 1).to(device)
+
+
+def capture_batch(x, cfg: AugmentConfig, generator=None):
+    """Colour cast, grey-scale, low resolution and sensor noise on NCHW images in [0, 1] (see the module doc)."""
+    n = x.shape[0]
+    if cfg.colour_cast:
+        x = x * (1 + _uniform(n * 3, cfg.colour_cast, generator)).float().view(n, 3, 1, 1).to(x.device)
+    if cfg.grey:
+        grey = (x * torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
+        x = torch.where(_chosen(n, cfg.grey, generator, x.device), grey.expand_as(x), x)
+    if cfg.low_res:
+        h, w = x.shape[-2:]
+        scale = float(torch.empty(1).uniform_(0.25, 0.6, generator=generator))
+        small = F.interpolate(x, size=(max(4, int(h * scale)), max(4, int(w * scale))), mode="area")
+        blurred = F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)
+        x = torch.where(_chosen(n, cfg.low_res, generator, x.device), blurred, x)
+    if cfg.noise:
+        sigma = (torch.rand(n, generator=generator) * cfg.noise).view(n, 1, 1, 1).to(x.device)
+        x = x + sigma * torch.randn(x.shape, generator=generator).to(x.device)
+    return x.clamp(0, 1)
+
+
 def augment_batch(x, cfg: AugmentConfig, generator=None):
     """Randomly augment a NCHW float batch in [0, 1]; identity config returns x unchanged."""
     if cfg.is_identity():
         return x
+    if cfg.backgrounds:  # before the geometry: the border must still be the photo's border
+        from .backgrounds import replace_backgrounds
+        x = replace_backgrounds(x, cfg.backgrounds, generator)
     geometric = any((cfg.rotation, cfg.width_shift, cfg.height_shift, cfg.shear, cfg.zoom))
     if geometric:
         x = apply_affine(x, random_affine_matrices(x.shape[0], cfg, generator).to(x.device))
@@ -111,4 +151,6 @@ def augment_batch(x, cfg: AugmentConfig, generator=None):
         x = torch.where(flip.view(-1, 1, 1, 1).to(x.device), hflip(x), x)
     if cfg.brightness or cfg.contrast or cfg.saturation:
         x = jitter_colour(x, cfg, generator)
+    if cfg.colour_cast or cfg.grey or cfg.low_res or cfg.noise:
+        x = capture_batch(x, cfg, generator)
     return x

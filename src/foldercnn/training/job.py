@@ -47,8 +47,15 @@ class TrainResult:
     fine_tuned_epochs: int = 0
 
 
-def prepare_data(data_dir, recipe, val_dir=None, val_fraction=None, seed=0, log=print):
-    """Scan and decode the training (and validation) images once; split if no validation folder."""
+SPLITS = ("groups", "images")
+
+
+def prepare_data(data_dir, recipe, val_dir=None, val_fraction=None, seed=0, log=print, split="groups"):
+    """Scan and decode the training (and validation) images once; split if no validation folder.
+
+    split "groups" keeps every group of near-duplicates on one side; "images" splits image by image."""
+    if split not in SPLITS:
+        raise FolderCNNError(f"--split must be one of {', '.join(SPLITS)}, got '{split}'")
     if val_dir is not None and val_fraction is not None:
         raise FolderCNNError("give either --val or --val-fraction, not both")
     folder = scan_folder(data_dir)
@@ -64,7 +71,8 @@ def prepare_data(data_dir, recipe, val_dir=None, val_fraction=None, seed=0, log=
         everything = load_folder(folder, recipe.image_size)
         # near-duplicates (burst frames, augmented copies, neighbouring renders) stay on one side of the split,
         # or validation accuracy, the temperature and the unfamiliarity threshold all flatter the model
-        groups = near_duplicate_groups(everything.images, everything.paths)
+        groups = near_duplicate_groups(everything.images, everything.paths) if split == "groups" else \
+            torch.arange(len(everything))
         train_idx, val_idx, by_image = group_split(everything.labels, groups, fraction, seed)
         if len(val_idx) == 0:
             raise FolderCNNError(f"too few images in {data_dir} to hold out a validation split")
@@ -84,11 +92,12 @@ def prepare_data(data_dir, recipe, val_dir=None, val_fraction=None, seed=0, log=
     return train, val, skipped
 
 
-def data_summary(data_dir, val_dir, val_fraction, train, val, skipped, max_listed=50):
+def data_summary(data_dir, val_dir, val_fraction, train, val, skipped, split="groups", max_listed=50):
     """What the model was trained on, for the model file and the report."""
     counts = {c: [int((train.labels == i).sum()), int((val.labels == i).sum())] for i, c in enumerate(train.classes)}
     how = f"the folder {val_dir}" if val_dir is not None else \
-        f"a stratified, near-duplicate-aware {0.2 if val_fraction is None else val_fraction:.0%} held out of the training folder"
+        (f"a stratified{', near-duplicate-aware' if split == 'groups' else ''} "
+         f"{0.2 if val_fraction is None else val_fraction:.0%} held out of the training folder")
     return {"train_dir": str(data_dir), "validation": how, "counts": counts, "n_skipped": len(skipped),
             "skipped": [{"path": str(p), "reason": r} for p, r in skipped[:max_listed]]}
 
@@ -179,7 +188,7 @@ def run_training(model, train, val, recipe, *, fine_tune, device, precision, see
 
 
 def model_metadata(recipe, train, val, skipped, *, data_dir, val_dir, val_fraction, seed, precision, fine_tune,
-                   fine_tuned_epochs, result, calibration, timing):
+                   fine_tuned_epochs, result, calibration, timing, split="groups"):
     best = result.history[result.best_epoch - 1]
     return {
         "architecture": recipe.model,
@@ -199,7 +208,7 @@ def model_metadata(recipe, train, val, skipped, *, data_dir, val_dir, val_fracti
                     "train_accuracy": best["accuracy"], "train_loss": best["loss"],
                     "n_train": len(train), "n_val": len(val), "interrupted": result.interrupted},
         "timing": timing,
-        "data": data_summary(data_dir, val_dir, val_fraction, train, val, skipped),
+        "data": data_summary(data_dir, val_dir, val_fraction, train, val, skipped, split),
     }
 
 
@@ -224,9 +233,11 @@ def find_resume(out_dir, identity, resume, log):
 
 def train_folder(data_dir, out_dir, recipe="fast", val_dir=None, val_fraction=None, seed=0,
                  precision="auto", device="auto", time_budget=None, fine_tune=False,
-                 uncertain_below=DEFAULT_UNCERTAIN_BELOW, log=print, resume=None, **overrides):
+                 uncertain_below=DEFAULT_UNCERTAIN_BELOW, log=print, resume=None, split="groups", **overrides):
     """Train a classifier on DATA_DIR and write the run directory. Returns a TrainResult.
 
+    split: how the validation images are held out of DATA_DIR (without val_dir): "groups" keeps near-duplicates
+    (burst frames, copies, neighbouring renders) on one side, "images" splits image by image.
     time_budget: seconds of wall clock for the whole job, decoding included; training runs as many
     epochs as fit in it (the learning-rate schedule follows the clock) and keeps the best epoch.
     resume: None continues from RUN_DIR/checkpoint.safetensors when one is there (an interrupted run),
@@ -246,14 +257,15 @@ def train_folder(data_dir, out_dir, recipe="fast", val_dir=None, val_fraction=No
     # about a second is kept back for saving the model and drawing the curves
     deadline = None if time_budget is None else t0 + time_budget - 1.0
 
-    train, val, skipped = prepare_data(data_dir, recipe, val_dir, val_fraction, seed, log)
+    train, val, skipped = prepare_data(data_dir, recipe, val_dir, val_fraction, seed, log, split)
     t_data = time.perf_counter() - t0
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
     identity = json.loads(json.dumps({  # as the checkpoint's JSON will give it back
         "data": ckpt.fingerprint(train.paths + val.paths, [len(train), len(val)]),
-        "recipe": recipe.to_dict(), "seed": seed, "precision": precision, "fine_tune": bool(fine_tune)}))
+        "recipe": recipe.to_dict(), "seed": seed, "precision": precision, "fine_tune": bool(fine_tune),
+        "split": split}))
     resume_from = find_resume(out_dir, identity, resume, log)
     if resume_from is not None and deadline is not None:
         deadline -= resume_from[0]["seconds_spent"]  # the budget counts the time already spent
@@ -287,7 +299,7 @@ def train_folder(data_dir, out_dir, recipe="fast", val_dir=None, val_fraction=No
     metadata = model_metadata(recipe, train, val, skipped, data_dir=data_dir, val_dir=val_dir,
                               val_fraction=val_fraction, seed=seed, precision=precision, fine_tune=fine_tune,
                               fine_tuned_epochs=fine_tuned_epochs, result=result, calibration=calibration,
-                              timing={"data_seconds": t_data, "train_seconds": t_train})
+                              timing={"data_seconds": t_data, "train_seconds": t_train}, split=split)
     model_path = save_model(out_dir / rf.MODEL, model, metadata, unfamiliarity)
     rf.write_history(out_dir / rf.HISTORY, result.history)
     training_curves(result.history, out_dir / rf.CURVES,

@@ -1,7 +1,9 @@
 """Transfer learning: a frozen pretrained backbone, its features computed once, a linear head fitted on them.
 
 The backbone runs over every training image once (plus its mirror image, a cheap augmentation), so
-fitting the head takes seconds; the result is an ordinary whole-network model file.
+fitting the head takes seconds; the result is an ordinary whole-network model file. A recipe with
+`probe_views` instead shows the backbone that many randomly augmented views of every image (the `robust`
+recipe: new backgrounds, rotations, capture effects), so the head learns what survives those changes.
 """
 import time
 
@@ -9,17 +11,23 @@ import torch
 import torch.nn.functional as F
 
 from .. import runtime
-from ..models.preprocess import preprocess
+from ..data.augment import augment_batch
+from ..models.preprocess import normalize, preprocess, to_unit
 from .loop import FitResult
 
 
 @torch.no_grad()
-def extract_features(model, data, mean, std, device, precision, flip=False, batch_size=64):
-    """(N, D) float32 pooled backbone features of DecodedImages."""
+def extract_features(model, data, mean, std, device, precision, flip=False, batch_size=64, augment=None,
+                     generator=None):
+    """(N, D) float32 pooled backbone features of DecodedImages (randomly augmented by an AugmentConfig)."""
     model.eval()
     out = []
     for start in range(0, len(data), batch_size):
-        x = preprocess(data.take(slice(start, start + batch_size)).to(device), mean, std)
+        images = data.take(slice(start, start + batch_size)).to(device)
+        if augment is None:
+            x = preprocess(images, mean, std)
+        else:
+            x = normalize(augment_batch(to_unit(images), augment, generator), mean, std)
         if flip:
             x = x.flip(-1)
         with runtime.autocast(device, precision):
@@ -53,8 +61,16 @@ def linear_probe(model, train, val, recipe, *, device, precision, seed, log=prin
     passed (at least one is always fitted), so the probe honours --time-budget after its feature pass."""
     model.to(device).to(memory_format=torch.channels_last)
     t = time.perf_counter()
-    f_train = extract_features(model, train, recipe.mean, recipe.std, device, precision)
-    y_train = train.labels
+    if recipe.probe_views:
+        g = torch.Generator().manual_seed(seed)
+        f_train = torch.cat([extract_features(model, train, recipe.mean, recipe.std, device, precision,
+                                              augment=recipe.augment, generator=g)
+                             for _ in range(recipe.probe_views)])
+        y_train = train.labels.repeat(recipe.probe_views)
+        flips = False  # the augmentation flips already
+    else:
+        f_train = extract_features(model, train, recipe.mean, recipe.std, device, precision)
+        y_train = train.labels
     if flips:
         f_train = torch.cat([f_train, extract_features(model, train, recipe.mean, recipe.std, device, precision,
                                                        flip=True)])
