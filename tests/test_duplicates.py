@@ -84,24 +84,28 @@ def test_matches_against_finds_leaks_only(folder_with_copies):
 
 
 def test_group_split_never_puts_a_group_on_both_sides():
-    labels = torch.tensor([0] * 50 + [1] * 50)
-    groups = torch.arange(100) // 5  # groups of 5, never mixing classes
+    labels = torch.tensor([0] * 200 + [1] * 200)
+    groups = torch.arange(400) // 5  # bursts of 5, never mixing classes
     for seed in range(5):
-        train, val, by_image = group_split(labels, groups, 0.2, seed)
-        assert by_image == []
+        train, val, cut = group_split(labels, groups, 0.2, seed)
+        assert cut == []
         assert set(groups[train].tolist()).isdisjoint(groups[val].tolist())
-        assert len(train) + len(val) == 100
+        assert len(train) + len(val) == 400
         for c in (0, 1):
-            assert 5 <= int((labels[val] == c).sum()) <= 15  # about 20% of each class
+            assert 30 <= int((labels[val] == c).sum()) <= 60  # about 20% of each class
     assert torch.equal(group_split(labels, groups, 0.2, 3)[1], group_split(labels, groups, 0.2, 3)[1])
 
 
-def test_group_split_falls_back_to_images_when_a_class_is_one_group():
-    labels = torch.tensor([0] * 20 + [1] * 20)
-    groups = torch.tensor([0] * 20 + list(range(1, 21)))
-    train, val, by_image = group_split(labels, groups, 0.25, 0)
-    assert by_image == [0]
-    assert int((labels[val] == 0).sum()) == 5 and int((labels[val] == 1).sum()) == 5
+def test_group_split_cuts_a_long_sequence_into_runs_of_consecutive_images():
+    labels = torch.tensor([0] * 100 + [1] * 100)
+    groups = torch.tensor([0] * 100 + [1] * 100)  # each class is one rendered sequence
+    train, val, cut = group_split(labels, groups, 0.2, 0)
+    assert cut == [0, 1]
+    for c in (0, 1):
+        mine = val[labels[val] == c].tolist()
+        assert 15 <= len(mine) <= 30
+        runs = [mine[k:k + 5] for k in range(0, len(mine), 5)]  # runs of 0.25 * 20% * 100 = 5 images
+        assert all(r == list(range(r[0], r[0] + 5)) and r[0] % 5 == 0 for r in runs)
 
 
 def test_inspect_reports_groups_and_leaks(folder_with_copies, tmp_path):

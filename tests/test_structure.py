@@ -140,7 +140,7 @@ COMBINATIONS = [
     (["--recipe", "fast", "--fine-tune"], "follows a linear probe"),
     (["--recipe", "seed", "--model", "effnet-lite0", "--fine-tune"], "follows a linear probe"),
     (["--model", "resnet-9000"], "unknown model 'resnet-9000' (available: effnet-lite0, fast-cnn, tutorial-cnn)"),
-    (["--recipe", "turbo"], "unknown recipe 'turbo' (available: seed, fast, transfer)"),
+    (["--recipe", "turbo"], "unknown recipe 'turbo' (available: seed, fast, transfer, robust)"),
     (["--uncertain-below", "1.5"], "between 0 and 1"),
     (["--epochs", "0"], "at least 1"),
 ]

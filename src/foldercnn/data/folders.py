@@ -166,43 +166,48 @@ def stratified_split(labels, fraction, seed):
 
 
 def group_split(labels, groups, fraction, seed):
-    """Like stratified_split, but whole groups of near-duplicates go to one side.
+    """Like stratified_split, but each group of near-duplicates goes to one side.
 
     Per class (a group belongs to its most common class), groups are shuffled with the seed and moved to validation
-    while that keeps the class's validation share within 1.5x the fraction. A class whose groups are all too big
-    for that (one rendered sequence, one photo session) is split image by image instead; those classes are
-    returned so the caller can say so. Returns (train positions, validation positions, classes split by image).
+    while that keeps the class's validation share within 1.5x the fraction. A group too big for that (a rendered
+    sequence, a video, a photo session) is first cut into runs of consecutive images (positions follow the folder's
+    sorted file names), each a quarter of the class's validation share: holding out a whole sequence would take
+    every view of one subject away from training, while runs leave only the frames at a run's ends adjacent
+    across the split. Returns (train positions, validation positions, classes whose groups were cut into runs).
     """
     if not 0.0 < fraction < 1.0:
         raise FolderCNNError(f"--val-fraction must be between 0 and 1, got {fraction}")
     g = torch.Generator().manual_seed(seed)
     labels = torch.as_tensor(labels)
-    groups = torch.as_tensor(groups)
-    members = {}
-    for i, gid in enumerate(groups.tolist()):
-        members.setdefault(gid, []).append(i)
-    owner = {gid: int(torch.mode(labels[m]).values) for gid, m in members.items()}
-    val, by_image = [], []
-    for c in labels.unique().tolist():
-        mine = [gid for gid in sorted(members) if owner[gid] == c]
-        n = sum(len(members[gid]) for gid in mine)
-        target, taken = fraction * n, []
-        for k in torch.randperm(len(mine), generator=g).tolist():
-            size = len(members[mine[k]])
-            if len(taken) + size <= max(1.5 * target, 1) and n - len(taken) - size >= 1:
-                taken += members[mine[k]]
+    whole = {}
+    for i, gid in enumerate(torch.as_tensor(groups).tolist()):
+        whole.setdefault(gid, []).append(i)
+    by_class = {}
+    for gid in sorted(whole):
+        by_class.setdefault(int(torch.mode(labels[whole[gid]]).values), []).append(whole[gid])
+    val, cut = [], []
+    for c in sorted(by_class):
+        n = sum(map(len, by_class[c]))
+        target, limit = fraction * n, max(1.5 * fraction * n, 1)
+        run = max(1, int(0.25 * target))
+        units = []
+        for m in by_class[c]:
+            if len(m) > limit:
+                units += [m[k:k + run] for k in range(0, len(m), run)]
+                cut.append(c)
+            else:
+                units.append(m)
+        taken = []
+        for k in torch.randperm(len(units), generator=g).tolist():
             if len(taken) >= target:
                 break
-        if not taken and n >= 2:  # every group too big to hold out whole
-            by_image.append(c)
-            everyone = [i for gid in mine for i in members[gid]]
-            sub_train, sub_val = stratified_split(torch.zeros(len(everyone), dtype=torch.long), fraction, seed)
-            taken = [everyone[i] for i in sub_val.tolist()]
+            if len(taken) + len(units[k]) <= limit and n - len(taken) - len(units[k]) >= 1:
+                taken += units[k]
         val += taken
     val_idx = torch.tensor(sorted(val), dtype=torch.long)
     in_val = torch.zeros(len(labels), dtype=torch.bool)
     in_val[val_idx] = True
-    return (~in_val).nonzero().flatten(), val_idx, by_image
+    return (~in_val).nonzero().flatten(), val_idx, sorted(set(cut))
 
 
 def summarize_skipped(skipped, limit=10):

@@ -73,7 +73,7 @@ def prepare_data(data_dir, recipe, val_dir=None, val_fraction=None, seed=0, log=
         # or validation accuracy, the temperature and the unfamiliarity threshold all flatter the model
         groups = near_duplicate_groups(everything.images, everything.paths) if split == "groups" else \
             torch.arange(len(everything))
-        train_idx, val_idx, by_image = group_split(everything.labels, groups, fraction, seed)
+        train_idx, val_idx, cut = group_split(everything.labels, groups, fraction, seed)
         if len(val_idx) == 0:
             raise FolderCNNError(f"too few images in {data_dir} to hold out a validation split")
         train, val = everything.subset(train_idx), everything.subset(val_idx)
@@ -83,10 +83,10 @@ def prepare_data(data_dir, recipe, val_dir=None, val_fraction=None, seed=0, log=
         log(f"validation: a stratified {fraction:.0%} of {data_dir} held out ({how}--val-fraction, seed {seed}): "
             f"{len(train)} images train, {len(val)} validate; {len(dup_groups)} groups of near-duplicates "
             f"({sum(map(len, dup_groups))} images) kept on one side")
-        if by_image:
-            names = ", ".join(everything.classes[c] for c in by_image)
-            log(f"note: every near-duplicate group of {names} is too big to hold out whole, so those classes are "
-                f"split image by image: their validation figures flatter")
+        if cut:
+            names = ", ".join(everything.classes[c] for c in cut)
+            log(f"note: long sequences of near-duplicates in {names} were cut into runs of consecutive images; "
+                f"the frames at the ends of a run have neighbours on the other side")
     if skipped:
         log(f"skipped {len(skipped)} file(s):\n{summarize_skipped(skipped)}")
     return train, val, skipped
