@@ -1,7 +1,7 @@
 """Real photos of hands: how models trained on the tutorial's CGI images do on them, and real -> real.
 
     python benchmarks/real_photos.py --data ../shared/data/rps --photos ../shared/data/rps-photos \
-        [--recipes fast,transfer,transfer+fine-tune,robust] [--seeds 0,1,2] [--real-to-real]
+        [--recipes fast,transfer,transfer+fine-tune,robust,robust+fine-tune] [--seeds 0,1,2] [--real-to-real]
 
 CGI -> real: each recipe trains on rps/train only (validation split carved from it), then is evaluated on
 rps/test and on every real-photo set under --photos. Per recipe and seed: training seconds; accuracy and the
@@ -71,12 +71,16 @@ def main():
     ap.add_argument("--recipes", default="fast,transfer,transfer+fine-tune,robust")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--real-to-real", action="store_true")
+    ap.add_argument("--keep", type=Path, help="keep the run folders here (e.g. for benchmarks/unfamiliar.py --models)")
     args = ap.parse_args()
     foldercnn.runtime.setup()
     real = sorted(p for p in args.photos.iterdir() if p.is_dir() and not p.name.startswith("."))
     sets = {"rps/test": args.data / "test", **{p.name: p for p in real}}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
+        if args.keep:
+            tmp = args.keep
+            tmp.mkdir(parents=True, exist_ok=True)
         print("== trained on rps/train (CGI); accuracy, ECE, share of wrong answers flagged uncertain / either")
         for recipe in args.recipes.split(","):
             for seed in map(int, args.seeds.split(",")):

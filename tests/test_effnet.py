@@ -77,3 +77,19 @@ def test_transfer_recipe_round_trip(shapes_dirs, tmp_path):
     rows = (tmp_path / "tuned" / "history.csv").read_text().splitlines()
     assert len(rows) == 3 and rows[1].startswith("0,")
     assert (tmp_path / "tuned" / "curves.png").is_file()
+
+
+@pytest.mark.slow
+def test_robust_recipe_probe_on_augmented_views(shapes_dirs, tmp_path):
+    """The robust recipe's probe sees clean and augmented views (labels stay aligned) and predicts well; the
+    log says how many views; the preview shows the augmentation with its new knobs."""
+    import foldercnn
+    lines = []
+    result = foldercnn.train(shapes_dirs[0], tmp_path / "robust", recipe="robust", image_size=64, probe_views=1,
+                             seed=0, log=lines.append)
+    n_train = result.n_train
+    assert any(f"features: {3 * n_train} training views" in line for line in lines), lines
+    clf = foldercnn.load(result.model_path)
+    assert clf.metadata["recipe"]["name"] == "robust" and clf.metadata["recipe"]["augment"]["backgrounds"] > 0
+    assert foldercnn.evaluate(clf, shapes_dirs[1]).accuracy >= 0.8  # chance is 1/3
+    assert (tmp_path / "robust" / "augmentations.png").is_file()

@@ -29,7 +29,7 @@ class Recipe:
     tta: bool = False  # evaluate and predict on the image and its mirror image, averaged
     pretrained: bool = False  # start from the architecture's pretrained weights
     linear_probe: bool = False  # fit only the classifier, on features computed once
-    probe_views: int = 0  # > 0: the probe sees this many augmented views of each image (else: image + mirror)
+    probe_views: int = 0  # > 0: the probe also sees this many augmented views of each image
     fine_tune_blocks: int = 0  # with --fine-tune: how many of the last blocks to train
     keep: str = "best"  # best: the epoch with the best validation score; last: the final epoch
     mean: tuple = (0.0, 0.0, 0.0)  # input normalisation; a pretrained model's own replaces it (see get_recipe)
@@ -72,12 +72,12 @@ RECIPES = {
     # zoom, colour and capture effects, and plain backgrounds replaced by photos and textures.
     # benchmarks/real_photos.py measures it against the other recipes on real photos.
     "robust": Recipe(
-        name="robust", model="effnet-lite0", image_size=160, batch_size=32, epochs=3, optimizer="adamw",
+        name="robust", model="effnet-lite0", image_size=160, batch_size=32, epochs=2, optimizer="adamw",
         lr=3e-4, weight_decay=1e-4, schedule="onecycle", label_smoothing=0.1,
         augment=AugmentConfig(rotation=180, width_shift=0.1, height_shift=0.1, zoom=0.3, horizontal_flip=True,
                               brightness=0.3, contrast=0.3, saturation=0.5, backgrounds=0.8, colour_cast=0.2,
                               grey=0.2, low_res=0.3, noise=0.05),
-        pretrained=True, linear_probe=True, probe_views=3, fine_tune_blocks=4,
+        pretrained=True, linear_probe=True, probe_views=2, fine_tune_blocks=4,
         keep="best", description="for photos used elsewhere than taken: pretrained EfficientNet-Lite0, "
                                  "probe on augmented views (new backgrounds, any rotation, capture effects)"),
 }
