@@ -1,8 +1,10 @@
 """Downloading the tutorial's zips, against a real HTTP server on 127.0.0.1."""
 import http.server
 import io
+import json
 import threading
 import zipfile
+from pathlib import Path
 
 import pytest
 
@@ -11,6 +13,7 @@ from PIL import Image
 
 from foldercnn.data.download import DownloadError, OfflineError, download, safe_extract
 from foldercnn.demo import download_rps, run_demo
+from testkit import make_shapes
 
 
 def png_bytes(colour):
@@ -123,10 +126,18 @@ def test_demo_downloads_into_cache_and_runs(server, tmp_path, monkeypatch):
     monkeypatch.setenv("FOLDERCNN_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("FOLDERCNN_RPS_URL", server.url)
     monkeypatch.delenv("FOLDERCNN_RPS_DIR", raising=False)
+    photos = tmp_path / "photos"  # two "real photo" sets, as in rps-photos/
+    for name, seed in (("cam-a", 1), ("cam-b", 2)):
+        make_shapes(photos / name, per_class=4, size=30, seed=seed, classes=("paper", "rock", "scissors"))
     lines = []
-    result = run_demo(out=tmp_path / "demo", epochs=2, image_size=24, log=lines.append, progress=False)
+    result = run_demo(out=tmp_path / "demo", epochs=2, image_size=24, log=lines.append, progress=False,
+                      photos=photos)
     text = "\n".join(map(str, lines))
     assert "(download)" in text and "evaluate on the test set" in text
+    assert "real photos of hands" in text and "on 24 real photos" in text
+    rows = json.loads((tmp_path / "demo" / "other_folders.json").read_text())
+    assert [Path(r["data_dir"]).name for r in rows] == ["cam-a", "cam-b"] and rows[0]["n"] == 12
+    assert "How it does on other photos" in (tmp_path / "demo" / "report.html").read_text()
     assert (tmp_path / "cache" / "rps" / "train" / "rock").is_dir()
     for name in ("samples.png", "augmentations.png", "curves.png", "model.safetensors", "evaluation.json"):
         assert (tmp_path / "demo" / name).is_file(), name
@@ -146,6 +157,7 @@ def test_demo_with_the_tutorial_recipe_never_validates_on_test(server, tmp_path,
     monkeypatch.setenv("FOLDERCNN_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("FOLDERCNN_RPS_URL", server.url)
     monkeypatch.delenv("FOLDERCNN_RPS_DIR", raising=False)
+    monkeypatch.delenv("FOLDERCNN_RPS_PHOTOS_DIR", raising=False)
     result = run_demo(out=tmp_path / "demo", recipe=recipe, epochs=1, image_size=48, batch_size=8,
                       log=lambda *a: None, progress=False)
     meta = foldercnn.load(result.model_path).metadata

@@ -88,3 +88,12 @@ def test_full_robust_config_runs_end_to_end():
     x = batch()
     a = augment_batch(x, cfg, torch.Generator().manual_seed(5))
     assert a.shape == x.shape and torch.equal(a, augment_batch(x, cfg, torch.Generator().manual_seed(5)))
+
+
+def test_weight_space_ensemble_mixes_floats_and_keeps_counters():
+    from foldercnn.training.job import weight_space_ensemble
+    probe = {"w": torch.zeros(3), "n": torch.tensor(5)}
+    tuned = {"w": torch.full((3,), 2.0), "n": torch.tensor(9)}
+    mixed = weight_space_ensemble(probe, tuned, 0.25)
+    assert torch.equal(mixed["w"], torch.full((3,), 0.5)) and mixed["n"] == 9
+    assert torch.equal(weight_space_ensemble(probe, tuned, 1.0)["w"], tuned["w"])

@@ -184,7 +184,18 @@ def run_training(model, train, val, recipe, *, fine_tune, device, precision, see
         result.best_state, result.best_epoch = probe.best_state, 1
     else:
         result.best_epoch += 1
+        if recipe.wise_ft:
+            result.best_state = weight_space_ensemble(probe.best_state, result.best_state, recipe.wise_ft)
+            log(f"weight-space ensemble (WiSE-FT): {1 - recipe.wise_ft:g} x probe + {recipe.wise_ft:g} x fine-tuned "
+                f"weights")
     return result, epochs_done
+
+
+def weight_space_ensemble(probe_state, tuned_state, alpha):
+    """WiSE-FT (Wortsman et al., CVPR 2022): (1 - alpha) * probe + alpha * fine-tuned, tensor by tensor. The two
+    share their frozen layers and batch-norm statistics, so the mix is one network of the same shape."""
+    return {k: torch.lerp(probe_state[k].float(), v.float(), alpha).to(v.dtype) if v.is_floating_point() else v
+            for k, v in tuned_state.items()}
 
 
 def model_metadata(recipe, train, val, skipped, *, data_dir, val_dir, val_fraction, seed, precision, fine_tune,
@@ -289,6 +300,9 @@ def train_folder(data_dir, out_dir, recipe="fast", val_dir=None, val_fraction=No
     model.load_state_dict(result.best_state)
 
     val_logits, val_features = final_pass(model, val, recipe, device)  # one pass serves both fits below
+    if fine_tuned_epochs and recipe.wise_ft:
+        log(f"validation accuracy of the ensembled weights: "
+            f"{(val_logits.argmax(1) == val.labels).float().mean().item():.4f}")
     calibration = calibrate(val_logits, val.labels, uncertain_below)
     log(f"calibration on the validation split: temperature {calibration['temperature']:.3f} "
         f"({calibration['rule']}), NLL "

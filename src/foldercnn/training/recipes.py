@@ -31,6 +31,7 @@ class Recipe:
     linear_probe: bool = False  # fit only the classifier, on features computed once
     probe_views: int = 0  # > 0: the probe also sees this many augmented views of each image
     fine_tune_blocks: int = 0  # with --fine-tune: how many of the last blocks to train
+    wise_ft: float = 0.0  # with --fine-tune: keep (1 - w) x probe + w x fine-tuned weights (WiSE-FT); 0: off
     keep: str = "best"  # best: the epoch with the best validation score; last: the final epoch
     mean: tuple = (0.0, 0.0, 0.0)  # input normalisation; a pretrained model's own replaces it (see get_recipe)
     std: tuple = (1.0, 1.0, 1.0)
@@ -77,7 +78,7 @@ RECIPES = {
         augment=AugmentConfig(rotation=180, width_shift=0.1, height_shift=0.1, zoom=0.3, horizontal_flip=True,
                               brightness=0.3, contrast=0.3, saturation=0.5, backgrounds=0.8, colour_cast=0.2,
                               grey=0.2, low_res=0.3, noise=0.05),
-        pretrained=True, linear_probe=True, probe_views=2, fine_tune_blocks=4,
+        pretrained=True, linear_probe=True, probe_views=2, fine_tune_blocks=4, wise_ft=0.5,
         keep="best", description="for photos used elsewhere than taken: pretrained EfficientNet-Lite0, "
                                  "probe on augmented views (new backgrounds, any rotation, capture effects)"),
 }
