@@ -1,16 +1,18 @@
 """Real photos of hands: how models trained on the tutorial's CGI images do on them, and real -> real.
 
     python benchmarks/real_photos.py --data ../shared/data/rps --photos ../shared/data/rps-photos \
-        [--recipes fast,transfer,transfer+fine-tune,robust,robust+fine-tune] [--seeds 0,1,2] [--real-to-real]
+        [--recipes fast,transfer,transfer+fine-tune,robust,robust+fine-tune] [--seeds 0,1,2]
+        [--real-to-real transfer+fine-tune,robust] [--keep DIR]
 
 CGI -> real: each recipe trains on rps/train only (validation split carved from it), then is evaluated on
 rps/test and on every real-photo set under --photos. Per recipe and seed: training seconds; accuracy and the
 expected calibration error (ECE, calibrated probabilities) per set; the share of wrong answers flagged uncertain,
 and flagged uncertain or unfamiliar. Then the mean over seeds.
 
---real-to-real: the first real set (sorted by name) is cut in two halves by near-duplicate group (copies of one
-source frame stay on one side: data/duplicates.py), a model trains on one half and is tested on the other; and
-across sets, training on one real set and testing on the other, both directions.
+--recipes "" skips this part. --real-to-real RECIPES: the real set named by --halves (default sxsw) is cut in
+two halves by near-duplicate group (copies of one source frame stay on one side: data/duplicates.py); a model
+trains on one half and is tested on the other, both ways; then across sets, training on one real set and
+testing on another, both directions.
 """
 import argparse
 import tempfile
@@ -70,7 +72,8 @@ def main():
     ap.add_argument("--photos", required=True, type=Path)
     ap.add_argument("--recipes", default="fast,transfer,transfer+fine-tune,robust")
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--real-to-real", action="store_true")
+    ap.add_argument("--real-to-real", default="", metavar="RECIPES")
+    ap.add_argument("--halves", default="sxsw", help="the real set cut in halves for --real-to-real")
     ap.add_argument("--keep", type=Path, help="keep the run folders here (e.g. for benchmarks/unfamiliar.py --models)")
     args = ap.parse_args()
     foldercnn.runtime.setup()
@@ -82,28 +85,28 @@ def main():
             tmp = args.keep
             tmp.mkdir(parents=True, exist_ok=True)
         print("== trained on rps/train (CGI); accuracy, ECE, share of wrong answers flagged uncertain / either")
-        for recipe in args.recipes.split(","):
+        recipes = [r for r in args.recipes.split(",") if r]
+        for recipe in recipes:
             for seed in map(int, args.seeds.split(",")):
                 classifier, seconds = train_and_time(args.data / "train", Path(tmp) / f"{recipe}-{seed}", recipe, seed)
                 row = {"recipe": recipe, "seed": seed, "seconds": seconds}
                 row.update({name: measure(classifier, folder) for name, folder in sets.items()})
                 rows.append(row)
                 print_rows([row], list(sets))
-        print("\nmean over seeds")
-        for recipe in args.recipes.split(","):
+        print("\nmean over seeds" if recipes else "")
+        for recipe in recipes:
             mine = [r for r in rows if r["recipe"] == recipe]
             mean = {"recipe": recipe, "seed": len(mine), "seconds": np.mean([r["seconds"] for r in mine])}
             mean.update({s: {k: float(np.mean([r[s][k] for r in mine])) for k in mine[0][s]} for s in sets})
             print_rows([mean], list(sets))
 
         if args.real_to_real:
-            print(f"\n== real -> real ({args.recipes.split(',')[-1]} and transfer+fine-tune, seed 0)")
-            a, b = halves(real[0], tmp)
-            pairs = [(a, b, f"{real[0].name} half A -> half B"), (b, a, f"{real[0].name} half B -> half A")]
-            if len(real) > 1:
-                pairs += [(real[0], real[1], f"{real[0].name} -> {real[1].name}"),
-                          (real[1], real[0], f"{real[1].name} -> {real[0].name}")]
-            for recipe in ("transfer+fine-tune", args.recipes.split(",")[-1]):
+            print(f"\n== real -> real ({args.real_to_real}, seed 0)")
+            cut = next((p for p in real if p.name == args.halves), real[0])
+            a, b = halves(cut, tmp)
+            pairs = [(a, b, f"{cut.name} half A -> half B"), (b, a, f"{cut.name} half B -> half A")]
+            pairs += [(x, y, f"{x.name} -> {y.name}") for x in real for y in real if x != y]
+            for recipe in args.real_to_real.split(","):
                 for train_dir, test_dir, what in pairs:
                     classifier, seconds = train_and_time(train_dir, Path(tmp) / f"r2r-{recipe}-{train_dir.name}",
                                                          recipe, 0)
