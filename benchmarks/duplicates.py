@@ -57,7 +57,7 @@ def main():
 
     train = load_folder(scan_folder(args.data / "train"), SIZE)
     t = time.perf_counter()
-    ids = dup.near_duplicate_groups(train.images, train.paths)
+    dup.near_duplicate_groups(train.images, train.paths)
     seconds = time.perf_counter() - t
     print(f"speed: {len(train)} images of {args.data / 'train'} in {seconds:.2f} s after decoding "
           f"= {len(train) / seconds:.0f} images/s (descriptors, pairing, sha256 of every file)")
@@ -70,11 +70,11 @@ def main():
     # each copy against its source, and every candidate pair of training images, scored as inspect scores them
     n = len(rows)
     train_desc = dup.descriptors(train.images)
-    own = dup._refine([(k, r[0], 0.0) for k, r in enumerate(rows)], copy_images, dup.descriptors(copy_images),
-                      train.images, train_desc)
+    own = dup.refine_pairs([(k, r[0], 0.0) for k, r in enumerate(rows)], copy_images,
+                           dup.descriptors(copy_images), train.images, train_desc)
     # every training pair at the whole-image candidate level, re-scored crop-aware: which would be false pairs
     candidates = dup.similar_pairs(train_desc, threshold=dup.CANDIDATE)
-    pairs = list(zip(candidates, dup._refine(candidates, train.images, train_desc).tolist()))
+    pairs = list(zip(candidates, dup.refine_pairs(candidates, train.images, train_desc).tolist()))
     different_class = [(train.labels[i] != train.labels[j]).item() for (i, j, _), _ in pairs]
     print(f"\nplanted: {n} edited copies of {args.data / 'train'} images ({n // 4} per edit)")
     print(f"{'threshold':>9} " + " ".join(f"{e:>7}" for e in EDITS) + f" {'all':>7}  false pairs (different classes)")
