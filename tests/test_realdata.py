@@ -117,5 +117,6 @@ def test_short_robust_training_beats_chance_on_real_photos(rps, photos, tmp_path
     result = foldercnn.train(rps / "train", tmp_path / "robust", recipe="robust", image_size=112, probe_views=1,
                              seed=0, log=lambda *a: None)
     clf = foldercnn.load(result.model_path)
-    for name in ("sxsw", "green-screen"):
-        assert foldercnn.evaluate(clf, photos / name).accuracy > 0.42, name
+    accuracy = {name: foldercnn.evaluate(clf, photos / name).accuracy for name in ("sxsw", "green-screen")}
+    print(accuracy)
+    assert min(accuracy.values()) > 0.42, accuracy
