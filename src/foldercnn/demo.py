@@ -1,5 +1,4 @@
 """`foldercnn demo`: the Keras Rock-Paper-Scissors tutorial's whole journey in one command."""
-import json
 import os
 import shutil
 from pathlib import Path
@@ -15,8 +14,7 @@ from .data.inspect import format_report, inspect_folder
 from .deploy.predict import predict_paths
 from .errors import FolderCNNError
 from .evaluation.metrics import evaluate_folder, folder_row, format_evaluation, format_folder_table
-from .files import write_text
-from .evaluation.report import save_evaluation, write_report
+from .evaluation.report import save_evaluation, save_other_folders, write_report
 from .models.inference import load
 from .training.job import train_folder
 from .training.recipes import get_recipe
@@ -158,12 +156,12 @@ def run_demo(data=None, out="foldercnn-demo", recipe="fast", seed=0, precision="
     photo_dirs = find_photos(photos, log) if title == "Rock-Paper-Scissors" else []
     if photo_dirs and test_dir:
         log("\n== 3b. real photos of hands (the tutorial's test set is CGI, like its training set)")
-        rows = [folder_row(ev.to_dict())] + [folder_row(evaluate_folder(classifier, d).to_dict()) for d in photo_dirs]
-        log(format_folder_table(rows))
-        write_text(out / rf.OTHER_FOLDERS, json.dumps(rows[1:], indent=1))
-        real = sum(r["accuracy"] * r["n"] for r in rows[1:]) / sum(r["n"] for r in rows[1:])
-        log(f"accuracy on the CGI test set {ev.accuracy:.1%}; on {sum(r['n'] for r in rows[1:])} real photos "
-            f"{real:.1%} (chance: {1 / len(classifier.classes):.0%})")
+        real = [evaluate_folder(classifier, d) for d in photo_dirs]
+        log(format_folder_table([folder_row(e.to_dict()) for e in [ev] + real]))
+        save_other_folders(real, out)
+        n_real = sum(e.n for e in real)
+        log(f"accuracy on the CGI test set {ev.accuracy:.1%}; on {n_real} real photos "
+            f"{sum(e.accuracy * e.n for e in real) / n_real:.1%} (chance: {1 / len(classifier.classes):.0%})")
         outputs["real photos"] = out / rf.OTHER_FOLDERS
     outputs["report"] = write_report(out)
 

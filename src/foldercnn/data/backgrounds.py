@@ -122,7 +122,7 @@ def replace_backgrounds(x, probability, generator=None):
     chosen = plain & (torch.rand(n, generator=generator) < probability).to(x.device)
     if not chosen.any():
         return x
-    bank = background_bank(h if h == w else max(h, w)).to(x.device, x.dtype)
+    bank = background_bank(max(h, w)).to(x.device, x.dtype)
     pick = torch.randint(len(bank), (n,), generator=generator).to(x.device)
     flips = (torch.rand(n, generator=generator) < 0.5).view(n, 1, 1, 1).to(x.device)
     bg = bank[pick][:, :, :h, :w]

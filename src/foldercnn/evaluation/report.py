@@ -59,12 +59,18 @@ def evaluate_to_folder(model_path, data_dirs, out_dir=None, tta=None):
     if out_dir is None:
         return evs, None
     save_evaluation(evs[0], out_dir)
-    others = Path(out_dir) / rf.OTHER_FOLDERS
-    if len(evs) > 1:
-        write_text(others, json.dumps([folder_row(ev.to_dict()) for ev in evs[1:]], indent=1))
-    else:  # rows from an earlier evaluation would sit beside a test figure they were not measured with
-        others.unlink(missing_ok=True)
+    save_other_folders(evs[1:], out_dir)
     return evs, write_report(out_dir, model_path)
+
+
+def save_other_folders(evs, out_dir):
+    """other_folders.json: one summary row per further folder (none: the file goes, as rows from an earlier
+    evaluation would sit beside a test figure they were not measured with)."""
+    others = Path(out_dir) / rf.OTHER_FOLDERS
+    if evs:
+        write_text(others, json.dumps([folder_row(ev.to_dict()) for ev in evs], indent=1))
+    else:
+        others.unlink(missing_ok=True)
 
 
 # ---- report.html ----

@@ -79,10 +79,13 @@ def prepare_data(data_dir, recipe, val_dir=None, val_fraction=None, seed=0, log=
         train, val = everything.subset(train_idx), everything.subset(val_idx)
         skipped = everything.skipped
         how = "default " if val_fraction is None else ""
-        dup_groups = groups_of(groups)
+        kept = ""
+        if split == "groups":
+            dup_groups = groups_of(groups)
+            kept = (f"; {len(dup_groups)} groups of near-duplicates ({sum(map(len, dup_groups))} images) "
+                    f"kept on one side")
         log(f"validation: a stratified {fraction:.0%} of {data_dir} held out ({how}--val-fraction, seed {seed}): "
-            f"{len(train)} images train, {len(val)} validate; {len(dup_groups)} groups of near-duplicates "
-            f"({sum(map(len, dup_groups))} images) kept on one side")
+            f"{len(train)} images train, {len(val)} validate{kept}")
         if cut:
             names = ", ".join(everything.classes[c] for c in cut)
             log(f"note: long sequences of near-duplicates in {names} were cut into runs of consecutive images; "

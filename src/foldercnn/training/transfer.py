@@ -2,7 +2,7 @@
 
 The backbone runs over every training image once (plus its mirror image, a cheap augmentation), so
 fitting the head takes seconds; the result is an ordinary whole-network model file. A recipe with
-`probe_views` instead shows the backbone that many randomly augmented views of every image (the `robust`
+`probe_views` also shows the backbone that many randomly augmented views of every image (the `robust`
 recipe: new backgrounds, rotations, capture effects), so the head learns what survives those changes.
 """
 import time
