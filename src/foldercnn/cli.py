@@ -106,12 +106,36 @@ def build_parser():
 
     p = sub.add_parser("serve", help="a local web page (upload or webcam) and REST API for a model file")
     p.add_argument("model")
+    add_server_options(p)
+    p.add_argument("--teach", metavar="DATA_DIR", help="add the Teach panel: capture examples into DATA_DIR's class "
+                                                       "folders, train, and serve the new model at once")
+    add_teach_options(p)
+
+    p = sub.add_parser("teach", help="the serve page with its Teach panel, starting without a model: capture "
+                                     "examples per class from the camera or files, train, use the model")
+    p.add_argument("data_dir", help="the class folders to teach from (created if missing; may be empty)")
+    add_server_options(p)
+    add_teach_options(p)
+    return parser
+
+
+def add_server_options(p):
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest accepted file, in MB (default 10)")
     p.add_argument("--max-files", type=int, default=16, help="most images in one request (default 16)")
     p.add_argument("--workers", type=int, help="inference threads (default: one per physical core)")
-    return parser
+
+
+def add_teach_options(p):
+    p.add_argument("--teach-runs", metavar="DIR", default="foldercnn-teach",
+                   help="where each training writes its run folder (default ./foldercnn-teach)")
+    p.add_argument("--teach-recipe", default="transfer",
+                   help="recipe of the training jobs (default transfer: a linear probe, seconds)")
+    p.add_argument("--teach-max-per-class", type=int, default=1000, help="most images per class (default 1000)")
+    p.add_argument("--teach-max-images", type=int, default=10000, help="most images in all (default 10000)")
+    p.add_argument("--allow-remote-teach", action="store_true",
+                   help="let other machines teach (with --host other than 127.0.0.1): they can then write images")
 
 
 def cmd_inspect(args):
@@ -228,15 +252,31 @@ def cmd_models(args):
         print(f"recipe {line}")
 
 
-def cmd_serve(args):
+def serve(args, model, teach_dir):
     from .deploy.serve import run_server
-    run_server(args.model, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb,
-               max_files=args.max_files, workers=args.workers)
+    from .deploy.teach import TeachConfig
+    teach = None if teach_dir is None else TeachConfig(
+        teach_dir, args.teach_runs, recipe=args.teach_recipe, max_per_class=args.teach_max_per_class,
+        max_images=args.teach_max_images)
+    run_server(model, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb,
+               max_files=args.max_files, workers=args.workers, teach=teach, allow_remote_teach=args.allow_remote_teach)
+
+
+def cmd_serve(args):
+    serve(args, args.model, args.teach)
+
+
+def cmd_teach(args):
+    from pathlib import Path
+    if not Path(args.data_dir).exists():
+        print(f"foldercnn: {args.data_dir} does not exist yet: it is created with the first class you add",
+              flush=True)
+    serve(args, None, args.data_dir)
 
 
 COMMANDS = {"inspect": cmd_inspect, "train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict,
             "demo": cmd_demo, "models": cmd_models, "serve": cmd_serve, "export": cmd_export,
-            "report": cmd_report}
+            "report": cmd_report, "teach": cmd_teach}
 
 
 def main(argv=None):

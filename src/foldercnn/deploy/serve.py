@@ -11,7 +11,6 @@ import contextlib
 import logging
 import socket
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from importlib.resources import files
 
 import numpy as np
@@ -19,188 +18,20 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel
-from python_multipart.exceptions import FormParserError
-from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect
 
 from .. import runtime
-from ..data.images import ImageDecodeError, decode
 from ..errors import FolderCNNError
 from ..evaluation.headline import headline
 from ..models.inference import Classifier
 from .onnx_predict import OnnxClassifier, load_any
+from .teach_routes import add_teach_routes
+from .uploads import MB, Limits, UploadError, decode_upload, read_uploads
 from ..version import __version__
 
-MB = 1024 * 1024
 DEFAULT_MAX_WAITING = 256
-PART_OVERHEAD = 64 * 1024  # room per part for its boundary and headers in the request-size bound
-DRAIN_BYTES = 64 * MB  # after refusing a request, read at most this much more of it (or its own bound) ...
-DRAIN_SECONDS = 10  # ... for at most this long, then close the connection
-
 log = logging.getLogger("foldercnn.serve")
-
-# The formats foldercnn reads, recognised by their first bytes: a file's name or declared type is not trusted.
-SIGNATURES = (
-    (b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"GIF87a", "GIF"), (b"GIF89a", "GIF"),
-    (b"BM", "BMP"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"), (b"II+\x00", "TIFF"), (b"MM\x00+", "TIFF"),
-)
-SUPPORTED = "PNG, JPEG, WebP, BMP, GIF or TIFF"
-
-
-def sniff_format(data):
-    """The image format named by the data's first bytes, or None."""
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "WEBP"
-    return next((fmt for magic, fmt in SIGNATURES if data.startswith(magic)), None)
-
-
-class UploadError(Exception):
-    """A request the server refuses: HTTP status, a reason for people, and the file it concerns."""
-
-    def __init__(self, status, reason, filename=None):
-        super().__init__(reason)
-        self.status, self.reason, self.filename = status, reason, filename
-
-    def response(self):
-        body = {"detail": self.reason}
-        if self.filename is not None:
-            body["filename"] = self.filename
-        return JSONResponse(body, status_code=self.status)
-
-
-@dataclass
-class Upload:
-    filename: str
-    data: bytes
-
-
-@dataclass
-class Limits:
-    max_file_bytes: int
-    max_files: int
-
-    @property
-    def max_request_bytes(self):
-        return self.max_files * (self.max_file_bytes + PART_OVERHEAD) + PART_OVERHEAD
-
-    def describe_file_limit(self):
-        return f"{self.max_file_bytes / MB:g} MB"
-
-
-def decode_upload(upload, size):
-    """Uploaded bytes -> (size, size, 3) uint8, by the same decode as training and `foldercnn predict`."""
-    if not upload.data:
-        raise UploadError(400, "empty file", upload.filename)
-    fmt = sniff_format(upload.data)
-    if fmt is None:
-        raise UploadError(415, f"not an image or an unsupported type ({SUPPORTED} expected)", upload.filename)
-    try:
-        return decode(upload.data, size)
-    except ImageDecodeError as e:  # it starts like an image but is corrupt, truncated or too large
-        reason = str(e)
-        if reason.startswith("not an image"):  # Pillow found no valid header after the signature
-            reason = f"corrupt {fmt} image: it starts like one but cannot be read"
-        raise UploadError(400, reason, upload.filename) from None
-
-
-class FormReader:
-    """Callbacks for python-multipart's streaming parser: keeps file parts in memory, within the limits."""
-
-    def __init__(self, limits):
-        self.limits = limits
-        self.uploads = []
-        self._start_part()
-
-    def _start_part(self):
-        self._field, self._value, self._disposition = b"", b"", b""
-        self._filename, self._data = None, bytearray()
-
-    def callbacks(self):
-        return {"on_part_begin": self._start_part, "on_header_field": self.on_header_field,
-                "on_header_value": self.on_header_value, "on_header_end": self.on_header_end,
-                "on_headers_finished": self.on_headers_finished, "on_part_data": self.on_part_data,
-                "on_part_end": self.on_part_end}
-
-    def on_header_field(self, data, start, end):
-        self._field += data[start:end]
-
-    def on_header_value(self, data, start, end):
-        self._value += data[start:end]
-
-    def on_header_end(self):
-        if self._field.lower() == b"content-disposition":
-            self._disposition = self._value
-        self._field, self._value = b"", b""
-
-    def on_headers_finished(self):
-        _, options = parse_options_header(self._disposition)
-        if b"filename" not in options:
-            return  # a plain form field: ignored (its bytes still count towards the request size)
-        self._filename = options[b"filename"].decode("utf-8", "replace")
-        if len(self.uploads) >= self.limits.max_files:
-            raise UploadError(413, f"too many files: at most {self.limits.max_files} per request",
-                              self._filename)
-
-    def on_part_data(self, data, start, end):
-        if self._filename is None:
-            return
-        if len(self._data) + (end - start) > self.limits.max_file_bytes:
-            raise UploadError(413, f"file too large: at most {self.limits.describe_file_limit()} per file",
-                              self._filename)
-        self._data += data[start:end]
-
-    def on_part_end(self):
-        if self._filename is not None and (self._filename or self._data):  # a browser's empty file input: skip
-            self.uploads.append(Upload(self._filename, bytes(self._data)))
-
-
-async def read_uploads(request, limits):
-    """The request's files, read from its stream with every limit checked as the bytes arrive."""
-    stream = request.stream()
-    too_large = UploadError(413, f"request too large: at most {limits.max_files} files of "
-                                 f"{limits.describe_file_limit()} each")
-    drain_budget = max(DRAIN_BYTES, limits.max_request_bytes)
-    declared = request.headers.get("content-length", "")
-    declared = int(declared) if declared.isdigit() else None
-    if declared is not None and declared > drain_budget:
-        raise too_large  # not worth reading even to drop it: answered unread, then the connection is closed
-    try:
-        if declared is not None and declared > limits.max_request_bytes:
-            raise too_large
-        kind, params = parse_options_header(request.headers.get("content-type"))
-        if kind != b"multipart/form-data" or not params.get(b"boundary"):
-            raise UploadError(415, "send images as multipart/form-data, e.g. curl -F files=@photo.png URL")
-        form = FormReader(limits)
-        parser = MultipartParser(params[b"boundary"], form.callbacks())
-        received = 0
-        async for chunk in stream:
-            received += len(chunk)
-            if received > limits.max_request_bytes:
-                raise too_large
-            parser.write(chunk)
-        parser.finalize()
-    except FormParserError:
-        await drain(stream, drain_budget)
-        raise UploadError(400, "malformed multipart/form-data body") from None
-    except UploadError:
-        await drain(stream, drain_budget)  # so that the client, perhaps still sending, gets to read the answer
-        raise
-    if not form.uploads:
-        raise UploadError(400, "no image in the request: send files in the multipart field 'files'")
-    return form.uploads
-
-
-async def drain(stream, budget_bytes, budget_seconds=DRAIN_SECONDS):
-    """Read and drop what the client still sends (bounded), like a web server's lingering close: closing a
-    socket with unread data resets it, and the client would see a broken connection instead of our answer."""
-    async def read():
-        left = budget_bytes
-        async for chunk in stream:
-            left -= len(chunk)
-            if left < 0:
-                break
-    with contextlib.suppress(ClientDisconnect, asyncio.TimeoutError):
-        await asyncio.wait_for(read(), budget_seconds)
+NO_MODEL = "no model yet: add classes and images in the Teach panel, then train"
 
 
 class Service:
@@ -214,13 +45,27 @@ class Service:
         self.pool = None  # created when the app starts, shut down when it stops
 
     def classify(self, uploads):
-        """Runs in a pool thread: decode every upload, one forward pass for the request, one row per file."""
-        arrays = np.stack([decode_upload(u, self.classifier.image_size) for u in uploads])
-        return [{"filename": u.filename, **p.to_dict()} for u, p in zip(uploads, self.classifier.predict_arrays(arrays))]
+        """Runs in a pool thread: decode every upload, one forward pass for the request, one row per file.
+        The model is read once: a request in flight finishes on the model it started with when teaching swaps
+        in a new one."""
+        classifier = self.classifier
+        arrays = np.stack([decode_upload(u, classifier.image_size) for u in uploads])
+        return [{"filename": u.filename, **p.to_dict()} for u, p in zip(uploads, classifier.predict_arrays(arrays))]
+
+    def swap(self, model_path):
+        """Load a new model file and serve it from the next request on (one reference assignment: atomic)."""
+        self.classifier = load_any(model_path, threads=1)
+        log.info("now serving %s", model_path)
+
+    async def run(self, function, *args):
+        """function(*args) in the inference pool."""
+        return await asyncio.get_running_loop().run_in_executor(self.pool, function, *args)
 
     async def predict(self, request):
         if self.pool is None:
             raise RuntimeError("the app has not started: run it under uvicorn, or as `with TestClient(app)`")
+        if self.classifier is None:
+            return JSONResponse({"detail": NO_MODEL}, status_code=409)
         if self.pending >= self.max_pending:
             return JSONResponse({"detail": f"server busy: {self.pending} requests in progress; retry shortly"},
                                 status_code=503, headers={"Retry-After": "1"})
@@ -228,7 +73,7 @@ class Service:
         try:
             async with self.slots:
                 uploads = await read_uploads(request, self.limits)
-                results = await asyncio.get_running_loop().run_in_executor(self.pool, self.classify, uploads)
+                results = await self.run(self.classify, uploads)
             return JSONResponse(results)
         except UploadError as e:
             return e.response()
@@ -275,16 +120,21 @@ PAGE_HEADERS = {
 }
 
 
-def page_html(limits):
+def page_html(limits, teach):
     html = files("foldercnn.deploy").joinpath("static/index.html").read_text(encoding="utf-8")
     return (html.replace("__MAX_UPLOAD_MB__", f"{limits.max_file_bytes / MB:g}")
-                .replace("__MAX_FILES__", str(limits.max_files)))
+                .replace("__MAX_FILES__", str(limits.max_files))
+                .replace("__TEACH__", "on" if teach else "off"))
 
 
 def create_app(classifier_or_model_path, max_upload_mb=10.0, max_files=16, workers=None,
-               max_waiting=DEFAULT_MAX_WAITING):
+               max_waiting=DEFAULT_MAX_WAITING, teach=None, teach_loopback_only=False):
     """The FastAPI app for one model (a Classifier or a model file path). Use it with uvicorn or TestClient;
-    the inference pool exists while the app runs (between its startup and shutdown)."""
+    the inference pool exists while the app runs (between its startup and shutdown).
+
+    teach: a TeachConfig (deploy/teach.py) adds the Teach panel and the /teach routes; then the model may be None
+    (nothing to predict with until the first training job). teach_loopback_only: the /teach routes answer only
+    requests addressed to 127.0.0.1, localhost or [::1]."""
     if max_upload_mb is None or max_upload_mb <= 0:
         raise FolderCNNError("--max-upload-mb must be positive")
     if max_files is None or max_files < 1:
@@ -292,11 +142,18 @@ def create_app(classifier_or_model_path, max_upload_mb=10.0, max_files=16, worke
     workers = runtime.physical_cores() if workers is None else workers
     if workers < 1:
         raise FolderCNNError("--workers must be at least 1")
-    classifier = (classifier_or_model_path if isinstance(classifier_or_model_path, (Classifier, OnnxClassifier))
+    if classifier_or_model_path is None and teach is None:
+        raise FolderCNNError("a model file is needed (or --teach DATA_DIR, to teach one)")
+    classifier = (classifier_or_model_path
+                  if classifier_or_model_path is None or isinstance(classifier_or_model_path, (Classifier, OnnxClassifier))
                   else load_any(classifier_or_model_path, threads=1))
     limits = Limits(int(max_upload_mb * MB), int(max_files))
     service = Service(classifier, limits, workers, max_waiting)
-    page = page_html(limits)
+    page = page_html(limits, teach)
+    teacher = None
+    if teach is not None:
+        from .teach import Teacher
+        teacher = Teacher(teach, swap=service.swap)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -304,6 +161,8 @@ def create_app(classifier_or_model_path, max_upload_mb=10.0, max_files=16, worke
         try:
             yield
         finally:
+            if teacher is not None:
+                teacher.stop()
             service.pool.shutdown(wait=True, cancel_futures=True)
 
     app = FastAPI(title="foldercnn", version=__version__, lifespan=lifespan,
@@ -327,12 +186,18 @@ def create_app(classifier_or_model_path, max_upload_mb=10.0, max_files=16, worke
                                "the test accuracy from evaluation.json beside the model file, else the "
                                "(optimistic) validation accuracy")
     async def model():
-        return {**classifier.metadata, "headline": headline(classifier.metadata, classifier.path)}
+        current = service.classifier
+        if current is None:
+            return JSONResponse({"detail": NO_MODEL}, status_code=404)
+        return {**current.metadata, "headline": headline(current.metadata, current.path)}
 
     @app.get("/healthz", summary="Liveness: 200 while the server runs")
     async def healthz():
-        return {"status": "ok", "in_progress": service.pending}
+        return {"status": "ok", "in_progress": service.pending, "model": service.classifier is not None}
 
+    if teacher is not None:
+        add_teach_routes(app, service, teacher, teach_loopback_only)
+        app.state.teacher = teacher
     return app
 
 
@@ -352,20 +217,33 @@ def listen(host, port):
     return sock
 
 
-def run_server(model_path, host="127.0.0.1", port=8000, max_upload_mb=10.0, max_files=16, workers=None):
-    """`foldercnn serve`: load the model, then serve until Ctrl-C or SIGTERM (graceful shutdown)."""
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def run_server(model_path, host="127.0.0.1", port=8000, max_upload_mb=10.0, max_files=16, workers=None,
+               teach=None, allow_remote_teach=False):
+    """`foldercnn serve` (and `foldercnn teach`, model_path None): load the model, then serve until Ctrl-C or
+    SIGTERM (graceful shutdown). teach: a TeachConfig for the Teach panel."""
     import uvicorn
+    if teach is not None and host not in LOOPBACK and not allow_remote_teach:
+        raise FolderCNNError(f"teaching writes into {teach.data_dir}: it listens on this computer only "
+                             f"(--host 127.0.0.1); add --allow-remote-teach to let other machines teach too")
     # a missing or bad file is a FolderCNNError before anything listens; .onnx files run on onnxruntime
-    classifier = load_any(model_path, threads=1)
+    classifier = None if model_path is None else load_any(model_path, threads=1)
     # many small requests: each inference on one thread, `workers` of them side by side
     torch.set_num_threads(1)
-    app = create_app(classifier, max_upload_mb=max_upload_mb, max_files=max_files, workers=workers)
+    app = create_app(classifier, max_upload_mb=max_upload_mb, max_files=max_files, workers=workers, teach=teach,
+                     teach_loopback_only=not allow_remote_teach)
     sock = listen(host, port)
     bound_port = sock.getsockname()[1]
     shown = f"[{host}]" if ":" in host else host
-    print(f"foldercnn: serving {model_path} ({', '.join(classifier.classes)}) at http://{shown}:{bound_port}/ "
-          f"- API docs at /docs; Ctrl-C stops", flush=True)
-    if host not in ("127.0.0.1", "localhost", "::1"):
+    what = "no model yet" if classifier is None else f"{model_path} ({', '.join(classifier.classes)})"
+    print(f"foldercnn: serving {what} at http://{shown}:{bound_port}/ - API docs at /docs; Ctrl-C stops",
+          flush=True)
+    if teach is not None:
+        print(f"foldercnn: teaching on: captures go to {teach.data_dir}, training runs to {teach.runs_dir} "
+              f"(recipe '{teach.recipe}')", flush=True)
+    if host not in LOOPBACK:
         print("foldercnn: browsers allow the camera only on localhost or https; uploads work everywhere",
               flush=True)
     service = app.state.service

@@ -12,6 +12,7 @@ import torch
 from .. import run_folder as rf
 from .. import runtime
 from ..data.augment import augment_batch
+from ..data.captures import burst_group_ids, merge_groups
 from ..data.duplicates import groups_of, near_duplicate_groups
 from ..data.folders import check_same_classes, group_split, load_folder, scan_folder, summarize_skipped
 from ..errors import FolderCNNError
@@ -71,7 +72,9 @@ def prepare_data(data_dir, recipe, val_dir=None, val_fraction=None, seed=0, log=
         everything = load_folder(folder, recipe.image_size)
         # near-duplicates (burst frames, augmented copies, neighbouring renders) stay on one side of the split,
         # or validation accuracy, the temperature and the unfamiliarity threshold all flatter the model
-        groups = near_duplicate_groups(everything.images, everything.paths) if split == "groups" else \
+        # (and the frames of one Teach-panel recording burst, data/captures.py)
+        groups = merge_groups(near_duplicate_groups(everything.images, everything.paths),
+                              burst_group_ids(everything.paths)) if split == "groups" else \
             torch.arange(len(everything))
         train_idx, val_idx, cut = group_split(everything.labels, groups, fraction, seed)
         if len(val_idx) == 0:
