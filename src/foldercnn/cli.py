@@ -25,6 +25,8 @@ def _add_training_options(p, default_recipe="fast"):
     p.add_argument("--batch-size", type=int)
     p.add_argument("--image-size", type=int, help="side of the square network input, in pixels")
     p.add_argument("--lr", type=float, help="learning rate")
+    p.add_argument("--no-augment", action="store_true",
+                   help="train on the images exactly as they are, without the recipe's random changes")
     p.add_argument("--time-budget", type=float, metavar="SECONDS",
                    help="train until this much wall clock (decoding included) is spent, then keep the best epoch")
     p.add_argument("--seed", type=int, default=0, help="makes the run repeatable (default 0)")
@@ -63,6 +65,9 @@ def build_parser():
     p.add_argument("--uncertain-below", type=float, metavar="P",
                    help="predictions whose calibrated top probability is below P are marked uncertain "
                         "(stored in the model; default 0.8)")
+    p.add_argument("--nproc", type=int, metavar="N",
+                   help="train one model in N processes on this machine (runs torchrun; --batch-size stays the "
+                        "global batch, split between them); see README for several machines")
     _add_training_options(p)
 
     p = sub.add_parser("evaluate", help="accuracy with its 95%% interval, per-class metrics, confusion matrix, "
@@ -145,7 +150,7 @@ def cmd_inspect(args):
 
 def _overrides(args):
     return dict(model=args.model, epochs=args.epochs, batch_size=args.batch_size,
-                image_size=args.image_size, lr=args.lr)
+                image_size=args.image_size, lr=args.lr, augment=False if args.no_augment else None)
 
 
 def _stop_on_sigterm():
@@ -157,7 +162,34 @@ def _stop_on_sigterm():
     signal.signal(signal.SIGTERM, stop)
 
 
+def _without_nproc(argv):
+    """The command line minus --nproc N (or --nproc=N): what each launched process runs."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out
+
+
+def launch_train(args):
+    from .training import distributed
+    from .training.recipes import get_recipe
+    if args.nproc < 1:
+        raise FolderCNNError(f"--nproc must be at least 1, got {args.nproc}")
+    if distributed.launched_world_size() > 1:
+        raise FolderCNNError("--nproc starts torchrun; this command already runs under it")
+    distributed.check_world(get_recipe(args.recipe, **_overrides(args)), args.nproc)  # refused here, not N times
+    _stop_on_sigterm()
+    return distributed.launch(_without_nproc(args.argv), args.nproc)
+
+
 def cmd_train(args):
+    if args.nproc is not None and args.nproc != 1:
+        return launch_train(args)
     from .training.job import train_folder
     _setup_runtime()
     _stop_on_sigterm()
@@ -169,6 +201,8 @@ def cmd_train(args):
                           val_fraction=args.val_fraction, seed=args.seed, precision=args.precision,
                           time_budget=args.time_budget, fine_tune=args.fine_tune, split=args.split, **extra,
                           **_overrides(args))
+    if not result.main_process:  # under torchrun rank 0 speaks for all
+        return 130 if result.interrupted else 0
     best = result.history[result.best_epoch - 1]
     print(f"saved {result.model_path} (epoch {result.best_epoch}, val_accuracy {best['val_accuracy']:.4f}); "
           f"plots and history.csv in {result.out_dir}")
@@ -280,7 +314,9 @@ COMMANDS = {"inspect": cmd_inspect, "train": cmd_train, "evaluate": cmd_evaluate
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = build_parser().parse_args(argv)
+    args.argv = argv  # train --nproc passes the command line on
     try:
         return COMMANDS[args.command](args) or 0
     except FolderCNNError as e:

@@ -55,9 +55,14 @@ def tune_malloc():
     return bool(ok)
 
 
+def local_processes():
+    """Processes torchrun started on this machine (LOCAL_WORLD_SIZE), 1 otherwise: they share its cores."""
+    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
 def setup(threads=None):
     """Process-wide settings for fast CPU work; call once from a command's entry point."""
-    torch.set_num_threads(threads or physical_cores())
+    torch.set_num_threads(threads or max(1, physical_cores() // local_processes()))
     tune_malloc()
 
 

@@ -27,6 +27,7 @@ from ..models import unfamiliar
 from ..models.registry import count_parameters, create_model, summary
 from ..plots import augmentation_preview, sample_grid, training_curves
 from . import checkpoint as ckpt
+from . import distributed
 from .loop import fit
 from .recipes import check_recipe, get_recipe
 from .transfer import linear_probe
@@ -46,6 +47,7 @@ class TrainResult:
     skipped: list
     seconds: dict
     fine_tuned_epochs: int = 0
+    main_process: bool = True  # False on the other ranks of a torchrun launch: they wrote and printed nothing
 
 
 SPLITS = ("groups", "images")
@@ -162,13 +164,13 @@ def draw_previews(out_dir, data_dir, train, recipe, seed):
 
 
 def run_training(model, train, val, recipe, *, fine_tune, device, precision, seed, deadline, log, save_history,
-                 checkpoint=None, resume=None):
+                 checkpoint=None, resume=None, ranks=distributed.SINGLE):
     """The recipe's training: the loop, or a linear probe (then, with fine_tune, the loop on its last blocks).
 
     Returns (FitResult, fine-tuning epochs finished). save_history(rows) runs after every epoch; checkpoint
     and resume go to the loop (a resumed fine-tuning run recomputes the probe, which is deterministic)."""
     loop = dict(device=device, precision=precision, seed=seed, log=log, deadline=deadline, checkpoint=checkpoint,
-                resume=resume)
+                resume=resume, ranks=ranks)
     if not recipe.linear_probe:
         return fit(model, train, val, recipe, on_epoch=lambda r: save_history(r.history), **loop), 0
     probe = linear_probe(model, train, val, recipe, device=device, precision=precision, seed=seed, log=log,
@@ -260,50 +262,80 @@ def train_folder(data_dir, out_dir, recipe="fast", val_dir=None, val_fraction=No
     resume: None continues from RUN_DIR/checkpoint.safetensors when one is there (an interrupted run),
     True requires one, False ignores it, "force" continues even if the data or recipe changed.
     Process-wide speed settings (threads, allocator) are the caller's: see `foldercnn.runtime.setup()`.
+    Launched by torchrun (WORLD_SIZE > 1), the processes train one model together (distributed.py): rank 0
+    alone writes the run folder and logs; every rank returns when it is written.
     """
     t0 = time.perf_counter()
     recipe = get_recipe(recipe, **overrides) if isinstance(recipe, str) else recipe
     check_recipe(recipe, fine_tune=fine_tune)
+    distributed.check_world(recipe, distributed.launched_world_size())
     if time_budget is not None and not time_budget > 0:
         raise FolderCNNError(f"--time-budget must be positive, got {time_budget}")
     if not 0.0 <= uncertain_below <= 1.0:
         raise FolderCNNError(f"--uncertain-below must be between 0 and 1, got {uncertain_below}")
     check_out_dir(out_dir, [data_dir, val_dir])
-    device = runtime.choose_device(device)
-    precision = runtime.resolve_precision(precision, device)
+    ranks, device = distributed.start(runtime.choose_device(device))
+    try:
+        return _train(data_dir, Path(out_dir), recipe, val_dir=val_dir, val_fraction=val_fraction, seed=seed,
+                      precision=runtime.resolve_precision(precision, device), device=device,
+                      time_budget=time_budget, fine_tune=fine_tune, uncertain_below=uncertain_below,
+                      log=log if ranks.is_main else _silent, resume=resume, split=split, ranks=ranks, t0=t0)
+    finally:
+        ranks.stop()
+
+
+def _silent(*args, **kwargs):
+    pass
+
+
+def _train(data_dir, out_dir, recipe, *, val_dir, val_fraction, seed, precision, device, time_budget, fine_tune,
+           uncertain_below, log, resume, split, ranks, t0):
+    """train_folder once the arguments are checked and the processes (one, or torchrun's) are joined."""
     # about a second is kept back for saving the model and drawing the curves
     deadline = None if time_budget is None else t0 + time_budget - 1.0
 
-    train, val, skipped = prepare_data(data_dir, recipe, val_dir, val_fraction, seed, log, split)
+    with ranks.local_main_first():  # one process per machine decodes and fills the decode cache, the others read it
+        train, val, skipped = prepare_data(data_dir, recipe, val_dir, val_fraction, seed, log, split)
     t_data = time.perf_counter() - t0
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if ranks.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
 
     identity = json.loads(json.dumps({  # as the checkpoint's JSON will give it back
         "data": ckpt.fingerprint(train.paths + val.paths, [len(train), len(val)]),
         "recipe": recipe.to_dict(), "seed": seed, "precision": precision, "fine_tune": bool(fine_tune),
         "split": split}))
-    resume_from = find_resume(out_dir, identity, resume, log)
+    resume_from = find_resume(out_dir, identity, resume, log)  # every rank reads rank 0's checkpoint
     if resume_from is not None and deadline is not None:
         deadline -= resume_from[0]["seconds_spent"]  # the budget counts the time already spent
     model = build_model(recipe, len(train.classes), seed)
     log(f"recipe '{recipe.name}': {recipe.description}")
     log(f"model {recipe.model} at {recipe.image_size}x{recipe.image_size}, {count_parameters(model):,} parameters, "
-        f"{device.type} {precision}, {torch.get_num_threads()} threads")
+        f"{device.type} {precision}, {torch.get_num_threads()} threads"
+        + (f" in each of {ranks.world} processes ({recipe.batch_size // ranks.world} images of every batch of "
+           f"{recipe.batch_size} each)" if ranks.world > 1 else ""))
     log(summary(model, recipe.image_size))
-    draw_previews(out_dir, data_dir, train, recipe, seed)
+    if ranks.is_main:
+        draw_previews(out_dir, data_dir, train, recipe, seed)
     if deadline is not None:
         log(f"time budget: {time_budget:g} s in all, {deadline - time.perf_counter():.1f} s left for training")
 
     t1 = time.perf_counter()
+    writes = ranks.is_main
     result, fine_tuned_epochs = run_training(
         model, train, val, recipe, fine_tune=fine_tune, device=device, precision=precision, seed=seed,
-        deadline=deadline, log=log, save_history=lambda rows: rf.write_history(out_dir / rf.HISTORY, rows),
-        checkpoint=lambda write: write(out_dir / ckpt.FILE, {"identity": identity}), resume=resume_from)
+        deadline=deadline, log=log,
+        save_history=(lambda rows: rf.write_history(out_dir / rf.HISTORY, rows)) if writes else _silent,
+        checkpoint=(lambda write: write(out_dir / ckpt.FILE, {"identity": identity})) if writes else None,
+        resume=resume_from, ranks=ranks)
     t_train = time.perf_counter() - t1
     if result.best_state is None:
         raise FolderCNNError("stopped before the first epoch finished; no model saved")
     model.load_state_dict(result.best_state)
+    if not ranks.is_main:  # rank 0 evaluates, calibrates and writes; wait until the run folder is complete
+        ranks.barrier()
+        return TrainResult(out_dir, out_dir / rf.MODEL, result.history, result.best_epoch, train.classes, recipe,
+                           result.interrupted, len(train), len(val), skipped, {"data": t_data, "train": t_train},
+                           fine_tuned_epochs, main_process=False)
 
     val_logits, val_features = final_pass(model, val, recipe, device)  # one pass serves both fits below
     if fine_tuned_epochs and recipe.wise_ft:
@@ -327,6 +359,7 @@ def train_folder(data_dir, out_dir, recipe="fast", val_dir=None, val_fraction=No
     log(f"report: {write_report(out_dir)}")
     if not result.interrupted:  # finished: a later run in this folder starts afresh
         (out_dir / ckpt.FILE).unlink(missing_ok=True)
+    ranks.barrier()
     return TrainResult(out_dir, model_path, result.history, result.best_epoch, train.classes, recipe,
                        result.interrupted, len(train), len(val), skipped,
                        {"data": t_data, "train": t_train}, fine_tuned_epochs)

@@ -15,6 +15,7 @@ from ..errors import FolderCNNError
 from ..models.preprocess import normalize, preprocess, to_unit
 from ..models.registry import predict_logits
 from . import checkpoint as ckpt
+from .distributed import SINGLE
 
 
 def make_optimizer(model, recipe):
@@ -85,8 +86,13 @@ class BatchStream:
 
 
 @torch.no_grad()
-def evaluate_model(model, data, mean, std, device, precision, tta=False, batch_size=256):
-    """Mean cross-entropy and accuracy of `model` on DecodedImages (no augmentation)."""
+def evaluate_model(model, data, mean, std, device, precision, tta=False, batch_size=256, ranks=SINGLE):
+    """Mean cross-entropy and accuracy of `model` on DecodedImages (no augmentation).
+
+    Under DDP each rank scores its share of the images and the sums are added up, so every rank gets the
+    same numbers (and keeps the same best epoch)."""
+    if ranks.world > 1:
+        data = data.subset(ranks.shard(torch.arange(len(data))))
     labels = data.labels
     was_training = model.training
     model.eval()
@@ -99,7 +105,8 @@ def evaluate_model(model, data, mean, std, device, precision, tta=False, batch_s
         total_loss += F.cross_entropy(logits, y, reduction="sum").item()
         correct += (logits.argmax(1) == y).sum().item()
     model.train(was_training)
-    n = max(1, len(labels))
+    total_loss, correct, n = ranks.sum([total_loss, correct, len(labels)])
+    n = max(1, n)
     return total_loss / n, correct / n
 
 
@@ -121,17 +128,21 @@ def _is_better(stats, best):
 
 
 def fit(model, train, val, recipe, *, device, precision, seed, log=print, on_epoch=None, deadline=None,
-        checkpoint=None, resume=None):
+        checkpoint=None, resume=None, ranks=SINGLE):
     """Train `model` on decoded images; validate every epoch. Ctrl-C stops after keeping the best so far.
 
     deadline: a time.perf_counter() value; training runs epochs until it (not recipe.epochs), and the
     learning-rate schedule follows elapsed time instead of steps, so it still ends at zero.
     checkpoint(write): called after every epoch with write(path, extra_info) that saves the run's whole state
     (see checkpoint.py); resume: a checkpoint's (info, tensors) to continue from instead of starting.
-    All state lives in locals and arguments, so several fits can run side by side (and, later, per rank).
+    All state lives in locals and arguments, so several fits can run side by side.
+    ranks: under torchrun (distributed.py) each rank trains on its share of every global batch of
+    recipe.batch_size images through DistributedDataParallel; a Ctrl-C then stops the run (the last checkpoint
+    keeps it), since the ranks cannot agree on where they were stopped.
     """
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)  # the batch order (same on every rank) and, in one process, augmentation
     model.to(device).to(memory_format=torch.channels_last).train()
+    net = ranks.wrap(model, device)  # what the training steps call: DDP around model, or model itself
     optimizer = make_optimizer(model, recipe)
     ema = WeightEMA(model, recipe.ema) if recipe.ema else None
     steps = recipe.steps_per_epoch or math.ceil(len(train) / recipe.batch_size)
@@ -152,27 +163,35 @@ def fit(model, train, val, recipe, *, device, precision, seed, log=print, on_epo
     def progress():
         if deadline is None:
             return step / total_steps
-        return min(1.0, (time.perf_counter() - fit_start) / max(1e-9, deadline - val_seconds - fit_start))
+        # rank 0's clock decides, so all ranks use the same learning rate and stop at the same step
+        return ranks.broadcast(
+            min(1.0, (time.perf_counter() - fit_start) / max(1e-9, deadline - val_seconds - fit_start)))
 
     try:
         for epoch in range(first_epoch, epochs + 1):
             start, loss_sum, correct, seen = time.perf_counter(), 0.0, 0, 0
             label = f"epoch {epoch}/{recipe.epochs if deadline is None else '?'}"
-            bar = tqdm(range(steps), desc=label, unit="step", leave=False, disable=None)
+            bar = tqdm(range(steps), desc=label, unit="step", leave=False,
+                       disable=None if ranks.is_main else True)
             for _ in bar:
                 if deadline is not None and progress() >= 1.0:
                     break
                 for group in optimizer.param_groups:
                     group["lr"] = recipe.lr * lr_factor(recipe.schedule, progress())
-                idx = next(batches)
+                global_idx = next(batches)
+                idx = ranks.shard(global_idx)
                 y = train.labels[idx].to(device)
-                x = augment_batch(to_unit(train.take(idx).to(device)), recipe.augment, g)
+                x = augment_batch(to_unit(train.take(idx).to(device)), recipe.augment,
+                                  ranks.augmentation_generator(seed, step, g))
                 x = normalize(x, recipe.mean, recipe.std).contiguous(memory_format=torch.channels_last)
                 with runtime.autocast(device, precision):
-                    logits = model(x)
+                    logits = net(x)
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=recipe.label_smoothing)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                if ranks.world > 1:  # DDP averages the ranks' gradients: weigh each by its share of the batch
+                    (loss * (len(idx) * ranks.world / len(global_idx))).backward()
+                else:
+                    loss.backward()
                 optimizer.step()
                 step += 1
                 if ema:
@@ -184,12 +203,13 @@ def fit(model, train, val, recipe, *, device, precision, seed, log=print, on_epo
                 seen += len(y)
                 bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}")
             bar.close()
+            loss_sum, correct, seen = ranks.sum([loss_sum, correct, seen])  # the whole epoch's, on every rank
             if seen == 0:
                 break
             train_seconds = time.perf_counter() - start
             scored = ema.model if ema else model
             val_loss, val_acc = evaluate_model(scored, val, recipe.mean, recipe.std,
-                                               device, precision, tta=recipe.tta)
+                                               device, precision, tta=recipe.tta, ranks=ranks)
             val_seconds = time.perf_counter() - start - train_seconds
             stats = {"epoch": epoch, "loss": loss_sum / seen, "accuracy": correct / seen,
                      "val_loss": val_loss, "val_accuracy": val_acc, "seconds": time.perf_counter() - start,
@@ -215,6 +235,8 @@ def fit(model, train, val, recipe, *, device, precision, seed, log=print, on_epo
                 log("time budget spent")
                 break
     except KeyboardInterrupt:
+        if ranks.world > 1:  # the other ranks may be mid-step: no agreed state to save but the last checkpoint
+            raise
         result.interrupted = True
         log(f"\ninterrupted: keeping the {'best' if recipe.keep == 'best' else 'last'} finished epoch "
             f"({result.best_epoch or 'none'})")

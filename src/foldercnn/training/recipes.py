@@ -91,6 +91,8 @@ def get_recipe(name, **overrides):
         raise FolderCNNError(f"unknown recipe '{name}' (available: {', '.join(RECIPES)})")
     recipe = RECIPES[name]
     overrides = {k: v for k, v in overrides.items() if v is not None}
+    if overrides.get("augment") is False:  # --no-augment: the images exactly as they are
+        overrides["augment"] = AugmentConfig()
     for key in ("epochs", "batch_size", "image_size"):
         if key in overrides and overrides[key] < 1:
             raise FolderCNNError(f"--{key.replace('_', '-')} must be at least 1, got {overrides[key]}")
