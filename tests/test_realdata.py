@@ -109,12 +109,18 @@ def test_real_photo_sets_are_evaluated_and_the_gap_is_visible(fast_run, photos):
 
 @pytest.mark.slow
 def test_short_robust_training_beats_chance_on_real_photos(rps, photos, tmp_path):
-    """The robust recipe, shortened (one augmented view, 112 px), trained on CGI hands only, is clearly better
-    than chance (33%) on both sets of real photos: every figure of the README's real-photo table is lower than
-    we want, but this guards what the recipe adds."""
+    """The robust recipe, shortened (every other CGI training image, one augmented view, 112 px), trained on CGI
+    hands only, is clearly better than chance (33%) on both sets of real photos: every figure of the README's
+    real-photo table is lower than we want, but this guards what the recipe adds. (Measured: 46.1% sxsw, 71.3%
+    green-screen; with every training image 46.0% and 64.6%, in twice the time.)"""
     import foldercnn
     foldercnn.runtime.setup()
-    result = foldercnn.train(rps / "train", tmp_path / "robust", recipe="robust", image_size=112, probe_views=1,
+    half = tmp_path / "half"
+    for cls in sorted(p for p in (rps / "train").iterdir() if p.is_dir()):
+        (half / cls.name).mkdir(parents=True)
+        for f in sorted(cls.iterdir())[::2]:  # neighbouring renders are near-twins: every other one loses little
+            (half / cls.name / f.name).symlink_to(f.resolve())
+    result = foldercnn.train(half, tmp_path / "robust", recipe="robust", image_size=112, probe_views=1,
                              seed=0, log=lambda *a: None)
     clf = foldercnn.load(result.model_path)
     accuracy = {name: foldercnn.evaluate(clf, photos / name).accuracy for name in ("sxsw", "green-screen")}

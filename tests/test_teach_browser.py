@@ -27,8 +27,9 @@ def add_class(page, name):
     expect(page.locator("#teach-classes button[aria-pressed=true] .cname")).to_have_text(name)
 
 
-@pytest.mark.parametrize("viewport", sorted(VIEWPORTS))
-def test_record_two_classes_train_and_predict_with_the_new_model(browser, tmp_path, viewport):
+def test_record_two_classes_train_and_predict_with_the_new_model(browser, tmp_path):
+    """At desktop width; the last screenshot again at phone width."""
+    viewport = "desktop"
     data = tmp_path / "mine"
     server = start_teach_server("teach", data, "--teach-runs", tmp_path / "runs", "--teach-recipe", "fast",
                                 log=tmp_path / "teach.log")
@@ -67,6 +68,8 @@ def test_record_two_classes_train_and_predict_with_the_new_model(browser, tmp_pa
         # the live camera card now answers with the new model's classes
         expect(page.locator("#camera-card .predicted")).to_have_text(re.compile("^(left|right)$"), timeout=20_000)
         screenshot(page, tmp_path / f"teach-{viewport}-3-after.png")
+        page.set_viewport_size(VIEWPORTS["phone"])
+        screenshot(page, tmp_path / "teach-phone-3-after.png")
     finally:
         camera_browser.close()
         stop(server)

@@ -37,6 +37,23 @@ def test_far_point_is_unfamiliar_and_a_class_mean_is_not(d, rank):
     assert float((fitted.unfamiliarity(xv) > 1).float().mean()) <= 0.02
 
 
+@pytest.mark.parametrize("n", [12, 60, 200])
+def test_few_images_give_what_the_full_covariance_gives(n):
+    """Fewer images than feature dimensions: the n x n Gram route matches the D x D covariance route."""
+    d, rank = 320, 64
+    g = torch.Generator().manual_seed(n)
+    x = (torch.randn(n, d, generator=g) @ torch.randn(d, d, generator=g)).double() * 0.1
+    centred = x - x.mean(0)
+    fast = unfamiliar._low_rank_from_gram(centred, rank)
+    full = unfamiliar._from_covariance(centred, rank)
+    assert fast[3] == pytest.approx(full[3], rel=1e-9)  # the Ledoit-Wolf weight
+    assert fast[2] == pytest.approx(full[2], rel=1e-6)  # inv_rest
+    probe = (torch.randn(40, d, generator=g) @ torch.randn(d, d, generator=g)).float() * 0.1
+    means = torch.zeros(1, d)
+    score = lambda basis, weights, inv_rest, a: unfamiliar.Unfamiliarity(means, basis, weights, inv_rest).score(probe)
+    torch.testing.assert_close(score(*fast), score(*full), rtol=1e-4, atol=0)
+
+
 def test_threshold_is_chosen_on_validation_only(trained_model, shapes_dirs, tmp_path):
     """fit sees training and validation features only; evaluating on other folders never touches it."""
     x, y, means = gaussians(300)

@@ -106,7 +106,7 @@ class TeachFolder:
         out = []
         for d in sorted((p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")),
                         key=lambda p: p.name):
-            files = [f for f in d.iterdir() if f.is_file() and is_candidate(f)]
+            files = [f for f in d.rglob("*") if f.is_file() and is_candidate(f)]  # as training counts them
             captures = sorted((f for f in files if parse_capture(f.name)), key=_mtime, reverse=True)
             out.append({"name": d.name, "images": len(files), "captures": [f.stem for f in captures],
                         "bursts": len({parse_capture(f.name)[0] for f in captures}),
