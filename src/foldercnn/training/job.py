@@ -110,11 +110,16 @@ def data_summary(data_dir, val_dir, val_fraction, train, val, skipped, split="gr
             "skipped": [{"path": str(p), "reason": r} for p, r in skipped[:max_listed]]}
 
 
+FINAL_PASS_CHUNK = 4096  # images copied out of the (memory-mapped) decoded set at a time
+
+
 def final_pass(model, data, recipe, device):
     """(logits, penultimate features) of the trained model on decoded images: eval mode, fp32, no augmentation,
-    the batched inference path that prediction uses."""
-    return batched_logits(model, data.take(slice(None)), recipe.mean, recipe.std, device, recipe.tta,
-                          batch_size=256, features=True)
+    the batched inference path that prediction uses. Chunk by chunk: taking every image at once would copy a
+    memory-mapped training set larger than RAM into memory (benchmarks/scale.py: killed at 32x RPS under 1.2 GB)."""
+    parts = [batched_logits(model, data.take(slice(k, k + FINAL_PASS_CHUNK)), recipe.mean, recipe.std, device,
+                            recipe.tta, batch_size=256, features=True) for k in range(0, len(data), FINAL_PASS_CHUNK)]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
 def calibrate(logits, labels, uncertain_below=DEFAULT_UNCERTAIN_BELOW):
