@@ -53,7 +53,7 @@ def test_record_two_classes_train_and_predict_with_the_new_model(browser, tmp_pa
         for name in ("left", "right"):
             page.click(f"#teach-classes button:has-text('{name}')")
             for _ in range(2):  # two recordings per class
-                hold(page, "#record-button", 1800)
+                hold(page, "#record-button", 1300)
                 page.wait_for_timeout(400)
             expect(page.locator("#teach-classes button[aria-pressed=true] .count")).not_to_have_text("0 images")
         counts = {d.name: len(list(d.iterdir())) for d in data.iterdir()}
