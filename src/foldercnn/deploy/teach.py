@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..data.captures import BURST, CAPTURE, capture_name, new_burst_id, parse_capture
-from ..data.images import is_candidate, load_rgb
+from ..data.images import ImageDecodeError, is_candidate, load_rgb
 from ..errors import FolderCNNError
 from ..files import atomic_path, check_out_dir
 from .. import run_folder as rf
@@ -196,7 +196,6 @@ def _mtime(path):
 def _capture_picture(data):
     """Upload bytes -> the RGB picture to store: upright (EXIF applied), EXIF and other metadata dropped,
     at most CAPTURE_SIDE pixels on its longer side."""
-    from ..data.images import ImageDecodeError
     try:
         picture = load_rgb(data)
     except ImageDecodeError as e:
@@ -285,8 +284,8 @@ class Teacher:
             job.result = job_result(model_path, self.folder.classes())
             job.state, job.stage, job.progress = "done", "serving the new model", 1.0
         except Exception as e:  # the old model keeps serving; the page says why
-            job.error, job.state = f"{type(e).__name__}: {e}" if not isinstance(e, FolderCNNError) else str(e), \
-                "failed"
+            job.error = str(e) if isinstance(e, FolderCNNError) else f"{type(e).__name__}: {e}"
+            job.state = "failed"
         finally:
             job.seconds = time.time() - job.started
 

@@ -46,11 +46,12 @@ TEACH_ERRORS = {400: {"description": "a bad class name, burst or image"},
 def add_teach_routes(app, service, teacher, loopback_only):
     folder = teacher.folder
 
-    async def guarded(request, work):
-        """Run work() (sync, in the inference pool: it touches the disk) after the request checks."""
+    async def guarded(request, work, status=200):
+        """Run work() (sync, in the inference pool: it touches the disk) after the request checks; its result
+        as JSON with `status`, or the TeachError it raised."""
         try:
             check_request(request, loopback_only)
-            return await service.run(work)
+            return JSONResponse(await service.run(work), status_code=status)
         except TeachError as e:
             return error_response(e)
 
@@ -67,8 +68,7 @@ def add_teach_routes(app, service, teacher, loopback_only):
     @app.post("/teach/classes", status_code=201, summary="Add a class (an empty sub-folder of the teaching folder)",
               responses=TEACH_ERRORS)
     async def add_class(request: Request, name: str = Body(..., embed=True, max_length=1000)):
-        result = await guarded(request, lambda: folder.add_class(name))
-        return result if isinstance(result, JSONResponse) else JSONResponse(result, status_code=201)
+        return await guarded(request, lambda: folder.add_class(name), status=201)
 
     @app.post("/teach/classes/{name}/images", status_code=201, responses={**TEACH_ERRORS, 413: {
         "description": "a file over the size limit, or too many files in one request"}, 415: {
@@ -100,10 +100,12 @@ def add_teach_routes(app, service, teacher, loopback_only):
     @app.get("/teach/classes/{name}/images/{image_id}", summary="One capture (JPEG)", responses=TEACH_ERRORS,
              response_class=FileResponse)
     async def get_image(request: Request, name: str, image_id: str):
-        result = await guarded(request, lambda: folder.capture_path(name, image_id))
-        if isinstance(result, JSONResponse):
-            return result
-        return FileResponse(result, media_type="image/jpeg", headers={"Cache-Control": "no-store"})
+        try:
+            check_request(request, loopback_only)
+            path = await service.run(folder.capture_path, name, image_id)
+        except TeachError as e:
+            return error_response(e)
+        return FileResponse(path, media_type="image/jpeg", headers={"Cache-Control": "no-store"})
 
     @app.delete("/teach/classes/{name}/images/{image_id}", summary="Delete one capture (only captures made here)",
                 responses=TEACH_ERRORS)
@@ -114,8 +116,7 @@ def add_teach_routes(app, service, teacher, loopback_only):
               summary="Train on the teaching folder in the background; the new model is served when it is done. "
                       "Answers the job (poll GET /teach/train/{id}); 409 while another job runs")
     async def start_training(request: Request):
-        result = await guarded(request, lambda: teacher.start().to_dict())
-        return result if isinstance(result, JSONResponse) else JSONResponse(result, status_code=202)
+        return await guarded(request, lambda: teacher.start().to_dict(), status=202)
 
     @app.get("/teach/train", summary="The most recent training job, or null", responses=TEACH_ERRORS)
     async def latest_job(request: Request):
