@@ -1,10 +1,10 @@
 """Training at scale on one machine: folders many times the RPS training set, under a memory limit; DDP 1 vs 2.
 
-    python benchmarks/scale.py --data ../shared/data/rps [--sizes 1,8,32] [--memory-limit-mb 1200]
-        [--steps 60] [--ddp] [--work DIR]
+    python benchmarks/scale.py --data ../shared/data/rps [--sizes 1,8,32] [--memory-limit-mb 800]
+        [--steps 60] [--image-size 64] [--ddp] [--work DIR]
 
 Size sweep: for each size k, a folder of k symlinked copies of rps/train (k x 2,520 images), trained with the fast
-recipe at 64 px for --steps steps of batch 64 (image-by-image split, 1% held out), in a child process placed in
+recipe at --image-size px (default 64) for --steps steps of batch 64 (image-by-image split, 1% held out), in a child process placed in
 a memory cgroup limited to --memory-limit-mb (cgroup v2 or v1, when this process may create one; otherwise the
 limit is not applied and the table says so). Decoded images live in the memory-mapped decode cache (data/cache.py),
 so the cache may grow past the limit: the kernel drops its clean pages instead of killing the run. Per size: the
@@ -27,10 +27,11 @@ CHILD = r"""
 import json, resource, sys, time
 import foldercnn
 foldercnn.runtime.setup()
-data, out, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
+data, out, steps, image_size, batch_size = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:6])
 t = time.perf_counter()
-result = foldercnn.train(data, out, recipe="fast", image_size=64, epochs=1, steps_per_epoch=steps, split="images",
-                         val_fraction=0.01, seed=0, resume=False, log=lambda *a: None)
+result = foldercnn.train(data, out, recipe="fast", image_size=image_size, batch_size=batch_size, epochs=1,
+                         steps_per_epoch=steps, split="images", val_fraction=0.01, seed=0, resume=False,
+                         log=lambda *a: None)
 row = result.history[0]
 print(json.dumps({"data_s": result.seconds["data"], "train_s": row["train_seconds"], "images": row["images"],
                   "total_s": time.perf_counter() - t,
@@ -90,19 +91,22 @@ class MemoryCgroup:
                 pass
 
 
-def run_child(data, out, steps, group):
+def run_child(data, out, steps, group, image_size=64, batch_size=64, env=None):
+    """Train `fast` on data in a child process inside the memory cgroup; its figures as a dict."""
     # the child starts stopped at a pipe read, is put in the cgroup, then let go: all its memory is charged there
     r, w = os.pipe()
     code = f"import os; os.read({r}, 1); " + "exec(compile(" + repr(CHILD) + ", 'scale-child', 'exec'))"
-    proc = subprocess.Popen([sys.executable, "-c", code, str(data), str(out), str(steps)], pass_fds=(r,),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", code, str(data), str(out), str(steps), str(image_size),
+                             str(batch_size)], pass_fds=(r,), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)
     os.close(r)
     group.enter(proc.pid)
     os.write(w, b"g")
     os.close(w)
     stdout, stderr = proc.communicate()
     if proc.returncode != 0:
-        raise SystemExit(f"training child failed ({proc.returncode}): {stderr[-2000:]}")
+        killed = " (SIGKILL: the memory limit's out-of-memory killer)" if proc.returncode == -9 else ""
+        raise SystemExit(f"training child failed ({proc.returncode}){killed}: {stderr[-2000:]}")
     return json.loads(stdout.strip().splitlines()[-1])
 
 
@@ -115,7 +119,8 @@ def sweep(args, work):
     os.environ["FOLDERCNN_CACHE"] = str(cache_dir)  # a fresh decode cache: the decode seconds are real
     group = MemoryCgroup(args.memory_limit_mb * 2 ** 20)
     limit = f"{args.memory_limit_mb} MB" if group.path else group.reason
-    print(f"memory limit of the training child: {limit}; {args.steps} steps of batch 64 at 64 px, fast recipe")
+    print(f"memory limit of the training child: {limit}; {args.steps} steps of batch 64 at {args.image_size} px, "
+          "fast recipe")
     print(f"{'size':>5}{'images':>9}{'decode s':>10}{'s/1000 img':>12}{'peak RSS MB':>13}{'cgroup peak MB':>16}"
           f"{'cache MB':>10}")
     try:
@@ -123,7 +128,7 @@ def sweep(args, work):
             data = scaled_copy(Path(args.data) / "train", k, work)
             n = sum(1 for p in data.rglob("*") if not p.is_dir())
             group.reset_peak()
-            row = run_child(data, Path(work) / f"run-x{k}", args.steps, group)
+            row = run_child(data, Path(work) / f"run-x{k}", args.steps, group, args.image_size)
             peak = group.peak_mb()
             print(f"{k:>4}x{n:>9}{row['data_s']:>10.1f}{1000 * row['train_s'] / row['images']:>12.2f}"
                   f"{row['peak_rss_mb']:>13.0f}{peak if peak is not None else float('nan'):>16.0f}"
@@ -154,8 +159,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True, help="the RPS folder (train/ is used)")
     ap.add_argument("--sizes", default="1,8,32")
-    ap.add_argument("--memory-limit-mb", type=int, default=1200)
+    ap.add_argument("--memory-limit-mb", type=int, default=800)
     ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--image-size", type=int, default=64)
     ap.add_argument("--ddp", action="store_true")
     ap.add_argument("--work", help="folder for the copies, runs and cache (default: a temporary one)")
     args = ap.parse_args()

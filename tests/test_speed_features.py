@@ -34,6 +34,36 @@ def test_cache_hit_returns_same_pixels(tmp_path, cache_dir):
     assert hit_other_size is False
 
 
+def test_readahead_of_a_cached_set_reads_the_same_pixels(tmp_path, cache_dir):
+    """A memory-mapped set asks the kernel for its rows ahead (runs of consecutive rows as one range); the
+    pixels taken are those of the decode, by positions, slices and subsets alike."""
+    from foldercnn.data import cache
+    from foldercnn.data.folders import load_folder
+    assert cache._runs([7, 3, 4, 5, 9, 8, 3]) == [(3, 3), (7, 3)] and cache._runs(range(2, 6)) == [(2, 4)]
+    root = make_shapes(tmp_path / "d", per_class=6)
+    load_folder(scan_folder(root), 16)  # fills the cache
+    data = load_folder(scan_folder(root), 16)
+    assert data.readahead is not None and data.readahead.row_bytes == 16 * 16 * 3
+    in_ram = torch.from_numpy(np.array(data.images))
+    idx = torch.tensor([5, 0, 11, 12])
+    data.prefetch(idx)
+    assert torch.equal(data.take(idx), in_ram[idx]) and torch.equal(data.take(slice(2, 9)), in_ram[2:9])
+    sub = data.subset(torch.tensor([3, 4, 10, 1]))
+    sub.prefetch(torch.tensor([0, 2]))
+    assert torch.equal(sub.take(slice(1, 3)), in_ram[[4, 10]])
+
+
+def test_unfamiliarity_is_fitted_on_a_stratified_sample_of_big_training_sets(tmp_path):
+    from foldercnn.data.folders import load_folder
+    from foldercnn.training.job import unfamiliarity_sample
+    data = load_folder(scan_folder(make_shapes(tmp_path / "d", per_class=20)), 16)
+    assert unfamiliarity_sample(data, 0, log=print, limit=100) is data
+    sample = unfamiliarity_sample(data, 0, log=lambda *a: None, limit=30)
+    assert len(sample) == 30 and sample.labels.bincount().tolist() == [10, 10, 10]
+    assert sample.rows.tolist() == sorted(sample.rows.tolist())  # read forward through the cache
+    assert torch.equal(unfamiliarity_sample(data, 0, log=lambda *a: None, limit=30).rows, sample.rows)
+
+
 def test_changed_or_added_image_invalidates(tmp_path, cache_dir):
     root = make_shapes(tmp_path / "d", per_class=5)
     files = scan_folder(root).files

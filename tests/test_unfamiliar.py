@@ -45,13 +45,29 @@ def test_few_images_give_what_the_full_covariance_gives(n):
     x = (torch.randn(n, d, generator=g) @ torch.randn(d, d, generator=g)).double() * 0.1
     centred = x - x.mean(0)
     fast = unfamiliar._low_rank_from_gram(centred, rank)
-    full = unfamiliar._from_covariance(centred, rank)
+    full = unfamiliar._from_covariance(centred.T @ centred / n, (centred.square().sum(1) ** 2).mean(), n, rank)
     assert fast[3] == pytest.approx(full[3], rel=1e-9)  # the Ledoit-Wolf weight
     assert fast[2] == pytest.approx(full[2], rel=1e-6)  # inv_rest
     probe = (torch.randn(40, d, generator=g) @ torch.randn(d, d, generator=g)).float() * 0.1
     means = torch.zeros(1, d)
     score = lambda basis, weights, inv_rest, a: unfamiliar.Unfamiliarity(means, basis, weights, inv_rest).score(probe)
     torch.testing.assert_close(score(*fast), score(*full), rtol=1e-4, atol=0)
+
+
+def test_the_chunked_fit_of_a_subset_is_the_fit_of_those_rows(monkeypatch):
+    """The fit reads rows a chunk at a time (bounded memory on big folders); a subset by index, as the
+    cluster-held-out fits use, gives what fitting a copy of those rows gives."""
+    x, y, _ = gaussians(500, d=12)
+    idx = torch.arange(0, 500, 2)  # every class keeps rows
+    whole = unfamiliar._fit_gaussians(x[idx], y[idx], 3, 12)
+    monkeypatch.setattr(unfamiliar, "CHUNK", 7)
+    chunked = unfamiliar._fit_gaussians(x, y, 3, 12, idx)
+    centred = x[idx].double() - whole.means.double()[y[idx]]
+    assert chunked.shrinkage == pytest.approx(unfamiliar.ledoit_wolf_shrinkage(centred), rel=1e-6)  # means in float32 here
+    assert chunked.shrinkage == pytest.approx(whole.shrinkage, rel=1e-9)
+    torch.testing.assert_close(chunked.means, whole.means)
+    probe = torch.randn(50, 12, generator=torch.Generator().manual_seed(3)) * 4
+    torch.testing.assert_close(chunked.score(probe), whole.score(probe), rtol=1e-5, atol=1e-5)
 
 
 def test_threshold_is_chosen_on_validation_only(trained_model, shapes_dirs, tmp_path):

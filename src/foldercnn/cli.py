@@ -32,6 +32,8 @@ def _add_training_options(p, default_recipe="fast"):
     p.add_argument("--seed", type=int, default=0, help="makes the run repeatable (default 0)")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
                    help="auto: bfloat16 autocast where the CPU supports it natively, else float32")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="auto: the GPU when PyTorch sees one (CUDA), else the CPU")
 
 
 def build_parser():
@@ -199,7 +201,8 @@ def cmd_train(args):
     extra["resume"] = False if args.restart else args.resume
     result = train_folder(args.data_dir, args.out, recipe=args.recipe, val_dir=args.val,
                           val_fraction=args.val_fraction, seed=args.seed, precision=args.precision,
-                          time_budget=args.time_budget, fine_tune=args.fine_tune, split=args.split, **extra,
+                          device=args.device, time_budget=args.time_budget, fine_tune=args.fine_tune,
+                          split=args.split, **extra,
                           **_overrides(args))
     if not result.main_process:  # under torchrun rank 0 speaks for all
         return 130 if result.interrupted else 0
@@ -263,7 +266,7 @@ def cmd_demo(args):
     from .demo import run_demo
     _setup_runtime()
     run_demo(data=args.data, out=args.out, recipe=args.recipe, seed=args.seed, precision=args.precision,
-             time_budget=args.time_budget, photos=args.photos, **_overrides(args))
+             device=args.device, time_budget=args.time_budget, photos=args.photos, **_overrides(args))
 
 
 def cmd_export(args):

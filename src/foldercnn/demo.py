@@ -118,7 +118,7 @@ def find_photos(photos=None, log=print):
 
 
 def run_demo(data=None, out="foldercnn-demo", recipe="fast", seed=0, precision="auto", time_budget=None, log=print,
-             progress=True, photos=None, **overrides):
+             progress=True, photos=None, device="auto", **overrides):
     """Find data, inspect, train, plot, evaluate on the test set and on real photos (when found), classify
     validation/, list the outputs."""
     recipe_obj = get_recipe(recipe, **overrides)
@@ -138,7 +138,7 @@ def run_demo(data=None, out="foldercnn-demo", recipe="fast", seed=0, precision="
     log(f"\n== 2. train: recipe '{recipe_obj.name}' ({recipe_obj.description})")
     # every recipe validates (and fits its temperature) on a split held out of train/, never on test/
     result = train_folder(root / "train", out, recipe=recipe_obj, seed=seed, precision=precision,
-                          time_budget=time_budget, log=log)
+                          device=device, time_budget=time_budget, log=log)
 
     outputs = {"sample grid": out / rf.SAMPLES, "augmentation preview": out / rf.AUGMENTATIONS,
                "training curves": out / rf.CURVES, "training history": out / rf.HISTORY,

@@ -5,11 +5,26 @@ import os
 
 import torch
 
+from .errors import FolderCNNError
+
 
 def choose_device(requested="auto"):
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(requested)
+    device = torch.device(requested)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+        raise FolderCNNError(f"--device cuda: PyTorch sees no CUDA GPU here (torch {torch.__version__}, {build}); "
+                             "use --device cpu or auto")
+    return device
+
+
+def to_device(batch, device):
+    """A CPU batch on `device`. To a GPU through pinned (page-locked) memory without blocking, so the copy
+    overlaps the work already queued on the GPU; on the CPU, the same tensor."""
+    if device.type != "cuda":
+        return batch
+    return batch.pin_memory().to(device, non_blocking=True)
 
 
 def physical_cores():

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from ..errors import FolderCNNError
+from . import cache
 from .decode import decode_images, natural_key, walk_images  # noqa: F401 (part of this module's API)
 from .images import IMAGE_EXTENSIONS, is_candidate
 
@@ -92,12 +93,25 @@ class DecodedImages:
     classes: list
     skipped: list  # (path, reason): everything that could not be used, with the scan's skips
     rows: torch.Tensor = None  # which rows of `images` belong to this set; None: all
+    readahead: object = None  # cache.Readahead when `images` is memory-mapped from the decode cache
+
+    def prefetch(self, index):
+        """Start reading the images of `index` (positions or a slice) from disk, for memory-mapped sets; `take`
+        then finds them in memory."""
+        if self.readahead is None:
+            return
+        if self.rows is None and isinstance(index, slice):
+            self.readahead(range(len(self))[index])
+        else:
+            self.readahead((self.rows[index] if self.rows is not None else torch.as_tensor(index)).tolist())
 
     def __len__(self):
         return len(self.labels)
 
     def take(self, index):
         """uint8 images for `index` (a tensor of positions or a slice)."""
+        if isinstance(index, slice):  # a contiguous chunk (final pass, validation): read it in large reads
+            self.prefetch(index)
         if self.rows is not None:
             index = self.rows[index]
         return self.images[index]
@@ -106,12 +120,11 @@ class DecodedImages:
         index = torch.as_tensor(index, dtype=torch.long)
         rows = index if self.rows is None else self.rows[index]
         return DecodedImages(self.images, self.labels[index], [self.paths[i] for i in index.tolist()],
-                             self.classes, [], rows)
+                             self.classes, [], rows, self.readahead)
 
 
 def decode_cached(files, size, root, desc="decoding"):
     """decode_images through the on-disk decode cache (see cache.py); returns the same triple + hit flag."""
-    from . import cache
     if not cache.enabled() or not files:
         return (*decode_images(files, size, desc=desc), False)
     key = cache.folder_key(files, size)
@@ -145,7 +158,7 @@ def load_folder(folder: ImageFolder, size, require_every_class=True):
     if len(good) == 0:
         raise FolderCNNError(f"no usable images in {folder.root}")
     return DecodedImages(torch.from_numpy(array), labels, [folder.files[i] for i in good],
-                         folder.classes, skipped)
+                         folder.classes, skipped, readahead=cache.Readahead.of(array))
 
 
 def stratified_split(labels, fraction, seed):

@@ -94,33 +94,69 @@ def default_rank(feature_dim):
 def ledoit_wolf_shrinkage(centred):
     """Ledoit-Wolf (2004) weight a of mu*I in (1-a)*S + a*mu*I for centred rows (N, D)."""
     x = centred.double()
-    n, d = x.shape
-    s = x.T @ x / n
-    mu = torch.diagonal(s).sum() / d
-    x2 = x * x
-    beta = ((x2.T @ x2).sum() / n - (s * s).sum()) / n
-    delta = ((s - mu * torch.eye(d, dtype=s.dtype)) ** 2).sum()
+    s = x.T @ x / len(x)
+    return _ledoit_wolf(s, (x.square().sum(1) ** 2).mean(), len(x))
+
+
+def _ledoit_wolf(cov, mean_fourth, n):
+    """The Ledoit-Wolf weight from S = R^T R / n and the mean of ||r||^4 over the centred rows r: the sum of
+    (x^2)^T (x^2) that their formula needs, taken row by row."""
+    d = cov.shape[0]
+    mu = torch.diagonal(cov).sum() / d
+    beta = (mean_fourth - (cov * cov).sum()) / n
+    delta = ((cov - mu * torch.eye(d, dtype=cov.dtype)) ** 2).sum()
     return float(min(beta, delta) / delta) if delta > 0 else 0.0
 
 
-def _fit_gaussians(features, labels, num_classes, rank):
-    f = features.double()
-    means = torch.stack([f[labels == c].mean(0) for c in range(num_classes)])
-    centred = f - means[labels]
-    # fewer images than dimensions (e.g. taught from a few photos): the n x n route gives the same, far faster
-    spectrum = _low_rank_from_gram if len(f) < f.shape[1] and rank < f.shape[1] else _from_covariance
-    basis, weights, inv_rest, a = spectrum(centred, rank)
+# Rows are taken CHUNK at a time, in float64: a fit holds D x D matrices, never float64 copies of all N features
+# (at 64,000 images of 256-d features those copies took ~0.5 GB per fit, and the threshold makes ~15 fits).
+CHUNK = 4096
+
+
+def _chunks(idx):
+    return (idx[k:k + CHUNK] for k in range(0, len(idx), CHUNK))
+
+
+def _class_means(x, y, idx, num_classes):
+    sums = torch.zeros(num_classes, x.shape[1], dtype=torch.float64)
+    counts = torch.zeros(num_classes, dtype=torch.float64)
+    for j in _chunks(idx):
+        sums.index_add_(0, y[j], x[j].double())
+        counts += torch.bincount(y[j], minlength=num_classes)
+    return sums / counts[:, None]
+
+
+def _scatter(x, y, idx, means):
+    """S = R^T R / n and the mean of ||r||^4, r = a row minus its class mean, over the rows idx."""
+    d = x.shape[1]
+    s, fourth = torch.zeros(d, d, dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+    for j in _chunks(idx):
+        r = x[j].double() - means[y[j]]
+        s += r.T @ r
+        fourth += (r.square().sum(1) ** 2).sum()
+    return s / len(idx), fourth / len(idx)
+
+
+def _fit_gaussians(x, y, num_classes, rank, idx=None):
+    """Class means and the shrunk shared covariance of the rows idx (default: all) of x."""
+    idx = torch.arange(len(x)) if idx is None else idx
+    means = _class_means(x, y, idx, num_classes)
+    d = x.shape[1]
+    if len(idx) < d and rank < d:  # fewer images than dimensions (e.g. taught from a few photos): n x n is faster
+        basis, weights, inv_rest, a = _low_rank_from_gram(x[idx].double() - means[y[idx]], rank)
+    else:
+        cov, fourth = _scatter(x, y, idx, means)
+        basis, weights, inv_rest, a = _from_covariance(cov, fourth, len(idx), rank)
     return Unfamiliarity(means.float(), basis, weights, inv_rest, shrinkage=a)
 
 
-def _from_covariance(centred, rank):
-    """(basis (D, rank), weights (rank,), inv_rest, a) of the shrunk covariance (1 - a) S + a mu I, S = X^T X / n:
+def _from_covariance(cov, mean_fourth, n, rank):
+    """(basis (D, rank), weights (rank,), inv_rest, a) of the shrunk covariance (1 - a) S + a mu I, S = R^T R / n:
     its top `rank` eigen-directions exactly, with their precisions (minus inv_rest when low rank); the others
     share their mean variance, whose inverse is inv_rest."""
-    d = centred.shape[1]
-    cov = centred.T @ centred / len(centred)
+    d = cov.shape[0]
     mu = torch.diagonal(cov).sum() / d
-    a = ledoit_wolf_shrinkage(centred)
+    a = _ledoit_wolf(cov, mean_fourth, n)
     cov = (1 - a) * cov + a * mu * torch.eye(d, dtype=cov.dtype)
     evals, evecs = torch.linalg.eigh(cov)  # ascending
     evals, evecs = evals.flip(0).clamp_min(1e-12 * float(mu) + 1e-30), evecs.flip(1)
@@ -186,10 +222,10 @@ def held_out_scores(x, y, xv, yv, num_classes, rank, clusters_per_class=CLUSTERS
         cx[it], cv[iv] = a[:len(it)], a[len(it):]
     out = []
     for h in cv.unique():
-        keep = cx != h
+        keep = (cx != h).nonzero().flatten()
         if len(y[keep].unique()) < num_classes:  # a class would vanish from the fit: skip this cluster
             continue
-        out.append(_fit_gaussians(x[keep], y[keep], num_classes, rank).score(xv[cv == h]))
+        out.append(_fit_gaussians(x, y, num_classes, rank, keep).score(xv[cv == h]))
     return torch.cat(out) if out else torch.empty(0)
 
 

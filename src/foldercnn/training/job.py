@@ -14,7 +14,8 @@ from .. import runtime
 from ..data.augment import augment_batch
 from ..data.captures import burst_group_ids, merge_groups
 from ..data.duplicates import groups_of, near_duplicate_groups
-from ..data.folders import check_same_classes, group_split, load_folder, scan_folder, summarize_skipped
+from ..data.folders import (check_same_classes, group_split, load_folder, scan_folder, stratified_split,
+                            summarize_skipped)
 from ..errors import FolderCNNError
 from ..evaluation.calibration import choose_temperature
 from ..evaluation.metrics import calibration_summary
@@ -110,15 +111,16 @@ def data_summary(data_dir, val_dir, val_fraction, train, val, skipped, split="gr
             "skipped": [{"path": str(p), "reason": r} for p, r in skipped[:max_listed]]}
 
 
-FINAL_PASS_CHUNK = 4096  # images copied out of the (memory-mapped) decoded set at a time
+FINAL_PASS_CHUNK = 1024  # images copied out of the (memory-mapped) decoded set at a time
 
 
 def final_pass(model, data, recipe, device):
     """(logits, penultimate features) of the trained model on decoded images: eval mode, fp32, no augmentation,
     the batched inference path that prediction uses. Chunk by chunk: taking every image at once would copy a
-    memory-mapped training set larger than RAM into memory (benchmarks/scale.py: killed at 32x RPS under 1.2 GB)."""
+    memory-mapped training set larger than RAM into memory (benchmarks/scale.py: killed at 32x RPS under 1.2 GB).
+    Batches of 64: batches of 256 held ~290 MB more activations at 64 px, for no speed measured on CPU."""
     parts = [batched_logits(model, data.take(slice(k, k + FINAL_PASS_CHUNK)), recipe.mean, recipe.std, device,
-                            recipe.tta, batch_size=256, features=True) for k in range(0, len(data), FINAL_PASS_CHUNK)]
+                            recipe.tta, batch_size=64, features=True) for k in range(0, len(data), FINAL_PASS_CHUNK)]
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
@@ -132,6 +134,22 @@ def calibrate(logits, labels, uncertain_below=DEFAULT_UNCERTAIN_BELOW):
             "val_errors": int((logits.argmax(1) != labels).sum()),
             "val_nll_before": before["nll"], "val_nll_after": after["nll"],
             "val_ece_before": before["ece"], "val_ece_after": after["ece"]}
+
+
+# The unfamiliarity fit (a mean per class, one shared covariance of at most 1,280-d features, Ledoit-Wolf shrunk)
+# is well determined by 10,000 images. Beyond that, the final pass over every training image that it needs only
+# costs time: at 80,640 images (benchmarks/scale.py, 32x) it took 38 s, four times the training's 60 steps.
+UNFAMILIARITY_FIT_MAX = 10_000
+
+
+def unfamiliarity_sample(train, seed, log=print, limit=UNFAMILIARITY_FIT_MAX):
+    """The training images the unfamiliarity score is fitted on: all of them, or a seeded stratified sample of
+    `limit` (in folder order, so the memory-mapped cache is read forward)."""
+    if len(train) <= limit:
+        return train
+    _, keep = stratified_split(train.labels, limit / len(train), seed)
+    log(f"unfamiliarity: fitted on a stratified sample of {len(keep):,} of the {len(train):,} training images")
+    return train.subset(keep)
 
 
 def fit_unfamiliarity(train_features, train_labels, val_features, val_labels, num_classes, log=print):
@@ -351,7 +369,8 @@ def _train(data_dir, out_dir, recipe, *, val_dir, val_fraction, seed, precision,
         f"({calibration['rule']}), NLL "
         f"{calibration['val_nll_before']:.4f} -> {calibration['val_nll_after']:.4f}, expected calibration error "
         f"{calibration['val_ece_before']:.4f} -> {calibration['val_ece_after']:.4f}")
-    unfamiliarity = fit_unfamiliarity(final_pass(model, train, recipe, device)[1], train.labels, val_features,
+    sample = unfamiliarity_sample(train, seed, log)
+    unfamiliarity = fit_unfamiliarity(final_pass(model, sample, recipe, device)[1], sample.labels, val_features,
                                       val.labels, len(train.classes), log)
     metadata = model_metadata(recipe, train, val, skipped, data_dir=data_dir, val_dir=val_dir,
                               val_fraction=val_fraction, seed=seed, precision=precision, fine_tune=fine_tune,

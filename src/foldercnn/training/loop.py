@@ -84,9 +84,13 @@ class BatchStream:
             take.append(chunk)
         return torch.cat(take)
 
+    def peek(self):
+        """The next batch's indices as far as the current permutation holds them; changes nothing."""
+        return self.perm[self.pos: self.pos + self.batch_size]
+
 
 @torch.no_grad()
-def evaluate_model(model, data, mean, std, device, precision, tta=False, batch_size=256, ranks=SINGLE):
+def evaluate_model(model, data, mean, std, device, precision, tta=False, batch_size=64, ranks=SINGLE):
     """Mean cross-entropy and accuracy of `model` on DecodedImages (no augmentation).
 
     Under DDP each rank scores its share of the images and the sums are added up, so every rank gets the
@@ -98,8 +102,8 @@ def evaluate_model(model, data, mean, std, device, precision, tta=False, batch_s
     model.eval()
     total_loss, correct = 0.0, 0
     for start in range(0, len(labels), batch_size):
-        x = preprocess(data.take(slice(start, start + batch_size)).to(device), mean, std)
-        y = labels[start:start + batch_size].to(device)
+        x = preprocess(runtime.to_device(data.take(slice(start, start + batch_size)), device), mean, std)
+        y = runtime.to_device(labels[start:start + batch_size], device)
         with runtime.autocast(device, precision):
             logits = predict_logits(model, x, tta)
         total_loss += F.cross_entropy(logits, y, reduction="sum").item()
@@ -180,8 +184,9 @@ def fit(model, train, val, recipe, *, device, precision, seed, log=print, on_epo
                     group["lr"] = recipe.lr * lr_factor(recipe.schedule, progress())
                 global_idx = next(batches)
                 idx = ranks.shard(global_idx)
-                y = train.labels[idx].to(device)
-                x = augment_batch(to_unit(train.take(idx).to(device)), recipe.augment,
+                train.prefetch(ranks.shard(batches.peek()))  # its reads overlap this step (memory-mapped sets)
+                y = runtime.to_device(train.labels[idx], device)
+                x = augment_batch(to_unit(runtime.to_device(train.take(idx), device)), recipe.augment,
                                   ranks.augmentation_generator(seed, step, g))
                 x = normalize(x, recipe.mean, recipe.std).contiguous(memory_format=torch.channels_last)
                 with runtime.autocast(device, precision):

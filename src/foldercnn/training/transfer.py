@@ -23,7 +23,7 @@ def extract_features(model, data, mean, std, device, precision, flip=False, batc
     model.eval()
     out = []
     for start in range(0, len(data), batch_size):
-        images = data.take(slice(start, start + batch_size)).to(device)
+        images = runtime.to_device(data.take(slice(start, start + batch_size)), device)
         if augment is None:
             x = preprocess(images, mean, std)
         else:
