@@ -1,8 +1,10 @@
 """Real photos of hands: how models trained on the tutorial's CGI images do on them, and real -> real.
 
     python benchmarks/real_photos.py --data ../shared/data/rps --photos ../shared/data/rps-photos \
-        [--recipes fast,transfer,transfer+fine-tune,robust,robust+fine-tune] [--seeds 0,1,2]
+        [--recipes fast,transfer,transfer+fine-tune,robust,robust+fine-tune,robust@effnet-lite2] [--seeds 0,1,2]
         [--real-to-real transfer+fine-tune,robust] [--keep DIR]
+
+A recipe is NAME[@MODEL][+fine-tune]: robust@effnet-lite2 is the robust recipe with EfficientNet-Lite2.
 
 CGI -> real: each recipe trains on rps/train only (validation split carved from it), then is evaluated on
 rps/test and on every real-photo set under --photos. Per recipe and seed: training seconds; accuracy and the
@@ -27,9 +29,12 @@ from foldercnn.data.folders import group_split, load_folder, scan_folder
 
 
 def train_and_time(train_dir, out, recipe, seed):
-    name, fine_tune = (recipe.split("+")[0], "+fine-tune" in recipe)
+    """recipe: NAME[@MODEL][+fine-tune], e.g. robust@effnet-lite2 (another architecture of the same kind)."""
+    name, fine_tune = recipe.split("+")[0], "+fine-tune" in recipe
+    name, _, model = name.partition("@")
     t = time.perf_counter()
-    result = foldercnn.train(train_dir, out, recipe=name, seed=seed, fine_tune=fine_tune, log=lambda *a: None)
+    result = foldercnn.train(train_dir, out, recipe=name, model=model or None, seed=seed, fine_tune=fine_tune,
+                             log=lambda *a: None)
     return foldercnn.load(result.model_path), time.perf_counter() - t
 
 
@@ -43,11 +48,11 @@ def measure(classifier, folder):
 
 
 def print_rows(rows, sets):
-    head = f"{'recipe':<20}{'seed':>5}{'train s':>9}" + "".join(f"{s[:16]:>34}" for s in sets)
+    head = f"{'recipe':<26}{'seed':>5}{'train s':>9}" + "".join(f"{s[:16]:>34}" for s in sets)
     print(head)
-    print(" " * 34 + "".join(f"{'acc   ECE  err:unc err:flag':>34}" for _ in sets))
+    print(" " * 40 + "".join(f"{'acc   ECE  err:unc err:flag':>34}" for _ in sets))
     for r in rows:
-        print(f"{r['recipe']:<20}{r['seed']:>5}{r['seconds']:>9.0f}" + "".join(
+        print(f"{r['recipe']:<26}{r['seed']:>5}{r['seconds']:>9.0f}" + "".join(
             f"{r[s]['acc']:>12.1%}{r[s]['ece']:>7.3f}{r[s]['unc']:>8.0%}{r[s]['either']:>7.0%}" for s in sets))
 
 
@@ -111,7 +116,7 @@ def main():
                     classifier, seconds = train_and_time(train_dir, Path(tmp) / f"r2r-{recipe}-{train_dir.name}",
                                                          recipe, 0)
                     m = measure(classifier, test_dir)
-                    print(f"{recipe:<20} {what:<40} train {seconds:>5.0f} s  accuracy {m['acc']:.1%}  "
+                    print(f"{recipe:<26} {what:<40} train {seconds:>5.0f} s  accuracy {m['acc']:.1%}  "
                           f"ECE {m['ece']:.3f}  wrong flagged {m['either']:.0%}")
 
 

@@ -1,7 +1,7 @@
 """Training at scale on one machine: folders many times the RPS training set, under a memory limit; DDP 1 vs 2.
 
     python benchmarks/scale.py --data ../shared/data/rps [--sizes 1,8,32] [--memory-limit-mb 800]
-        [--steps 60] [--image-size 64] [--ddp] [--work DIR]
+        [--steps 60] [--image-size 64] [--resume] [--ddp] [--work DIR]
 
 Size sweep: for each size k, a folder of k symlinked copies of rps/train (k x 2,520 images), trained with the fast
 recipe at --image-size px (default 64) for --steps steps of batch 64 (image-by-image split, 1% held out), in a child process placed in
@@ -10,6 +10,10 @@ limit is not applied and the table says so). Decoded images live in the memory-m
 so the cache may grow past the limit: the kernel drops its clean pages instead of killing the run. Per size: the
 decode seconds, training seconds per 1,000 images (the steps only), the child's peak RSS and the cgroup's peak
 (RSS plus page cache charged to it), and the cache's size on disk.
+
+--resume: the cost of surviving a crash, on 1x, fast at 64 px, 3 epochs: an uninterrupted run against one killed
+(SIGKILL) halfway through its second epoch and run again with the same command; the checkpoint's size and the
+seconds to read it.
 
 --ddp: then one process vs two gloo processes (`train --nproc 2`, the same global batch) on 1x, seconds per 1,000
 images. On 2 cores two processes share the same cores, so this shows the cost of the synchronisation, not a speed-up.
@@ -139,6 +143,38 @@ def sweep(args, work):
         group.remove()
 
 
+def resume_cost(args, work):
+    import signal
+    from foldercnn.training import checkpoint as ckpt
+    data = scaled_copy(Path(args.data) / "train", 1, work)
+    cmd = [sys.executable, "-m", "foldercnn", "train", str(data), "--recipe", "fast", "--image-size", "64",
+           "--epochs", "3", "--split", "images"]
+    print("\nresume: fast at 64 px, 1x, 3 epochs (checkpoint after every epoch)")
+    t = time.perf_counter()
+    subprocess.run(cmd + ["--out", str(Path(work) / "whole")], check=True, capture_output=True)
+    whole = time.perf_counter() - t
+    out = Path(work) / "killed"
+    t = time.perf_counter()
+    proc = subprocess.Popen(cmd + ["--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not (out / ckpt.FILE).exists() and proc.poll() is None:  # the first epoch's checkpoint
+        time.sleep(0.05)
+    first_epoch = time.perf_counter() - t
+    time.sleep(first_epoch / 2)  # halfway through the second epoch (start-up included in the first)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = time.perf_counter() - t
+    size_mb = (out / ckpt.FILE).stat().st_size / 2 ** 20
+    r = time.perf_counter()
+    ckpt.read(out / ckpt.FILE)
+    read_s = time.perf_counter() - r
+    t = time.perf_counter()
+    subprocess.run(cmd + ["--out", str(out)], check=True, capture_output=True)
+    resumed = time.perf_counter() - t
+    print(f"  uninterrupted: {whole:.1f} s; killed at {killed_at:.1f} s, then the same command: {resumed:.1f} s "
+          f"(together {killed_at + resumed:.1f} s, {killed_at + resumed - whole:+.1f} s)")
+    print(f"  checkpoint {size_mb:.1f} MB, read in {1000 * read_s:.0f} ms")
+
+
 def ddp(args, work):
     data = scaled_copy(Path(args.data) / "train", 1, work)
     print("\nDDP on this machine: the same global batch 64, 1x, 2 epochs")
@@ -162,6 +198,7 @@ def main():
     ap.add_argument("--memory-limit-mb", type=int, default=800)
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--image-size", type=int, default=64)
+    ap.add_argument("--resume", action="store_true")
     ap.add_argument("--ddp", action="store_true")
     ap.add_argument("--work", help="folder for the copies, runs and cache (default: a temporary one)")
     args = ap.parse_args()
@@ -169,7 +206,10 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work or tmp)
         work.mkdir(parents=True, exist_ok=True)
-        sweep(args, work)
+        if args.sizes:
+            sweep(args, work)
+        if args.resume:
+            resume_cost(args, work)
         if args.ddp:
             ddp(args, work)
 

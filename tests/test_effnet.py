@@ -1,9 +1,9 @@
-"""EfficientNet-Lite0: the packaged ImageNet weights and our preprocessing classify real photos correctly."""
+"""EfficientNet-Lite0/1/2: the packaged ImageNet weights and our preprocessing classify real photos correctly."""
 import pytest
 import torch
 
 from foldercnn.models.registry import count_parameters, create_model
-from foldercnn.models.effnet import INPUT_MEAN, INPUT_STD
+from foldercnn.models.effnet import INPUT_MEAN, INPUT_STD, VARIANTS
 from foldercnn.data.images import decode
 from foldercnn.models.preprocess import preprocess
 
@@ -20,8 +20,8 @@ def imagenet_model():
     return create_model("effnet-lite0", num_classes=1000, pretrained=True).eval()
 
 
-def top5(model, image):
-    x = preprocess(torch.from_numpy(decode(image, 224)).unsqueeze(0), INPUT_MEAN, INPUT_STD)
+def top5(model, image, size=224):
+    x = preprocess(torch.from_numpy(decode(image, size)).unsqueeze(0), INPUT_MEAN, INPUT_STD)
     with torch.no_grad():
         probs = torch.softmax(model(x), 1)[0]
     return probs.topk(5).indices.tolist(), probs
@@ -45,6 +45,19 @@ def test_parameter_count_and_new_head():
     assert model.head.out_features == 3
     reference = create_model("effnet-lite0", num_classes=1000, pretrained=True)
     assert torch.equal(model._conv_stem.weight, reference._conv_stem.weight)
+
+
+@pytest.mark.parametrize("variant, parameters", [("lite1", 5_416_680), ("lite2", 6_092_072)])
+def test_the_bigger_lites_load_their_weights_and_see_a_cat_and_coffee(variant, parameters, skimage_data):
+    """Lite1 and Lite2 are Lite0 with more and wider blocks (effnet.stages); their packaged weights load with
+    every key and shape checked, and at their own input size they see what Lite0 sees."""
+    model = create_model(f"effnet-{variant}", num_classes=1000, pretrained=True).eval()
+    assert count_parameters(model) == parameters
+    size = VARIANTS[variant][2]
+    top, probs = top5(model, skimage_data.chelsea(), size)
+    assert top[0] in range(281, 286) and probs[281:286].sum() > 0.5
+    top, probs = top5(model, skimage_data.coffee(), size)
+    assert top[0] in (967, 968)
 
 
 @pytest.mark.slow

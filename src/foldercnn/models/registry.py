@@ -187,7 +187,10 @@ register(ModelSpec(
 register(ModelSpec(
     "fast-cnn", cnn.fast_cnn, "small batch-norm CNN for CPU speed, any input size",
     args={"widths": _widths, "image_size": _image_size_arg, "dropout": _probability}, min_image_size=8))
-register(ModelSpec(
-    "effnet-lite0", effnet.effnet_lite0, "EfficientNet-Lite0 (4.0 M parameters), ImageNet weights",
-    args={"dropout": _probability}, min_image_size=32, pretrained=True,
-    mean=effnet.INPUT_MEAN, std=effnet.INPUT_STD, linear_probe=True, fine_tune_blocks=len(effnet.block_list())))
+for _variant, _build, _size in (("lite0", effnet.effnet_lite0, "4.7"), ("lite1", effnet.effnet_lite1, "5.4"),
+                                ("lite2", effnet.effnet_lite2, "6.1")):
+    register(ModelSpec(
+        f"effnet-{_variant}", _build,
+        f"EfficientNet-{_variant.capitalize()} ({_size} M parameters with ImageNet's head), ImageNet weights",
+        args={"dropout": _probability}, min_image_size=32, pretrained=True, mean=effnet.INPUT_MEAN,
+        std=effnet.INPUT_STD, linear_probe=True, fine_tune_blocks=len(effnet.block_list(_variant))))

@@ -71,15 +71,17 @@ RECIPES = {
     # the transfer recipe's pretrained backbone, its head fitted on several randomly augmented views of every
     # image: any rotation (a hand is a hand at any angle: not for classes that depend on orientation), wider
     # zoom, colour and capture effects, and plain backgrounds replaced by photos and textures.
-    # benchmarks/real_photos.py measures it against the other recipes on real photos.
+    # benchmarks/real_photos.py measures it against the other recipes on real photos. EfficientNet-Lite2: its
+    # frozen features took green-screen from 51.0% (Lite0) to 65.1% and sxsw from 48.7% to 49.3% (means of 3
+    # seeds) for 57 s of training instead of 50; fine-tuning Lite0 reached 59.8% / 50.7% in 81 s.
     "robust": Recipe(
-        name="robust", model="effnet-lite0", image_size=160, batch_size=32, epochs=2, optimizer="adamw",
+        name="robust", model="effnet-lite2", image_size=160, batch_size=32, epochs=2, optimizer="adamw",
         lr=3e-4, weight_decay=1e-4, schedule="onecycle", label_smoothing=0.1,
         augment=AugmentConfig(rotation=180, width_shift=0.1, height_shift=0.1, zoom=0.3, horizontal_flip=True,
                               brightness=0.3, contrast=0.3, saturation=0.5, backgrounds=0.8, colour_cast=0.2,
                               grey=0.2, low_res=0.3, noise=0.05),
         pretrained=True, linear_probe=True, probe_views=2, fine_tune_blocks=4, wise_ft=0.5,
-        keep="best", description="for photos used elsewhere than taken: pretrained EfficientNet-Lite0, "
+        keep="best", description="for photos used elsewhere than taken: pretrained EfficientNet-Lite2, "
                                  "probe on augmented views (new backgrounds, any rotation, capture effects)"),
 }
 
