@@ -44,7 +44,7 @@ def test_readahead_of_a_cached_set_reads_the_same_pixels(tmp_path, cache_dir):
     load_folder(scan_folder(root), 16)  # fills the cache
     data = load_folder(scan_folder(root), 16)
     assert data.readahead is not None and data.readahead.row_bytes == 16 * 16 * 3
-    in_ram = torch.from_numpy(np.array(data.images))
+    in_ram = data.images.clone()
     idx = torch.tensor([5, 0, 11, 12])
     data.prefetch(idx)
     assert torch.equal(data.take(idx), in_ram[idx]) and torch.equal(data.take(slice(2, 9)), in_ram[2:9])
