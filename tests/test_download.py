@@ -130,8 +130,8 @@ def test_demo_downloads_into_cache_and_runs(server, tmp_path, monkeypatch):
     for name, seed in (("cam-a", 1), ("cam-b", 2)):
         make_shapes(photos / name, per_class=4, size=30, seed=seed, classes=("paper", "rock", "scissors"))
     lines = []
-    result = run_demo(out=tmp_path / "demo", epochs=2, image_size=24, log=lines.append, progress=False,
-                      photos=photos)
+    result = run_demo(out=tmp_path / "demo", image_size=64, probe_views=1, log=lines.append, progress=False,
+                      photos=photos)  # the demo's own recipe, robust, shortened
     text = "\n".join(map(str, lines))
     assert "(download)" in text and "evaluate on the test set" in text
     assert "real photos of hands" in text and "on 24 real photos" in text
@@ -144,6 +144,7 @@ def test_demo_downloads_into_cache_and_runs(server, tmp_path, monkeypatch):
     assert result.classes == ["paper", "rock", "scissors"]
     # the test folder is only evaluated: validation and the temperature come from a split of train/
     meta = foldercnn.load(result.model_path).metadata
+    assert meta["recipe"]["name"] == "robust" and meta["architecture"] == "effnet-lite2"
     assert "held out of the training folder" in meta["data"]["validation"]
     assert meta["calibration"]["fitted_on"] == f"validation split ({result.n_val} images)"
     assert result.n_train + result.n_val == 30
@@ -175,5 +176,5 @@ def test_demo_offline_falls_back_to_digits(tmp_path, monkeypatch):
     text = "\n".join(map(str, lines))
     assert "offline" in text and "handwritten digits" in text
     assert result.classes == [str(d) for d in range(10)]
-    import json
+    assert result.recipe.name == "fast"  # robust's any-angle rotations would confuse 6 and 9
     assert json.loads((tmp_path / "demo" / "evaluation.json").read_text())["accuracy"] > 0.8  # chance is 0.1

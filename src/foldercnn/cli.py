@@ -17,9 +17,9 @@ def _setup_runtime():
     runtime.setup()
 
 
-def _add_training_options(p, default_recipe="fast"):
+def _add_training_options(p, default_recipe="fast", recipe_help=None):
     p.add_argument("--recipe", default=default_recipe,
-                   help=f"training recipe (default: {default_recipe}); `foldercnn models` lists them")
+                   help=f"training recipe (default: {recipe_help or default_recipe}); `foldercnn models` lists them")
     p.add_argument("--model", help="architecture (default: the recipe's); see `foldercnn models`")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)
@@ -107,7 +107,8 @@ def build_parser():
     p.add_argument("--out", default="foldercnn-demo", help="where outputs go (default ./foldercnn-demo)")
     p.add_argument("--photos", help="real photos of hands (rock/paper/scissors folders, or folders of them) to "
                                     "measure the model on; default $FOLDERCNN_RPS_PHOTOS_DIR when set")
-    _add_training_options(p)
+    _add_training_options(p, default_recipe=None,
+                          recipe_help="robust, for real photos of hands; fast for the offline digits")
 
     sub.add_parser("models", help="list the architectures and recipes")
 
