@@ -82,6 +82,15 @@ def test_capture_augmentation_shapes_identity_and_seed():
     assert smooth.diff(dim=-1).abs().mean() < 0.5 * x.diff(dim=-1).abs().mean()  # detail gone
 
 
+def test_jpeg_recompression_is_seeded_and_loses_detail():
+    x = torch.rand(6, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    a = capture_batch(x, AugmentConfig(jpeg=1.0), torch.Generator().manual_seed(2))
+    assert torch.equal(a, capture_batch(x, AugmentConfig(jpeg=1.0), torch.Generator().manual_seed(2)))
+    assert a.shape == x.shape and a.dtype == x.dtype and 0 <= a.min() and a.max() <= 1
+    assert a.diff(dim=-1).abs().mean() < 0.8 * x.diff(dim=-1).abs().mean()  # JPEG drops the noise's detail
+    assert torch.equal(capture_batch(x, AugmentConfig(jpeg=0.0, noise=0.0, grey=0.0)), x.clamp(0, 1))
+
+
 def test_full_robust_config_runs_end_to_end():
     cfg = AugmentConfig(rotation=180, zoom=0.3, horizontal_flip=True, backgrounds=0.8, colour_cast=0.2, grey=0.2,
                         low_res=0.3, noise=0.05)

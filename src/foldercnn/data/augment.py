@@ -16,6 +16,8 @@ or bound, applied after the geometry in this order:
   grey         probability of a grey-scale image
   low_res      probability of shrinking to 25-60% of the side and back (low-resolution crops, blur)
   noise        per-image Gaussian noise, standard deviation uniform in [0, noise]
+  jpeg         probability of a JPEG re-compression at a quality uniform in 20-80 (PIL, on the CPU: the
+               one capture effect that is not a tensor operation)
 The transform maps output pixel coordinates to input ones, like Keras/scipy, and samples bilinearly.
 """
 from dataclasses import asdict, dataclass
@@ -40,12 +42,13 @@ class AugmentConfig:
     grey: float = 0.0
     low_res: float = 0.0
     noise: float = 0.0
+    jpeg: float = 0.0
 
     def is_identity(self):
         return not self.horizontal_flip and not any(
             (self.rotation, self.width_shift, self.height_shift, self.shear, self.zoom, self.brightness,
              self.contrast, self.saturation, self.backgrounds, self.colour_cast, self.grey, self.low_res,
-             self.noise))
+             self.noise, self.jpeg))
 
     def to_dict(self):
         return asdict(self)
@@ -133,7 +136,30 @@ def capture_batch(x, cfg: AugmentConfig, generator=None):
     if cfg.noise:
         sigma = (torch.rand(n, generator=generator) * cfg.noise).view(n, 1, 1, 1).to(x.device)
         x = x + sigma * torch.randn(x.shape, generator=generator).to(x.device)
-    return x.clamp(0, 1)
+    x = x.clamp(0, 1)
+    if cfg.jpeg:
+        x = jpeg_recompress(x, cfg.jpeg, generator)
+    return x
+
+
+def jpeg_recompress(x, probability, generator=None, qualities=(20, 80)):
+    """Each NCHW image in [0, 1], with the probability, saved as a JPEG at a random quality and read back."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+    chosen = (torch.rand(len(x), generator=generator) < probability).tolist()
+    quality = torch.randint(qualities[0], qualities[1] + 1, (len(x),), generator=generator).tolist()
+    if not any(chosen):
+        return x
+    out = x.clone()
+    pixels = (x.detach() * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    for i in (i for i, c in enumerate(chosen) if c):
+        buffer = io.BytesIO()
+        Image.fromarray(pixels[i]).save(buffer, format="JPEG", quality=quality[i])
+        decoded = np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB"))
+        out[i] = torch.from_numpy(decoded.copy()).permute(2, 0, 1).to(x.device, x.dtype) / 255
+    return out
 
 
 def augment_batch(x, cfg: AugmentConfig, generator=None):
@@ -151,6 +177,6 @@ def augment_batch(x, cfg: AugmentConfig, generator=None):
         x = torch.where(flip.view(-1, 1, 1, 1).to(x.device), hflip(x), x)
     if cfg.brightness or cfg.contrast or cfg.saturation:
         x = jitter_colour(x, cfg, generator)
-    if cfg.colour_cast or cfg.grey or cfg.low_res or cfg.noise:
+    if cfg.colour_cast or cfg.grey or cfg.low_res or cfg.noise or cfg.jpeg:
         x = capture_batch(x, cfg, generator)
     return x
