@@ -20,10 +20,13 @@ or bound, applied after the geometry in this order:
                one capture effect that is not a tensor operation)
 The transform maps output pixel coordinates to input ones, like Keras/scipy, and samples bilinearly.
 """
+import io
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 
 @dataclass(frozen=True)
@@ -144,10 +147,6 @@ def capture_batch(x, cfg: AugmentConfig, generator=None):
 
 def jpeg_recompress(x, probability, generator=None, qualities=(20, 80)):
     """Each NCHW image in [0, 1], with the probability, saved as a JPEG at a random quality and read back."""
-    import io
-
-    import numpy as np
-    from PIL import Image
     chosen = (torch.rand(len(x), generator=generator) < probability).tolist()
     quality = torch.randint(qualities[0], qualities[1] + 1, (len(x),), generator=generator).tolist()
     if not any(chosen):

@@ -82,7 +82,7 @@ def stages(variant="lite0"):
 class EfficientNetLite(nn.Module):
     def __init__(self, num_classes=1000, dropout=0.2, variant="lite0"):
         super().__init__()
-        self.title = f"EfficientNet-{variant.capitalize()}"
+        self.variant, self.title = variant, f"EfficientNet-{variant.capitalize()}"
         self._conv_stem = Conv2dSame(3, 32, 3, 2, bias=False)
         self._bn0 = nn.BatchNorm2d(32, **BN)
         blocks, c_in = [], 32
@@ -149,23 +149,10 @@ def block_list(variant="lite0"):
 
 
 def effnet_lite(variant, num_classes, pretrained=False, dropout=0.2):
+    """EfficientNet-Lite0/1/2 (4.7 / 5.4 / 6.1 M parameters with 1000 classes); pretrained: ImageNet weights,
+    new head."""
     model = EfficientNetLite(num_classes, dropout, variant)
-    return load_pretrained(model, variant) if pretrained else model
-
-
-def effnet_lite0(num_classes, pretrained=False, dropout=0.2):
-    """EfficientNet-Lite0 (4.7 M parameters with 1000 classes); pretrained: ImageNet weights, new head."""
-    return effnet_lite("lite0", num_classes, pretrained, dropout)
-
-
-def effnet_lite1(num_classes, pretrained=False, dropout=0.2):
-    """EfficientNet-Lite1 (5.4 M parameters with 1000 classes)."""
-    return effnet_lite("lite1", num_classes, pretrained, dropout)
-
-
-def effnet_lite2(num_classes, pretrained=False, dropout=0.2):
-    """EfficientNet-Lite2 (6.1 M parameters with 1000 classes)."""
-    return effnet_lite("lite2", num_classes, pretrained, dropout)
+    return load_pretrained(model) if pretrained else model
 
 
 def pretrained_state_dict(variant="lite0"):
@@ -180,10 +167,10 @@ def pretrained_state_dict(variant="lite0"):
     return torch.load(model_file.get_model_file_path(), map_location="cpu", weights_only=True)
 
 
-def load_pretrained(model, variant="lite0"):
-    """Copy ImageNet weights into `model`, checking every key and shape; the classifier is kept when the
-    class count differs (a new task gets a fresh head)."""
-    state = pretrained_state_dict(variant)
+def load_pretrained(model):
+    """Copy ImageNet weights into `model` (its variant's), checking every key and shape; the classifier is kept
+    when the class count differs (a new task gets a fresh head)."""
+    state = pretrained_state_dict(model.variant)
     own = model.state_dict()
     if own["_fc.weight"].shape != state["_fc.weight"].shape:
         state = {k: v for k, v in state.items() if not k.startswith("_fc.")}

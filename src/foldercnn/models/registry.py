@@ -8,6 +8,7 @@ Every network built here implements one small interface:
     model(x) -> logits            model.features(x) -> (N, D) penultimate features
     model.head -> nn.Linear       model.freeze_for_fine_tuning(blocks) / model.unfreeze()
 """
+import functools
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -187,10 +188,9 @@ register(ModelSpec(
 register(ModelSpec(
     "fast-cnn", cnn.fast_cnn, "small batch-norm CNN for CPU speed, any input size",
     args={"widths": _widths, "image_size": _image_size_arg, "dropout": _probability}, min_image_size=8))
-for _variant, _build, _size in (("lite0", effnet.effnet_lite0, "4.7"), ("lite1", effnet.effnet_lite1, "5.4"),
-                                ("lite2", effnet.effnet_lite2, "6.1")):
+for _variant, _size in (("lite0", "4.7"), ("lite1", "5.4"), ("lite2", "6.1")):
     register(ModelSpec(
-        f"effnet-{_variant}", _build,
+        f"effnet-{_variant}", functools.partial(effnet.effnet_lite, _variant),
         f"EfficientNet-{_variant.capitalize()} ({_size} M parameters with ImageNet's head), ImageNet weights",
         args={"dropout": _probability}, min_image_size=32, pretrained=True, mean=effnet.INPUT_MEAN,
         std=effnet.INPUT_STD, linear_probe=True, fine_tune_blocks=len(effnet.block_list(_variant))))
