@@ -9,7 +9,9 @@ A recipe is NAME[@MODEL][+fine-tune]: robust@effnet-lite2 is the robust recipe w
 CGI -> real: each recipe trains on rps/train only (validation split carved from it), then is evaluated on
 rps/test and on every real-photo set under --photos. Per recipe and seed: training seconds; accuracy and the
 expected calibration error (ECE, calibrated probabilities) per set; the share of wrong answers flagged uncertain,
-and flagged uncertain or unfamiliar. Then the mean over seeds.
+and flagged uncertain or unfamiliar; the share of images with a hand found (landmark models; 100% for image
+models), the share flagged neither uncertain nor unfamiliar ("kept") and the accuracy on those. Then the mean
+over seeds.
 
 --recipes "" skips this part. --real-to-real RECIPES: the real set named by --halves (default sxsw) is cut in
 two halves by near-duplicate group (copies of one source frame stay on one side: data/duplicates.py); a model
@@ -44,16 +46,21 @@ def measure(classifier, folder):
     errors = max(f["errors"], 1)
     return {"acc": ev.accuracy, "ece": ev.calibration["calibrated"]["ece"],
             "unc": f["errors_flagged"]["uncertain"] / errors, "either": f["errors_flagged"]["either"] / errors,
-            "flagged": f["share_either"]}
+            "flagged": f["share_either"], "hand": ev.hands["coverage"] if ev.hands else 1.0,
+            "sel": f["selective_accuracy"] or 0.0}
+
+
+COLUMNS = "acc   ECE  err:unc err:flag  hand  kept  acc:kept"
 
 
 def print_rows(rows, sets):
-    head = f"{'recipe':<26}{'seed':>5}{'train s':>9}" + "".join(f"{s[:16]:>34}" for s in sets)
+    head = f"{'recipe':<26}{'seed':>5}{'train s':>9}" + "".join(f"{s[:16]:>58}" for s in sets)
     print(head)
-    print(" " * 40 + "".join(f"{'acc   ECE  err:unc err:flag':>34}" for _ in sets))
+    print(" " * 40 + "".join(f"{COLUMNS:>58}" for _ in sets))
     for r in rows:
         print(f"{r['recipe']:<26}{r['seed']:>5}{r['seconds']:>9.0f}" + "".join(
-            f"{r[s]['acc']:>12.1%}{r[s]['ece']:>7.3f}{r[s]['unc']:>8.0%}{r[s]['either']:>7.0%}" for s in sets))
+            f"{r[s]['acc']:>12.1%}{r[s]['ece']:>7.3f}{r[s]['unc']:>8.0%}{r[s]['either']:>7.0%}"
+            f"{r[s]['hand']:>8.0%}{1 - r[s]['flagged']:>6.0%}{r[s]['sel']:>10.1%}" for s in sets))
 
 
 def halves(folder, work, seed=0):

@@ -127,6 +127,8 @@ TAMPERED = {  # name -> (how to break a good file, what the error must say)
     "unknown argument": (lambda d: _with_meta(d, lambda m: m["arch_args"].update(evil=1)), "no argument evil"),
     "huge image size": (lambda d: _with_meta(d, lambda m: m.update(image_size=10 ** 9)), "between 8 and 1024"),
     "empty preprocessing": (lambda d: _with_meta(d, lambda m: m.update(preprocessing={})), "preprocessing mean"),
+    "unknown fit": (lambda d: _with_meta(d, lambda m: m["preprocessing"].update(fit="stretch")),
+                    "neither 'squash' nor 'letterbox'"),
     "classes as a string": (lambda d: _with_meta(d, lambda m: m.update(classes="abc")), "classes must be a list"),
     "repeated classes": (lambda d: _with_meta(d, lambda m: m.update(classes=["a", "a", "b"])), "class names repeat"),
     "empty class name": (lambda d: _with_meta(d, lambda m: m.update(classes=["", "b", "c"])), "non-empty string"),

@@ -139,8 +139,9 @@ COMBINATIONS = [
     (["--image-size", "5000"], "got 5000"),
     (["--recipe", "fast", "--fine-tune"], "follows a linear probe"),
     (["--recipe", "seed", "--model", "effnet-lite0", "--fine-tune"], "follows a linear probe"),
-    (["--model", "resnet-9000"], "unknown model 'resnet-9000' (available: effnet-lite0, effnet-lite1, effnet-lite2, fast-cnn, tutorial-cnn)"),
-    (["--recipe", "turbo"], "unknown recipe 'turbo' (available: seed, fast, transfer, robust)"),
+    (["--recipe", "fast", "--model", "hand-landmarks"], "not trained on pixels"),
+    (["--model", "resnet-9000"], "unknown model 'resnet-9000' (available: effnet-lite0, effnet-lite1, effnet-lite2, fast-cnn, hand-landmarks, tutorial-cnn)"),
+    (["--recipe", "turbo"], "unknown recipe 'turbo' (available: seed, fast, transfer, robust, hands)"),
     (["--uncertain-below", "1.5"], "between 0 and 1"),
     (["--epochs", "0"], "at least 1"),
 ]

@@ -253,8 +253,11 @@ def cmd_predict(args):
     if args.json:
         print(json.dumps(prediction_rows(predictions, args.top_k), indent=1))
     else:
-        k = args.top_k or len(predictions[0].probabilities) if predictions else 0
+        k = (args.top_k or len(predictions[0].probabilities)) if predictions else 0
         for p in predictions:
+            if not p.answered:
+                print(f"{p.path}: no hand found (the model classifies hands; nothing to say about this image)")
+                continue
             others = "  ".join(f"{c} {v:.3f}" for c, v in p.top_k(k))
             flag = ("  uncertain" if p.uncertain else "") + \
                 ("  unfamiliar (does not look like the training images: a guess)" if p.unfamiliar else "")

@@ -17,6 +17,7 @@ from .evaluation.metrics import evaluate_folder, folder_row, format_evaluation, 
 from .evaluation.report import save_evaluation, save_other_folders, write_report
 from .models.inference import load
 from .training.job import train_folder
+from .data import hands
 from .training.recipes import get_recipe
 
 RPS_BASE_URL = "https://storage.googleapis.com/laurencemoroney-blog.appspot.com/"
@@ -117,10 +118,9 @@ def find_photos(photos=None, log=print):
     return found
 
 
-# The demo's model should work on a photo of the user's own hand, not only on the tutorial's CGI test set.
-# benchmarks/real_photos.py (3 seeds): `robust` 84.7% on rps/test, 65.1% / 49.3% on the two real-photo sets, against
-# `fast`'s 96.1% and 33.6% / 38.5% (chance 33%); the whole demo took 89 s with it on 2 cores (101 s in float32).
-DEMO_RECIPE = "robust"
+# The demo's model should work on a photo of the user's own hand, not only on the tutorial's CGI test set: `hands`
+# when MediaPipe Hands is installed, else `robust` (benchmarks/real_photos.py; figures in docs and README).
+DEMO_RECIPE, DEMO_RECIPE_WITHOUT_HANDS = "hands", "robust"
 # Offline, the digits fallback keeps `fast`: `robust` rotates by any angle, and a 6 is not a rotated 9.
 OFFLINE_RECIPE = "fast"
 
@@ -139,7 +139,11 @@ def run_demo(data=None, out="foldercnn-demo", recipe=None, seed=0, precision="au
             "(1,797 real images that ship with scikit-learn).")
         root, found, title = make_digits_folder(cache_dir() / "digits"), "offline fallback", "handwritten digits"
         recipe_obj = recipe_obj or get_recipe(OFFLINE_RECIPE, **overrides)
-    recipe_obj = recipe_obj or get_recipe(DEMO_RECIPE, **overrides)
+    if recipe_obj is None and not hands.available():
+        log(f"(MediaPipe Hands is not installed, so the demo trains '{DEMO_RECIPE_WITHOUT_HANDS}' instead of "
+            f"'{DEMO_RECIPE}': {hands.INSTALL_HINT})")
+    recipe_obj = recipe_obj or get_recipe(DEMO_RECIPE if hands.available() else DEMO_RECIPE_WITHOUT_HANDS,
+                                          **overrides)
     log(f"\n== 1. data: {title} from {root} ({found})")
     report = inspect_folder(root / "train", out_dir=out)
     log(format_report(report))
@@ -183,6 +187,9 @@ def run_demo(data=None, out="foldercnn-demo", recipe=None, seed=0, precision="au
         for p in predictions:
             truth = Path(p.path).parent.name
             right += truth == p.label
+            if not p.answered:
+                log(f"  ---   {Path(p.path).relative_to(extra)}: no hand found")
+                continue
             mark = "ok " if truth == p.label else "WRONG"
             flag = "  (uncertain)" if p.uncertain else ""
             log(f"  {mark} {Path(p.path).relative_to(extra)}: {p.label} ({p.probability:.1%}){flag}")

@@ -31,7 +31,8 @@ def enabled():
 
 
 def folder_key(files, size):
-    h = hashlib.sha256(f"foldercnn-decode-v{DECODER_VERSION}|{size}\n".encode())
+    mode = getattr(size, "mode", "squash")
+    h = hashlib.sha256(f"foldercnn-decode-v{DECODER_VERSION}|{size}{'' if mode == 'squash' else mode}\n".encode())
     for f in files:
         try:
             st = os.stat(f)
@@ -127,7 +128,7 @@ def commit(key, array, tmp, good, bad, root, size):
     del array
     os.replace(tmp, npy)
     with atomic_path(meta) as t:  # written last: its presence marks a complete entry
-        Path(t).write_text(json.dumps({"root": str(Path(root).resolve()), "size": size, "good": good,
+        Path(t).write_text(json.dumps({"root": str(Path(root).resolve()), "size": f"{size}{getattr(size, 'mode', '')}", "good": good,
                                        "bad": [list(b) for b in bad]}))
     _drop_older_entries(key, root, size)
 
@@ -141,6 +142,6 @@ def _drop_older_entries(key, root, size):
             info = json.loads(meta.read_text())
         except (OSError, ValueError):
             continue
-        if info.get("root") == root and info.get("size") == size:
+        if info.get("root") == root and str(info.get("size")) == f"{size}{getattr(size, 'mode', '')}":
             meta.unlink(missing_ok=True)
             meta.with_suffix(".npy").unlink(missing_ok=True)

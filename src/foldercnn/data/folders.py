@@ -132,7 +132,7 @@ def decode_cached(files, size, root, desc="decoding"):
     if hit is not None:
         return (*hit, True)
     try:
-        array, tmp = cache.new_array(key, (len(files), size, size, 3))
+        array, tmp = cache.new_array(key, (len(files), int(size), int(size), 3))
     except OSError:  # cache folder not writable: decode in memory
         return (*decode_images(files, size, desc=desc), False)
     try:

@@ -91,11 +91,38 @@ def load_rgb(source, draft_size=None):
         raise ImageDecodeError(f"cannot decode: {text}") from None
 
 
+class Letterbox(int):
+    """An image size whose images keep their shape: shrunk (or grown) to fit size x size and centred on a square
+    of their mean colour, where a plain size squashes them. Hand landmarks need it: a 3:2 photo squashed square
+    lost 12 points of accuracy on green-screen (benchmarks/README.md). It is an int everywhere else."""
+    mode = "letterbox"  # (it prints as the plain number, as an int does)
+
+
+def fit_mode(size):
+    return getattr(size, "mode", "squash")
+
+
 def resize_square(im, size):
-    """Squash to size x size (like Keras' target_size); bilinear with antialiasing when shrinking."""
+    """Squash to size x size (like Keras' target_size), or letterbox for a Letterbox size; bilinear with
+    antialiasing when shrinking."""
+    if isinstance(size, Letterbox):
+        return letterbox(im, size)
     if im.size != (size, size):
         im = im.resize((size, size), Image.BILINEAR)
     return np.array(im, dtype=np.uint8)  # a writable copy
+
+
+def letterbox(im, size):
+    scale = size / max(im.size)
+    w, h = max(1, round(im.width * scale)), max(1, round(im.height * scale))
+    if im.size != (w, h):
+        im = im.resize((w, h), Image.BILINEAR)
+    a = np.asarray(im, dtype=np.uint8)
+    out = np.empty((size, size, 3), np.uint8)
+    out[:] = a.reshape(-1, 3).mean(0).astype(np.uint8)
+    top, left = (size - h) // 2, (size - w) // 2
+    out[top:top + h, left:left + w] = a
+    return out
 
 
 def decode(source, size):

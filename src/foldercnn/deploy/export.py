@@ -36,6 +36,7 @@ from torch import nn
 
 from ..data.decode import decode_images, walk_images
 from ..errors import FolderCNNError
+from ..models.registry import get_spec
 from ..files import atomic_path
 from ..models.inference import load
 from ..models.prediction import DEFAULT_UNCERTAIN_BELOW
@@ -247,6 +248,11 @@ def export_model(model_path, out=None, fmt="onnx", int8=False, calibration_dir=N
         raise FolderCNNError(f"--opset must be between 18 and 23, got {opset}")
     classifier = load(model_path)
     meta = classifier.metadata
+    if get_spec(meta["architecture"]).input != "image":
+        raise FolderCNNError(
+            f"{model_path} is a {meta['architecture']} model: its input is the hand MediaPipe Hands finds in a photo, "
+            "and that detector (a TFLite graph with its own cropping and rotation steps) has no ONNX form here, so "
+            "an ONNX file could not classify a photo on its own; use the model file with foldercnn predict / serve")
     out = Path(out) if out else Path(model_path).with_suffix(".onnx")
     if out.suffix.lower() != ".onnx":
         raise FolderCNNError(f"--out must end in .onnx, got {out}")

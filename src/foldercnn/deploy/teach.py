@@ -30,6 +30,7 @@ LOG_LINES = 200
 DEFAULT_RECIPE = "transfer"
 # training stages, recognised by the start of `foldercnn train`'s log lines -> progress shown on the page
 STAGES = (("validation:", 0.2, "decoded the images and held some out"), ("recipe '", 0.25, "training"),
+          ("hands:", 0.4, "finding the hands"), ("landmark features:", 0.5, "fitting the head on the hand landmarks"),
           ("features:", 0.5, "fitting the head on the pretrained features"), ("head fitted", 0.65, "calibrating"),
           ("calibration", 0.75, "fitting the unfamiliarity score"), ("unfamiliarity", 0.85, "writing the report"),
           ("no unfamiliarity", 0.85, "writing the report"), ("report:", 0.95, "saving the model"))

@@ -33,18 +33,24 @@ class Evaluation:
     model_path: str = None
     tta: bool = False
     seconds: float = 0.0
+    answered: list = None  # landmark models: whether a hand was found in each image (None: every image answered)
+    hands: dict = None  # landmark models: coverage and accuracy where a hand was found
 
     def rows(self):
         """One dict per image: path, true and predicted class, the top and the true class's probability."""
         unf = self.unfamiliarity if self.unfamiliarity is not None else [None] * len(self.y_true)
-        return [{"path": str(p), "true": self.classes[t], "predicted": self.classes[int(np.argmax(pr))],
-                 "probability": float(max(pr)), "true_probability": float(pr[t]),
-                 "unfamiliar": None if u is None else bool(u > 1), "unfamiliarity": u}
-                for p, t, pr, u in zip(self.paths, self.y_true, self.probabilities, unf)]
+        answered = self.answered if self.answered is not None else [True] * len(self.y_true)
+        return [{"path": str(p), "true": self.classes[t],
+                 "predicted": self.classes[int(np.argmax(pr))] if a else None,
+                 "probability": float(max(pr)) if a else 0.0, "true_probability": float(pr[t]) if a else 0.0,
+                 "unfamiliar": True if not a else (None if u is None else bool(u > 1)),
+                 "unfamiliarity": u if a else None}
+                for p, t, pr, u, a in zip(self.paths, self.y_true, self.probabilities, unf, answered)]
 
     def mistakes(self, limit=None):
         """Wrong predictions, most confident first: the ones that most mislead a user."""
-        rows = sorted((r for r in self.rows() if r["true"] != r["predicted"]), key=lambda r: -r["probability"])
+        rows = sorted((r for r in self.rows() if r["predicted"] is not None and r["true"] != r["predicted"]),
+                      key=lambda r: -r["probability"])
         return rows[:limit]
 
     def to_dict(self):
@@ -55,7 +61,8 @@ class Evaluation:
                 "flags": self.flags, "mistakes": self.mistakes(),
                 "predictions": self.rows(),
                 "skipped": [{"path": str(p), "reason": r} for p, r in self.skipped],
-                "data_dir": self.data_dir, "model": self.model_path, "tta": self.tta, "seconds": self.seconds}
+                "data_dir": self.data_dir, "model": self.model_path, "tta": self.tta, "seconds": self.seconds,
+                **({"hands": self.hands} if self.hands is not None else {})}
 
 
 def metrics_from_predictions(y_true, y_pred, classes):
@@ -92,10 +99,12 @@ def calibration_summary(logits, labels, temperature, n_bins=10):
     return out
 
 
-def uncertain_summary(probabilities, y_true, threshold):
-    """How many predictions fall below the confidence threshold, and how often each group is right."""
+def uncertain_summary(probabilities, y_true, threshold, answered=None):
+    """How many predictions fall below the confidence threshold, and how often each group is right (an image
+    without an answer is uncertain and wrong)."""
     probs = np.asarray(probabilities, float).reshape(len(y_true), -1)
-    conf, correct = probs.max(1), probs.argmax(1) == np.asarray(y_true)
+    answered = np.ones(len(y_true), bool) if answered is None else np.asarray(answered, bool)
+    conf, correct = np.where(answered, probs.max(1), 0.0), (probs.argmax(1) == np.asarray(y_true)) & answered
     flagged = conf < threshold
     acc = lambda m: float(correct[m].mean()) if m.any() else None  # noqa: E731
     return {"threshold": float(threshold), "count": int(flagged.sum()),
@@ -110,16 +119,19 @@ def _auroc(wrong, score):
     return float(roc_auc_score(wrong.astype(int), score))
 
 
-def flag_summary(probabilities, y_true, threshold, unfamiliarity=None):
+def flag_summary(probabilities, y_true, threshold, unfamiliarity=None, answered=None):
     """How the two warnings do on a labelled folder: the share of images flagged uncertain (calibrated top
     probability < threshold), unfamiliar (unfamiliarity > 1) and either; how many of the mistakes each flag
     catches; the accuracy on the images no flag touches (selective accuracy); and the AUROC of each score for
     telling wrong answers from right ones. Unfamiliar entries are None for model files without the score."""
     probs = np.asarray(probabilities, float).reshape(len(y_true), -1)
-    conf, wrong = probs.max(1), probs.argmax(1) != np.asarray(y_true, int)
+    answered = np.ones(len(y_true), bool) if answered is None else np.asarray(answered, bool)
+    conf, wrong = np.where(answered, probs.max(1), 0.0), (probs.argmax(1) != np.asarray(y_true, int)) | ~answered
     uncertain = conf < threshold
     known = unfamiliarity is not None
-    unf = np.asarray(unfamiliarity, float) > 1 if known else np.zeros(len(wrong), bool)
+    if known:  # no answer (no hand found) counts as unfamiliar, and as the least familiar
+        unfamiliarity = np.where(answered, np.nan_to_num(np.asarray(unfamiliarity, float), nan=1e9), 1e9)
+    unf = unfamiliarity > 1 if known else np.zeros(len(wrong), bool)
     either = uncertain | unf
     share = lambda m: float(m.mean()) if len(m) else None  # noqa: E731
     return {
@@ -137,19 +149,34 @@ def flag_summary(probabilities, y_true, threshold, unfamiliarity=None):
 
 
 def evaluation_from_logits(logits, y_true, classes, temperature=1.0, uncertain_below=DEFAULT_UNCERTAIN_BELOW,
-                           unfamiliarity=None, **info):
+                           unfamiliarity=None, answered=None, **info):
+    """An Evaluation from logits. answered: for landmark models, which images had a hand; the others count as
+    wrong (no answer) and are left out of the calibration figures, which are about the answers given."""
     logits = torch.as_tensor(logits, dtype=torch.float32)
     probs = torch.softmax(logits / temperature, dim=1)
     y_true = [int(y) for y in y_true]
-    y_pred = probs.argmax(1).tolist() if len(y_true) else []
+    mask = torch.ones(len(y_true), dtype=torch.bool) if answered is None else torch.as_tensor(answered, dtype=torch.bool)
+    probs[~mask] = 0.0  # no answer: no probability for any class
+    y_pred = torch.where(mask, probs.argmax(1), -1).tolist() if len(y_true) else []
     accuracy, per_class, cm = metrics_from_predictions(y_true, y_pred, classes)
     correct = sum(int(a == b) for a, b in zip(y_true, y_pred))
+    given = mask.nonzero().flatten()
+    y_given = [y_true[i] for i in given.tolist()]
+    hands = None if answered is None else hand_summary(mask.numpy(), np.asarray(y_true), np.asarray(y_pred))
     return Evaluation(classes, accuracy, len(y_true), per_class, cm, probabilities=probs.tolist(), y_true=y_true,
                       accuracy_ci=wilson_interval(correct, len(y_true)), macro=macro_average(per_class),
-                      calibration=calibration_summary(logits, y_true, temperature),
-                      uncertain=uncertain_summary(probs.numpy(), y_true, uncertain_below),
+                      calibration=calibration_summary(logits[given], y_given, temperature),
+                      uncertain=uncertain_summary(probs.numpy(), y_true, uncertain_below, answered),
                       unfamiliarity=None if unfamiliarity is None else [float(u) for u in unfamiliarity],
-                      flags=flag_summary(probs.numpy(), y_true, uncertain_below, unfamiliarity), **info)
+                      flags=flag_summary(probs.numpy(), y_true, uncertain_below, unfamiliarity, answered),
+                      answered=None if answered is None else mask.tolist(), hands=hands, **info)
+
+
+def hand_summary(found, y_true, y_pred):
+    """Coverage (images with a hand found) and the accuracy on those, for landmark models."""
+    n_found = int(found.sum())
+    return {"n_found": n_found, "coverage": float(found.mean()) if len(found) else None,
+            "accuracy_where_found": float((y_pred[found] == y_true[found]).mean()) if n_found else None}
 
 
 def evaluate_folder(classifier, data_dir, tta=None):
@@ -161,10 +188,14 @@ def evaluate_folder(classifier, data_dir, tta=None):
     folder = scan_folder(data_dir, classes=classifier.classes, min_classes=1)
     data = load_folder(folder, classifier.image_size, require_every_class=False)
     used_tta = classifier.tta if tta is None else bool(tta)
-    logits, unfamiliarity = classifier.logits_and_unfamiliarity(data.images, tta=used_tta)
+    if hasattr(classifier, "answers"):
+        logits, unfamiliarity, found = classifier.answers(data.images, tta=used_tta)
+    else:  # an exported model: every image is answered
+        (logits, unfamiliarity), found = classifier.logits_and_unfamiliarity(data.images, tta=used_tta), None
     return evaluation_from_logits(
         logits, data.labels.tolist(), classifier.classes, classifier.temperature, classifier.uncertain_below,
         unfamiliarity=None if unfamiliarity is None else unfamiliarity.tolist(),
+        answered=None if found is None else found.found.tolist(),
         skipped=data.skipped, paths=[str(p) for p in data.paths], data_dir=str(data_dir),
         model_path=getattr(classifier, "path", None), tta=used_tta, seconds=time.perf_counter() - start)
 
@@ -237,23 +268,31 @@ def folder_row(ev):
             "share_flagged": f.get("share_either"), "share_unfamiliar": f.get("share_unfamiliar"),
             "errors": f.get("errors"), "errors_flagged": (f.get("errors_flagged") or {}).get("either"),
             "selective_accuracy": f.get("selective_accuracy"), "n_not_flagged": f.get("n_not_flagged"),
-            "auroc_low_confidence": f.get("auroc_low_confidence"), "auroc_unfamiliarity": f.get("auroc_unfamiliarity")}
+            "auroc_low_confidence": f.get("auroc_low_confidence"), "auroc_unfamiliarity": f.get("auroc_unfamiliarity"),
+            "hand_coverage": (ev.get("hands") or {}).get("coverage")}
 
 
 FOLDER_TABLE_HEADER = ["folder", "images", "accuracy", "95% interval", "ECE", "flagged", "mistakes flagged",
                        "accuracy not flagged"]
 
 
-def folder_table_cells(row):
+def table_header(rows):
+    """The folder table's columns; "hand found" only for landmark models' rows."""
+    return FOLDER_TABLE_HEADER + (["hand found"] if any(r.get("hand_coverage") is not None for r in rows) else [])
+
+
+def folder_table_cells(row, hands=False):
     lo, hi = row["accuracy_ci95"]
     caught = "n/a" if row["errors_flagged"] is None else f"{row['errors_flagged']} of {row['errors']}"
     return [row["data_dir"], str(row["n"]), _fmt(row["accuracy"]), f"{_fmt(lo)}-{_fmt(hi)}",
-            _fmt(row["ece"], False), _fmt(row["share_flagged"]), caught, _fmt(row["selective_accuracy"])]
+            _fmt(row["ece"], False), _fmt(row["share_flagged"]), caught, _fmt(row["selective_accuracy"])] + \
+        ([_fmt(row.get("hand_coverage"))] if hands else [])
 
 
 def format_folder_table(rows):
     """Plain-text table, one row per evaluated folder."""
-    cells = [FOLDER_TABLE_HEADER] + [folder_table_cells(r) for r in rows]
-    widths = [max(len(c[i]) for c in cells) for i in range(len(FOLDER_TABLE_HEADER))]
+    header = table_header(rows)
+    cells = [header] + [folder_table_cells(r, len(header) > len(FOLDER_TABLE_HEADER)) for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(header))]
     return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))
                      for line in cells)

@@ -17,7 +17,7 @@ from ..models.registry import summary
 from ..plots import confusion_matrix_plot, mistakes_gallery, reliability_diagram
 from ..version import __version__
 from .headline import VALIDATION_LABEL
-from .metrics import FOLDER_TABLE_HEADER, evaluate_folder, folder_row, folder_table_cells
+from .metrics import FOLDER_TABLE_HEADER, evaluate_folder, folder_row, folder_table_cells, table_header
 
 MISTAKE_THUMB = 160
 
@@ -312,7 +312,9 @@ def _other_folders_section(run, ev):
     rows = _read_json(run / rf.OTHER_FOLDERS)
     if not ev or not rows:
         return ""
-    table = [folder_table_cells(folder_row(ev))] + [folder_table_cells(r) for r in rows]
+    all_rows = [folder_row(ev)] + rows
+    header = table_header(all_rows)
+    table = [folder_table_cells(r, len(header) > len(FOLDER_TABLE_HEADER)) for r in all_rows]
     worst = min(rows, key=lambda r: r["accuracy"])
     gap = ev["accuracy"] - worst["accuracy"]
     note = (f'<p class="warn">On <code>{_esc(worst["data_dir"])}</code> it is right {_pct(worst["accuracy"])} of the '
@@ -322,7 +324,7 @@ def _other_folders_section(run, ev):
     return ("<h2>6. How it does on other photos</h2>"
             "<p>The test folder above usually comes from the same source as the training folder. These folders "
             "were evaluated with it, to show how the model does on photos from elsewhere.</p>"
-            + _table(FOLDER_TABLE_HEADER, table) + note +
+            + _table(header, table) + note +
             '<p class="note">ECE: expected calibration error of the calibrated probabilities (0 is perfect). '
             "Flagged: uncertain or unfamiliar. Accuracy not flagged: on the images neither warning touches.</p>")
 

@@ -136,6 +136,8 @@ def validate_metadata(meta, where):
             _fail(where, f"preprocessing {key} must be a list of 3 numbers")
     if not all(x > 0 for x in pre["std"]):
         _fail(where, "preprocessing std must be positive")
+    if pre.get("fit", "squash") not in ("squash", "letterbox"):
+        _fail(where, f"preprocessing fit {pre.get('fit')!r} is neither 'squash' nor 'letterbox'")
     if "rescale" in pre and not (_is_number(pre["rescale"]) and pre["rescale"] > 0):
         _fail(where, "preprocessing rescale must be a positive number")
     cal = meta.get("calibration")

@@ -5,8 +5,29 @@ import torch
 
 from .file import load_model_file
 from .prediction import DEFAULT_UNCERTAIN_BELOW, ImagePredictor, Prediction  # noqa: F401 (re-exported)
-from .preprocess import preprocess
+from .preprocess import decode_size, preprocess
 from .registry import predict_logits_and_features
+
+
+def takes_hands(model):
+    return getattr(model, "input_kind", "image") == "hand-landmarks"
+
+
+@torch.no_grad()
+def hand_pass(model, images_uint8_nhwc):
+    """(logits, features, FoundHands) of a landmark model on decoded images; the rows of images without a hand
+    are zeros (FoundHands.found says which)."""
+    from ..data.hands import find_hands
+    from .landmarks import hand_features
+    found = find_hands(np.asarray(images_uint8_nhwc))
+    n, keep = len(found.stage), found.found
+    logits = torch.zeros(n, model.head.out_features)
+    feats = torch.zeros(n, model.head.in_features)
+    if keep.any():
+        x = torch.from_numpy(hand_features(found.points[keep], found.world[keep]))
+        feats[torch.from_numpy(keep)] = model.features(x).float()
+        logits[torch.from_numpy(keep)] = model.head(feats[torch.from_numpy(keep)]).float()
+    return logits, feats, found
 
 
 @torch.no_grad()
@@ -15,6 +36,9 @@ def batched_logits(model, images_uint8_nhwc, mean, std, device="cpu", tta=False,
 
     features=True returns (logits, (N, D) penultimate features) from the same pass (features, then the head;
     with tta both are the mean over the image and its mirror image)."""
+    if takes_hands(model):
+        logits, feats, _ = hand_pass(model.cpu(), images_uint8_nhwc)
+        return (logits, feats) if features else logits
     was_training = model.training
     model.eval()
     logits, feats = [], []
@@ -41,8 +65,8 @@ class Classifier(ImagePredictor):
         self.metadata = metadata
         self.device = torch.device(device)
         self.classes = list(metadata["classes"])
-        self.image_size = int(metadata["image_size"])
         pre = metadata["preprocessing"]
+        self.image_size = decode_size(metadata["image_size"], pre.get("fit", "squash"))
         self.mean, self.std = pre["mean"], pre["std"]
         self.tta = bool(metadata.get("tta", False))
         calibration = metadata.get("calibration") or {}
@@ -58,8 +82,19 @@ class Classifier(ImagePredictor):
         tta = self.tta if tta is None else tta
         return batched_logits(self.model, images_uint8_nhwc, self.mean, self.std, self.device, tta, batch_size)
 
+    def answers(self, images_uint8_nhwc, batch_size=64, tta=None):
+        """(logits, (N,) unfamiliarity or None, FoundHands or None) from one pass. A landmark model answers only
+        the images in which a hand is found (FoundHands.found); an image model answers every image (None)."""
+        if not takes_hands(self.model):
+            return (*self.logits_and_unfamiliarity(images_uint8_nhwc, batch_size, tta), None)
+        logits, features, found = hand_pass(self.model, images_uint8_nhwc)
+        unfamiliarity = None if self.unfamiliarity is None else self.unfamiliarity.unfamiliarity(features)
+        return logits, unfamiliarity, found
+
     def logits_and_unfamiliarity(self, images_uint8_nhwc, batch_size=64, tta=None):
         """(logits, (N,) unfamiliarity or None) from one forward pass: the features, then the head."""
+        if takes_hands(self.model):
+            return self.answers(images_uint8_nhwc, batch_size, tta)[:2]
         tta = self.tta if tta is None else tta
         if self.unfamiliarity is None:
             return self.logits(images_uint8_nhwc, batch_size, tta), None
@@ -73,10 +108,14 @@ class Classifier(ImagePredictor):
 
     def predictions(self, images_uint8_nhwc, paths=None, batch_size=64):
         """(N, S, S, 3) uint8 tensor -> N Predictions (probabilities and unfamiliarity from one pass)."""
-        logits, unfamiliarity = self.logits_and_unfamiliarity(images_uint8_nhwc, batch_size)
+        logits, unfamiliarity, found = self.answers(images_uint8_nhwc, batch_size)
         probs = torch.softmax(logits / self.temperature, dim=1)
-        return self.make_predictions(probs.tolist(), None if unfamiliarity is None else unfamiliarity.tolist(),
-                                     paths)
+        predictions = self.make_predictions(probs.tolist(), None if unfamiliarity is None else unfamiliarity.tolist(),
+                                            paths)
+        if found is not None:
+            for i, p in enumerate(predictions):
+                p.set_hand(found.hand(i))
+        return predictions
 
     def predict_arrays(self, arrays_uint8_nhwc, paths=None, batch_size=64):
         """(N, S, S, 3) uint8 numpy array of decoded images -> N Predictions (the serve and predict path)."""

@@ -22,10 +22,27 @@ class Prediction:
     uncertain: bool = False  # calibrated top probability below the model's threshold
     # score / the model's threshold (above 1: unfamiliar); None for model files without the unfamiliar section
     unfamiliarity: float = None
+    # landmark models only: the hand found (data.hands.Hand.to_dict()), or {"found": False}: then there is no answer
+    hand: dict = None
+
+    @property
+    def answered(self):
+        return self.hand is None or self.hand["found"]
+
+    def set_hand(self, hand):
+        """Attach what a landmark model found; without a hand the prediction is "no hand found", not a guess."""
+        if hand is not None:
+            self.hand = hand.to_dict()
+            return
+        self.hand = {"found": False}
+        self.label, self.probability, self.uncertain, self.unfamiliarity = None, 0.0, True, None
+        self.probabilities = {c: 0.0 for c in self.probabilities}
 
     @property
     def unfamiliar(self):
         """The image does not look like the training images (None: the model file cannot tell)."""
+        if not self.answered:
+            return True
         return None if self.unfamiliarity is None else bool(self.unfamiliarity > 1.0)
 
     def top_k(self, k):
@@ -33,8 +50,11 @@ class Prediction:
 
     def to_dict(self):
         """The JSON form every interface prints (callers add where the image came from)."""
-        return {"label": self.label, "probability": self.probability, "probabilities": self.probabilities,
-                "uncertain": self.uncertain, "unfamiliar": self.unfamiliar, "unfamiliarity": self.unfamiliarity}
+        out = {"label": self.label, "probability": self.probability, "probabilities": self.probabilities,
+               "uncertain": self.uncertain, "unfamiliar": self.unfamiliar, "unfamiliarity": self.unfamiliarity}
+        if self.hand is not None:
+            out["hand"] = self.hand if self.hand["found"] else None
+        return out
 
 
 def from_probabilities(classes, probs, uncertain_below, path=None, unfamiliarity=None):

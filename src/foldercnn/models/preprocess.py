@@ -4,12 +4,19 @@ Kept tiny and free of Python-side state so it can later live inside an exported 
 """
 import torch
 
+from ..data.images import Letterbox
 
-def default_preprocessing(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)):
+RESIZE = {"squash": "squash to image_size x image_size, bilinear (antialiased when shrinking)",
+          "letterbox": "fit inside image_size x image_size keeping the shape, bilinear, centred on the image's mean "
+                       "colour"}
+
+
+def default_preprocessing(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), fit="squash"):
     """What the model file records about turning an image into network input."""
     return {
         "decode": "RGB; EXIF orientation applied; transparency composited on white",
-        "resize": "squash to image_size x image_size, bilinear (antialiased when shrinking)",
+        "fit": fit,
+        "resize": RESIZE[fit],
         "rescale": 1.0 / 255.0,
         "mean": list(mean),
         "std": list(std),
@@ -31,3 +38,8 @@ def normalize(x, mean, std):
 def preprocess(images_uint8_nhwc, mean, std):
     """(N, H, W, 3) uint8 -> (N, 3, H, W) float: rescale to [0, 1], then (x - mean) / std."""
     return normalize(to_unit(images_uint8_nhwc), mean, std)
+
+
+def decode_size(image_size, fit="squash"):
+    """The size to decode images at: a plain int squashes, a data.images.Letterbox keeps the shape."""
+    return Letterbox(image_size) if fit == "letterbox" else int(image_size)

@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 
 from ..errors import FolderCNNError
-from . import cnn, effnet
+from . import cnn, effnet, landmarks
 
 MAX_IMAGE_SIZE = 1024  # a model file asking for more is refused (memory per image grows with its square)
 
@@ -32,6 +32,8 @@ class ModelSpec:
     std: tuple = None
     linear_probe: bool = False  # frozen features + a linear head is a sensible recipe
     fine_tune_blocks: int = 0  # how many of its last blocks fine-tuning may unfreeze (0: not supported)
+    input: str = "image"  # "image": pixels; "hand-landmarks": the 21 keypoints of a hand found in the image
+    fit: str = "squash"  # how images are brought to the input size: "squash" or "letterbox" (keeps the shape)
 
     def check_args(self, args):
         """Refuse unknown or out-of-range architecture arguments (from a recipe or a model file)."""
@@ -140,8 +142,11 @@ def summary(model, image_size):
                      sum(p.numel() for p in m.parameters(recurse=False))))))
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
+    shape = (1, model.head.in_features) if getattr(model, "input_kind", "image") != "image" else \
+        (1, 3, image_size, image_size)
     try:
-        model(torch.zeros(1, 3, image_size, image_size, device=next(model.parameters()).device))
+        model(torch.zeros(shape, device=device))
     finally:
         for h in hooks:
             h.remove()
@@ -194,3 +199,7 @@ for _variant, _size in (("lite0", "4.7"), ("lite1", "5.4"), ("lite2", "6.1")):
         f"EfficientNet-{_variant.capitalize()} ({_size} M parameters with ImageNet's head), ImageNet weights",
         args={"dropout": _probability}, min_image_size=32, pretrained=True, mean=effnet.INPUT_MEAN,
         std=effnet.INPUT_STD, linear_probe=True, fine_tune_blocks=len(effnet.block_list(_variant))))
+register(ModelSpec(
+    "hand-landmarks", lambda num_classes, pretrained=False: landmarks.LandmarkNet(num_classes),
+    "a linear head on features of the 21 landmarks MediaPipe Hands finds (needs foldercnn[hands])",
+    min_image_size=64, linear_probe=True, input="hand-landmarks", fit="letterbox"))

@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .. import run_folder as rf
@@ -14,6 +15,7 @@ from .. import runtime
 from ..data.augment import augment_batch
 from ..data.captures import burst_group_ids, merge_groups
 from ..data.duplicates import groups_of, near_duplicate_groups
+from ..data.hands import draw_skeleton, find_hands
 from ..data.folders import (check_same_classes, group_split, load_folder, scan_folder, stratified_split,
                             summarize_skipped)
 from ..errors import FolderCNNError
@@ -22,15 +24,16 @@ from ..evaluation.metrics import calibration_summary
 from ..evaluation.report import write_report
 from ..files import check_out_dir
 from ..models.file import save_model
-from ..models.inference import DEFAULT_UNCERTAIN_BELOW, batched_logits
-from ..models.preprocess import default_preprocessing
+from ..models.inference import DEFAULT_UNCERTAIN_BELOW, batched_logits, hand_pass, takes_hands
+from ..models.preprocess import decode_size, default_preprocessing
 from ..models import unfamiliar
-from ..models.registry import count_parameters, create_model, summary
+from ..models.registry import count_parameters, create_model, get_spec, summary
 from ..plots import augmentation_preview, sample_grid, training_curves
 from . import checkpoint as ckpt
 from . import distributed
 from .loop import fit
 from .recipes import check_recipe, get_recipe
+from .hands import landmark_probe
 from .transfer import linear_probe
 
 
@@ -63,16 +66,17 @@ def prepare_data(data_dir, recipe, val_dir=None, val_fraction=None, seed=0, log=
     if val_dir is not None and val_fraction is not None:
         raise FolderCNNError("give either --val or --val-fraction, not both")
     folder = scan_folder(data_dir)
+    size = decode_size(recipe.image_size, get_spec(recipe.model).fit)
     if val_dir is not None:
         val_folder = scan_folder(val_dir, min_classes=1)
         check_same_classes(folder.classes, val_dir, val_folder.classes)
-        train = load_folder(folder, recipe.image_size)
-        val = load_folder(val_folder, recipe.image_size)
+        train = load_folder(folder, size)
+        val = load_folder(val_folder, size)
         skipped = train.skipped + val.skipped
         log(f"validation: {len(val)} images from {val_dir}")
     else:
         fraction = 0.2 if val_fraction is None else val_fraction
-        everything = load_folder(folder, recipe.image_size)
+        everything = load_folder(folder, size)
         # near-duplicates (burst frames, augmented copies, neighbouring renders) stay on one side of the split,
         # or validation accuracy, the temperature and the unfamiliarity threshold all flatter the model
         # (and the frames of one Teach-panel recording burst, data/captures.py)
@@ -115,6 +119,18 @@ FINAL_PASS_CHUNK = 1024  # images copied out of the (memory-mapped) decoded set 
 
 
 def final_pass(model, data, recipe, device):
+    """(logits, features, rows with an answer) of the trained model on decoded images; see image_pass. A landmark
+    model answers only the images in which a hand is found."""
+    if takes_hands(model):
+        parts = [hand_pass(model, data.take(slice(k, k + FINAL_PASS_CHUNK))) for k in range(0, len(data),
+                                                                                          FINAL_PASS_CHUNK)]
+        return (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
+                torch.from_numpy(np.concatenate([p[2].found for p in parts])))
+    logits, features = image_pass(model, data, recipe, device)
+    return logits, features, torch.ones(len(logits), dtype=torch.bool)
+
+
+def image_pass(model, data, recipe, device):
     """(logits, penultimate features) of the trained model on decoded images: eval mode, fp32, no augmentation,
     the batched inference path that prediction uses. Chunk by chunk: taking every image at once would copy a
     memory-mapped training set larger than RAM into memory (benchmarks/scale.py: killed at 32x RPS under 1.2 GB).
@@ -185,8 +201,13 @@ def draw_previews(out_dir, data_dir, train, recipe, seed):
                          described, out_dir / rf.AUGMENTATIONS, seed=seed)
     shown = torch.cat([(train.labels == c).nonzero().flatten()[:: max(1, int((train.labels == c).sum()) // 6)][:6]
                        for c in range(len(train.classes))])  # six spread-out images per class, not a copy of all
-    sample_grid(train.take(shown), train.labels[shown], train.classes, out_dir / rf.SAMPLES,
-                title=f"{Path(data_dir).name}: training images per class ({recipe.image_size} px, as the model sees them)")
+    images, what = train.take(shown), "as the model sees them"
+    if get_spec(recipe.model).input == "hand-landmarks":  # the landmarks found are what the model sees
+        found = find_hands(images.numpy())
+        images = torch.from_numpy(np.stack([draw_skeleton(im, found.hand(i)) for i, im in enumerate(images.numpy())]))
+        what = "with the hand landmarks found"
+    sample_grid(images, train.labels[shown], train.classes, out_dir / rf.SAMPLES,
+                title=f"{Path(data_dir).name}: training images per class ({recipe.image_size} px, {what})")
 
 
 def run_training(model, train, val, recipe, *, fine_tune, device, precision, seed, deadline, log, save_history,
@@ -199,6 +220,8 @@ def run_training(model, train, val, recipe, *, fine_tune, device, precision, see
                 resume=resume, ranks=ranks)
     if not recipe.linear_probe:
         return fit(model, train, val, recipe, on_epoch=lambda r: save_history(r.history), **loop), 0
+    if takes_hands(model):
+        return landmark_probe(model, train, val, recipe, seed=seed, log=log, deadline=deadline), 0
     probe = linear_probe(model, train, val, recipe, device=device, precision=precision, seed=seed, log=log,
                          deadline=deadline)
     if not fine_tune:
@@ -240,7 +263,7 @@ def model_metadata(recipe, train, val, skipped, *, data_dir, val_dir, val_fracti
         "arch_args": recipe.model_args,
         "classes": train.classes,
         "image_size": recipe.image_size,
-        "preprocessing": default_preprocessing(recipe.mean, recipe.std),
+        "preprocessing": default_preprocessing(recipe.mean, recipe.std, get_spec(recipe.model).fit),
         "recipe": recipe.to_dict(),
         "seed": seed,
         "precision": precision,
@@ -363,18 +386,20 @@ def _train(data_dir, out_dir, recipe, *, val_dir, val_fraction, seed, precision,
                            result.interrupted, len(train), len(val), skipped, {"data": t_data, "train": t_train},
                            fine_tuned_epochs, main_process=False)
 
-    val_logits, val_features = final_pass(model, val, recipe, device)  # one pass serves both fits below
+    val_logits, val_features, answered = final_pass(model, val, recipe, device)  # one pass serves both fits below
+    val_logits, val_features, val_labels = val_logits[answered], val_features[answered], val.labels[answered]
     if fine_tuned_epochs and recipe.wise_ft:
         log(f"validation accuracy of the ensembled weights: "
-            f"{(val_logits.argmax(1) == val.labels).float().mean().item():.4f}")
-    calibration = calibrate(val_logits, val.labels, uncertain_below)
+            f"{(val_logits.argmax(1) == val_labels).float().mean().item():.4f}")
+    calibration = calibrate(val_logits, val_labels, uncertain_below)
     log(f"calibration on the validation split: temperature {calibration['temperature']:.3f} "
         f"({calibration['rule']}), NLL "
         f"{calibration['val_nll_before']:.4f} -> {calibration['val_nll_after']:.4f}, expected calibration error "
         f"{calibration['val_ece_before']:.4f} -> {calibration['val_ece_after']:.4f}")
     sample = unfamiliarity_sample(train, seed, log)
-    unfamiliarity = fit_unfamiliarity(final_pass(model, sample, recipe, device)[1], sample.labels, val_features,
-                                      val.labels, len(train.classes), log)
+    _, sample_features, sample_answered = final_pass(model, sample, recipe, device)
+    unfamiliarity = fit_unfamiliarity(sample_features[sample_answered], sample.labels[sample_answered], val_features,
+                                      val_labels, len(train.classes), log)
     metadata = model_metadata(recipe, train, val, skipped, data_dir=data_dir, val_dir=val_dir,
                               val_fraction=val_fraction, seed=seed, precision=precision, fine_tune=fine_tune,
                               fine_tuned_epochs=fine_tuned_epochs, result=result, calibration=calibration,

@@ -76,32 +76,43 @@ def linear_probe(model, train, val, recipe, *, device, precision, seed, log=prin
     f_val = extract_features(model, val, recipe.mean, recipe.std, device, precision)
     t_features = time.perf_counter() - t
     log(f"features: {len(f_train)} training views and {len(f_val)} validation images in {t_features:.1f}s")
+    return fit_head_on_features(model, f_train, y_train, f_val, val.labels, len(train.classes), seed=seed, log=log,
+                                deadline=deadline, t_features=t_features, steps=steps, weight_decays=weight_decays)
 
+
+def fit_head_on_features(model, f_train, y_train, f_val, y_val, num_classes, *, seed, log=print, deadline=None,
+                         t_features=0.0, steps=300, weight_decays=(1e-4, 1e-3, 1e-2, 1e-1), within=None):
+    """Fit model.head on computed features, the weight decay chosen on the validation features; a FitResult.
+
+    within: take the strongest weight decay whose validation accuracy is within this of the best one (for
+    validation images that are easier than the photos the model will meet)."""
     def scores(head, f, y):
         with torch.no_grad():
             logits = head(f)
             return F.cross_entropy(logits, y).item(), (logits.argmax(1) == y).float().mean().item()
 
     t = time.perf_counter()
-    best = None
+    tried = []
     for wd in weight_decays:
-        if best is not None and deadline is not None and time.perf_counter() >= deadline:
+        if tried and deadline is not None and time.perf_counter() >= deadline:
             log("time budget spent: weight-decay search stopped early")
             break
-        head = _fit_head(f_train, y_train, len(train.classes), wd, steps, seed)
-        val_loss, val_acc = scores(head, f_val, val.labels)
+        head = _fit_head(f_train, y_train, num_classes, wd, steps, seed)
+        val_loss, val_acc = scores(head, f_val, y_val)
         log(f"  head weight decay {wd:g}: val_accuracy {val_acc:.4f}  val_loss {val_loss:.4f}")
-        if best is None or (val_acc, -val_loss) > (best[1], -best[2]):
-            best = (wd, val_acc, val_loss)
+        tried.append((wd, val_acc, val_loss))
+    best = max(tried, key=lambda r: (r[1], -r[2]))
+    if within is not None:
+        best = max((r for r in tried if r[1] >= best[1] - within), key=lambda r: r[0])
     history, chunk = [], steps // 10
 
     def record(step, head):
         if step % chunk == 0:
             loss, acc = scores(head, f_train, y_train)
-            val_loss, val_acc = scores(head, f_val, val.labels)
+            val_loss, val_acc = scores(head, f_val, y_val)
             history.append({"epoch": step // chunk, "loss": loss, "accuracy": acc, "val_loss": val_loss,
                             "val_accuracy": val_acc, "seconds": 0.0, "train_seconds": 0.0, "images": 0})
-    head = _fit_head(f_train, y_train, len(train.classes), best[0], steps, seed, record)
+    head = _fit_head(f_train, y_train, num_classes, best[0], steps, seed, record)
     t_head = time.perf_counter() - t
     log(f"head fitted in {t_head:.1f}s (weight decay {best[0]:g}); val_accuracy {history[-1]['val_accuracy']:.4f}")
     for h in history:

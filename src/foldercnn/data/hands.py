@@ -1,0 +1,336 @@
+"""Finding a hand in a photo: MediaPipe Hands (a palm detector and a 21-point landmark model, both trained on
+real hands), with a cascade of retries for tight, rotated and small crops.
+
+The landmark model needs a hand the palm detector has found and aligned (run on a bare crop its points are
+mostly wrong), so every retry changes what the detector sees: a border around a tight crop, a quarter turn,
+a lower confidence. Points always come back in the original image's coordinates.
+"""
+import contextlib
+import hashlib
+import os
+import threading
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import FolderCNNError
+from ..files import atomic_path
+
+POINTS = 21
+INSTALL_HINT = "pip install 'foldercnn[hands]'"
+# MediaPipe's hand skeleton: (from, to) landmark indices, for drawing
+SKELETON = ((0, 1), (1, 2), (2, 3), (3, 4), (0, 5), (5, 6), (6, 7), (7, 8), (5, 9), (9, 10), (10, 11), (11, 12),
+            (9, 13), (13, 14), (14, 15), (15, 16), (13, 17), (0, 17), (17, 18), (18, 19), (19, 20))
+MAX_SIDE = 640  # longer photos are shrunk first: the detector sees 192 px, the landmark model 224 px
+
+
+@dataclass(frozen=True)
+class CascadeStage:
+    name: str
+    confidence: float  # the palm detector's minimum score
+    border: float = 0.0  # padding of the mean colour on each side, as a fraction of the longer side
+    turns: int = 0  # quarter turns counter-clockwise before detection
+
+
+# benchmarks/hands.py measures each stage's share of the hands found, their accuracy and their cost
+CASCADE = (
+    CascadeStage("image", 0.3),
+    CascadeStage("border", 0.3, border=0.3),
+    CascadeStage("turned 90", 0.3, border=0.3, turns=1),
+    CascadeStage("turned 270", 0.3, border=0.3, turns=3),
+    CascadeStage("turned 180", 0.3, border=0.3, turns=2),
+    CascadeStage("low confidence", 0.2),
+)
+
+
+@dataclass(frozen=True)
+class Hand:
+    """One hand: `points` (21, 3) are x, y as fractions of the image's width and height and MediaPipe's relative
+    depth z; `world` (21, 3) the same joints in metres about the hand's centre (rotation and scale of the photo
+    do not change them); `right` MediaPipe's handedness; `score` its confidence; `stage` the cascade stage."""
+    points: np.ndarray
+    world: np.ndarray
+    right: bool
+    score: float
+    stage: str
+
+    def to_dict(self):
+        return {"found": True, "points": np.round(self.points[:, :2], 4).tolist(),
+                "handedness": "right" if self.right else "left", "score": round(float(self.score), 4),
+                "stage": self.stage}
+
+
+def available():
+    try:
+        import mediapipe  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def require():
+    """Import MediaPipe Hands, or say how to install it."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from mediapipe.python.solutions import hands
+    except ImportError:
+        raise FolderCNNError(f"the hands recipe needs MediaPipe Hands: {INSTALL_HINT}") from None
+    return hands
+
+
+class HandFinder:
+    """The cascade over one set of MediaPipe graphs (one per confidence); thread-safe (one call at a time)."""
+
+    def __init__(self, cascade=CASCADE, model_complexity=1):
+        os.environ.setdefault("GLOG_minloglevel", "2")  # MediaPipe's C++ log lines on every graph start
+        self.cascade = tuple(cascade)
+        self._hands = require()
+        self._complexity = model_complexity
+        self._graphs = {}
+        self._lock = threading.Lock()
+
+    def _graph(self, confidence):
+        if confidence not in self._graphs:
+            self._graphs[confidence] = self._hands.Hands(
+                static_image_mode=True, max_num_hands=1, min_detection_confidence=confidence,
+                model_complexity=self._complexity)
+        return self._graphs[confidence]
+
+    def find(self, rgb):
+        """The first hand the cascade finds in an (H, W, 3) uint8 RGB array, or None."""
+        rgb = shrink(np.ascontiguousarray(rgb, dtype=np.uint8))
+        with self._lock, warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # protobuf's deprecation warning on every result
+            for stage in self.cascade:
+                hand = self._try(rgb, stage)
+                if hand is not None:
+                    return hand
+        return None
+
+    def _try(self, rgb, stage):
+        image, back = transformed(rgb, stage)
+        result = self._graph(stage.confidence).process(image)
+        if not result.multi_hand_landmarks:
+            return None
+        marks = result.multi_hand_landmarks[0].landmark
+        points = np.array([[p.x, p.y, p.z] for p in marks], dtype=np.float32)
+        points[:, :2] = back(points[:, :2])
+        world = np.array([[p.x, p.y, p.z] for p in result.multi_hand_world_landmarks[0].landmark], dtype=np.float32)
+        label = result.multi_handedness[0].classification[0]
+        return Hand(points, world, label.label == "Right", float(label.score), stage.name)
+
+    def close(self):
+        for graph in self._graphs.values():
+            with contextlib.suppress(Exception):
+                graph.close()
+        self._graphs.clear()
+
+
+def shrink(rgb, max_side=MAX_SIDE):
+    h, w = rgb.shape[:2]
+    if max(h, w) <= max_side:
+        return rgb
+    from PIL import Image
+    scale = max_side / max(h, w)
+    return np.asarray(Image.fromarray(rgb).resize((max(1, round(w * scale)), max(1, round(h * scale))),
+                                                  Image.BILINEAR))
+
+
+def transformed(rgb, stage):
+    """(the image the detector sees for `stage`, a function taking its (N, 2) fractional x, y back to `rgb`'s)."""
+    h, w = rgb.shape[:2]
+    image, pad = rgb, 0
+    if stage.border:
+        pad = int(round(stage.border * max(h, w)))
+        mean = rgb.reshape(-1, 3).mean(0).astype(np.uint8)
+        image = np.empty((h + 2 * pad, w + 2 * pad, 3), np.uint8)
+        image[:] = mean
+        image[pad:pad + h, pad:pad + w] = rgb
+    ph, pw = image.shape[:2]
+    if stage.turns:
+        image = np.ascontiguousarray(np.rot90(image, stage.turns))
+
+    def back(xy):
+        x, y = xy[:, 0].copy(), xy[:, 1].copy()
+        for _ in range(stage.turns % 4):  # undo one counter-clockwise quarter turn: (x, y) -> (1 - y, x)
+            x, y = 1 - y, x
+        return np.stack([(x * pw - pad) / w, (y * ph - pad) / h], axis=1)
+
+    return image, back
+
+
+_FINDER = None
+_FINDER_LOCK = threading.Lock()
+
+
+def shared_finder():
+    """One HandFinder per process (its graphs take ~0.3 s to start)."""
+    global _FINDER
+    with _FINDER_LOCK:
+        if _FINDER is None:
+            _FINDER = HandFinder()
+        return _FINDER
+
+
+@dataclass
+class FoundHands:
+    """The hands of many images, as arrays (rows of images without a hand are zeros, `stage` -1)."""
+    points: np.ndarray  # (N, 21, 3) float32
+    world: np.ndarray  # (N, 21, 3) float32
+    right: np.ndarray  # (N,) bool
+    score: np.ndarray  # (N,) float32
+    stage: np.ndarray  # (N,) int8: index into the cascade, -1: no hand
+
+    @property
+    def found(self):
+        return self.stage >= 0
+
+    @classmethod
+    def empty(cls, n):
+        return cls(np.zeros((n, POINTS, 3), np.float32), np.zeros((n, POINTS, 3), np.float32), np.zeros(n, bool),
+                   np.zeros(n, np.float32), np.full(n, -1, np.int8))
+
+    def put(self, i, hand, cascade=CASCADE):
+        if hand is not None:
+            self.points[i], self.world[i], self.right[i], self.score[i] = hand.points, hand.world, hand.right, hand.score
+            self.stage[i] = [s.name for s in cascade].index(hand.stage)
+
+    def take(self, index):
+        return FoundHands(*(a[index] for a in (self.points, self.world, self.right, self.score, self.stage)))
+
+    def hand(self, i, cascade=CASCADE):
+        if self.stage[i] < 0:
+            return None
+        return Hand(self.points[i], self.world[i], bool(self.right[i]), float(self.score[i]),
+                    cascade[self.stage[i]].name)
+
+    def arrays(self):
+        return {"points": self.points, "world": self.world, "right": self.right, "score": self.score,
+                "stage": self.stage}
+
+
+def _fresh_finder():
+    global _FINDER
+    _FINDER = None  # a forked child must not use its parent's graphs (their threads did not come along)
+
+
+def _find_one(rgb):
+    return shared_finder().find(rgb)
+
+
+RECORD = 4 + 2 * POINTS * 3  # stage, right, score, spare; points; world
+CACHE_VERSION = 1  # bump when the cascade or the finder's settings change what is found
+
+
+def _record(found, i):
+    r = np.zeros(RECORD, np.float32)
+    r[:4] = found.stage[i], found.right[i], found.score[i], 0
+    r[4:4 + POINTS * 3] = found.points[i].ravel()
+    r[4 + POINTS * 3:] = found.world[i].ravel()
+    return r
+
+
+def _from_record(found, i, r):
+    found.stage[i], found.right[i], found.score[i] = int(r[0]), bool(r[1]), r[2]
+    found.points[i] = r[4:4 + POINTS * 3].reshape(POINTS, 3)
+    found.world[i] = r[4 + POINTS * 3:].reshape(POINTS, 3)
+
+
+def image_key(rgb):
+    """The cache key of one decoded image: its pixels and the finder's version (never its file name)."""
+    h = hashlib.sha256(f"foldercnn-hands-v{CACHE_VERSION}|{rgb.shape}\n".encode())
+    h.update(np.ascontiguousarray(rgb).data)
+    return h.hexdigest()[:32]
+
+
+class HandCache:
+    """Hands found per decoded image, one small .npy per image, named by its pixels' hash: a renamed, moved
+    or re-captured image is found again for free, a changed one is looked at anew."""
+
+    def __init__(self, root=None):
+        from .cache import enabled, user_cache_dir
+        self.root = None if not enabled() else Path(root or user_cache_dir() / "hands" / f"v{CACHE_VERSION}")
+
+    def _path(self, key):
+        return self.root / key[:2] / f"{key}.npy"
+
+    def get(self, key):
+        if self.root is None:
+            return None
+        try:
+            r = np.load(self._path(key))
+        except (OSError, ValueError):
+            return None
+        return r if r.shape == (RECORD,) and r.dtype == np.float32 and np.isfinite(r).all() else None
+
+    def put(self, key, record):
+        if self.root is None:
+            return
+        with contextlib.suppress(OSError):  # a read-only cache only costs the search again
+            with atomic_path(self._path(key)) as tmp:
+                with open(tmp, "wb") as f:
+                    np.save(f, record)
+
+
+def find_hands(images, workers=None, cache=None, desc="finding hands"):
+    """FoundHands of (N, H, W, 3) uint8 images (a tensor or an array), through the content-keyed cache; the
+    images not seen before are searched in `workers` processes when there are many."""
+    from tqdm import tqdm
+    cache = HandCache() if cache is None else cache
+    n = len(images)
+    found, todo = FoundHands.empty(n), []
+    keys = [image_key(np.asarray(images[i])) for i in range(n)]
+    for i, key in enumerate(keys):
+        r = cache.get(key)
+        if r is None:
+            todo.append(i)
+        else:
+            _from_record(found, i, r)
+    if not todo:
+        return found
+    workers = min(workers or os.cpu_count() or 1, 4)
+    if len(todo) < 32 or workers == 1:
+        results = (_find_one(np.asarray(images[i])) for i in todo)
+        pool = None
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"), initializer=_fresh_finder)
+        results = pool.map(_find_one, (np.asarray(images[i]) for i in todo), chunksize=8)
+    try:
+        for i, hand in zip(todo, tqdm(results, total=len(todo), desc=desc, unit="img", leave=False,
+                                      disable=None if len(todo) >= 32 else True)):
+            found.put(i, hand)
+            cache.put(keys[i], _record(found, i))
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+    return found
+
+
+def hands_of(data, log=print, chunk=1024):
+    """FoundHands of DecodedImages, read chunk by chunk (a memory-mapped set is never copied whole)."""
+    parts = [find_hands(np.asarray(data.take(slice(k, k + chunk)))) for k in range(0, len(data), chunk)]
+    if not parts:
+        return FoundHands.empty(0)
+    return FoundHands(*(np.concatenate(a) for a in zip(*(p.arrays().values() for p in parts))))
+
+
+def draw_skeleton(rgb, hand, colour=(34, 197, 94)):
+    """A copy of an (H, W, 3) uint8 image with the hand's 21 points and bones drawn on it (for previews)."""
+    from PIL import Image, ImageDraw
+    im = Image.fromarray(np.ascontiguousarray(rgb))
+    if hand is None:
+        return np.asarray(im).copy()
+    draw = ImageDraw.Draw(im)
+    h, w = rgb.shape[:2]
+    xy = [(float(x) * w, float(y) * h) for x, y in hand.points[:, :2]]
+    width = max(1, round(max(h, w) / 100))
+    for a, b in SKELETON:
+        draw.line([xy[a], xy[b]], fill=colour, width=width)
+    for x, y in xy:
+        draw.ellipse([x - width, y - width, x + width, y + width], fill=(248, 250, 252), outline=(21, 128, 61))
+    return np.asarray(im).copy()
