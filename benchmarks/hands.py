@@ -3,7 +3,7 @@ it costs.
 
     python benchmarks/hands.py --model runs/hands/model.safetensors \
         --sets ../shared/data/rps/test,../shared/data/rps-photos/green-screen,../shared/data/rps-photos/sxsw \
-        [--per-set 300] [--complexity 1]
+        [--per-set 300] [--complexity 0]
 
 For a sample of each labelled folder (seeded, stratified), one process, no cache: every image is decoded as the
 model decodes it, then the cascade runs stage by stage. Per stage: the share of images whose hand it found
@@ -71,7 +71,7 @@ def main():
     ap.add_argument("--model", required=True, type=Path)
     ap.add_argument("--sets", required=True, help="comma-separated labelled folders")
     ap.add_argument("--per-set", type=int, default=300)
-    ap.add_argument("--complexity", type=int, default=1, choices=[0, 1], help="MediaPipe model_complexity")
+    ap.add_argument("--complexity", type=int, default=0, choices=[0, 1], help="MediaPipe model_complexity")
     args = ap.parse_args()
     foldercnn.runtime.setup()
     clf = foldercnn.load(args.model)

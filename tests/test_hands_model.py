@@ -21,7 +21,7 @@ def hand_model(tmp_path_factory):
     torch.manual_seed(0)
     model = create_model("hand-landmarks", num_classes=3)
     meta = {"architecture": "hand-landmarks", "arch_args": {}, "classes": ["paper", "rock", "scissors"],
-            "image_size": 256, "preprocessing": default_preprocessing(fit="letterbox")}
+            "image_size": 256, "preprocessing": default_preprocessing(fit="letterbox", hands=hands.describe_finder())}
     return save_model(tmp_path_factory.mktemp("hands") / "model.safetensors", model, meta)
 
 
@@ -75,3 +75,16 @@ def test_export_refuses_a_hand_model_with_its_reason(hand_model, cli, tmp_path):
     r = cli("export", hand_model, "--out", tmp_path / "m.onnx")
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "hand" in r.stderr and "no ONNX form" in r.stderr and not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda pre: pre.update(fit="squash"), "needs preprocessing fit 'letterbox'"),
+    (lambda pre: pre.pop("hands"), "needs preprocessing.hands"),
+    (lambda pre: pre["hands"].update(version=hands.CACHE_VERSION + 1), "another hand finder"),
+])
+def test_a_hand_model_file_must_say_how_its_hands_were_found(hand_model, tmp_path, cli, change, message):
+    from test_model_file import _with_meta
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(_with_meta(hand_model.read_bytes(), lambda m: change(m["preprocessing"])))
+    r = cli("predict", path, hand_model)  # any image path: the model file is refused first
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr

@@ -130,3 +130,85 @@ def test_short_robust_training_beats_chance_on_real_photos(rps, photos, tmp_path
     accuracy = {name: foldercnn.evaluate(clf, photos / name).accuracy for name in ("sxsw", "green-screen")}
     print(accuracy)
     assert min(accuracy.values()) > 0.42, accuracy
+
+
+def _every(src, dst, step):
+    """A symlink folder with every `step`-th image of each class of SRC (neighbouring images are near-twins)."""
+    for cls in sorted(p for p in src.iterdir() if p.is_dir()):
+        (dst / cls.name).mkdir(parents=True)
+        for f in sorted(cls.iterdir())[::step]:
+            (dst / cls.name / f.name).symlink_to(f.resolve())
+    return dst
+
+
+@pytest.mark.slow
+def test_hands_recipe_trained_on_cgi_is_right_on_real_photos(rps, photos, tmp_path):
+    """The hands recipe on every other CGI training image, measured on every third real photo. Measured on all of
+    both sets with all of rps/train: green-screen 98.7% (a hand found in 98.8%), sxsw 63.3% (found in 72.1%, right
+    on 87.8% of those); a photo without a hand found counts as wrong."""
+    import foldercnn
+    from foldercnn.data import hands
+    if not hands.available():
+        pytest.fail("the real-data tier needs MediaPipe Hands (pip install -e '.[test]' installs it)")
+    foldercnn.runtime.setup()
+    result = foldercnn.train(_every(rps / "train", tmp_path / "half", 2), tmp_path / "hands", recipe="hands", seed=0,
+                             log=lambda *a: None)
+    clf = foldercnn.load(result.model_path)
+    got = {name: foldercnn.evaluate(clf, _every(photos / name, tmp_path / name, 3)) for name in ("green-screen", "sxsw")}
+    print({name: (ev.accuracy, ev.hands) for name, ev in got.items()})
+    assert got["green-screen"].accuracy > 0.95 and got["green-screen"].hands["coverage"] > 0.95
+    assert got["sxsw"].hands["coverage"] > 0.65 and got["sxsw"].hands["accuracy_where_found"] > 0.8
+    assert got["sxsw"].accuracy > 0.55
+
+
+@pytest.mark.slow
+def test_the_cascade_finds_the_hands_of_the_tutorials_new_photos(rps):
+    """rps/validation: 33 photos, 2 per class at 900 x 900. At least 31 hands found (measured: 32; one 900 px rock
+    is missed), every point inside the picture."""
+    import numpy as np
+
+    from foldercnn.data import hands
+    from foldercnn.data.folders import load_folder, scan_folder
+    from foldercnn.data.images import Letterbox
+    data = load_folder(scan_folder(rps / "validation"), Letterbox(256))
+    found = hands.find_hands(data.images.numpy())
+    assert found.found.sum() >= 31, [p for p, f in zip(data.paths, found.found) if not f]
+    xy = found.points[found.found][..., :2]
+    assert (xy > -0.05).all() and (xy < 1.05).all()
+    assert set(np.unique(found.stage[found.found])) <= set(range(len(hands.CASCADE)))
+
+
+@pytest.mark.slow
+def test_teach_with_the_hands_recipe_through_the_api(photos, tmp_path):
+    """`foldercnn teach` with --teach-recipe hands: 10 green-screen photos per class posted in two bursts, Train,
+    and the served model answers with the hand it found (or says none was found) for photos it never saw."""
+    import httpx
+    from foldercnn.data import hands
+    from test_teach import start_teach_server, stop, wait_job
+    if not hands.available():
+        pytest.fail("the real-data tier needs MediaPipe Hands (pip install -e '.[test]' installs it)")
+    server = start_teach_server("teach", tmp_path / "mine", "--teach-runs", tmp_path / "runs", "--teach-recipe",
+                                "hands", log=tmp_path / "teach.log")
+    try:
+        url, held_out = server.url, []
+        for cls in ("paper", "rock", "scissors"):
+            shots = sorted((photos / "green-screen" / cls).iterdir())
+            assert httpx.post(url + "/teach/classes", json={"name": cls}).status_code == 201
+            for burst, part in (("a", shots[:5]), ("b", shots[300:305])):
+                r = httpx.post(f"{url}/teach/classes/{cls}/images?burst={burst}",
+                               files=[("files", (p.name, p.read_bytes(), "image/jpeg")) for p in part])
+                assert r.status_code == 201, r.text
+            held_out += [(cls, p) for p in shots[600:603]]
+        r = httpx.post(url + "/teach/train", headers={"Origin": url})
+        assert r.status_code == 202, r.text
+        done = wait_job(url, r.json()["id"], timeout=600)
+        assert done["state"] == "done", done
+        answers = [(cls, httpx.post(url + "/predict", files=[("files", (p.name, p.read_bytes(), "image/jpeg"))],
+                                    timeout=60).json()[0]) for cls, p in held_out]
+        assert all("hand" in a for _, a in answers)
+        right = sum(a["label"] == cls for cls, a in answers)
+        assert right >= 7, answers  # of 9
+        found = [a for _, a in answers if a["hand"] is not None]
+        assert found and all(len(a["hand"]["points"]) == 21 for a in found)
+    finally:
+        stop(server)

@@ -108,7 +108,8 @@ def build_parser():
     p.add_argument("--photos", help="real photos of hands (rock/paper/scissors folders, or folders of them) to "
                                     "measure the model on; default $FOLDERCNN_RPS_PHOTOS_DIR when set")
     _add_training_options(p, default_recipe=None,
-                          recipe_help="robust, for real photos of hands; fast for the offline digits")
+                          recipe_help="hands (robust without MediaPipe Hands), for real photos of hands; fast for the "
+                                      "offline digits")
 
     sub.add_parser("models", help="list the architectures and recipes")
 

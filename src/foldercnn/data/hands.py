@@ -24,6 +24,9 @@ INSTALL_HINT = "pip install 'foldercnn[hands]'"
 SKELETON = ((0, 1), (1, 2), (2, 3), (3, 4), (0, 5), (5, 6), (6, 7), (7, 8), (5, 9), (9, 10), (10, 11), (11, 12),
             (9, 13), (13, 14), (14, 15), (15, 16), (13, 17), (0, 17), (17, 18), (18, 19), (19, 20))
 MAX_SIDE = 640  # longer photos are shrunk first: the detector sees 192 px, the landmark model 224 px
+# MediaPipe's lite models: faster than the full ones (48 vs 64 ms per image) and they found more hands in real
+# photos (sxsw 78.9% vs 74.6%) at the same accuracy (benchmarks/hands.py)
+MODEL_COMPLEXITY = 0
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,12 @@ class Hand:
                 "stage": self.stage}
 
 
+def describe_finder():
+    """What the model file records about how its hands are found."""
+    return {"finder": "MediaPipe Hands (solutions.hands, static images, one hand)", "model_complexity": MODEL_COMPLEXITY,
+            "cascade": [s.name for s in CASCADE], "version": CACHE_VERSION}
+
+
 def available():
     try:
         import mediapipe  # noqa: F401
@@ -84,8 +93,7 @@ def require():
 class HandFinder:
     """The cascade over one set of MediaPipe graphs (one per confidence); thread-safe (one call at a time)."""
 
-    def __init__(self, cascade=CASCADE, model_complexity=1):
-        os.environ.setdefault("GLOG_minloglevel", "2")  # MediaPipe's C++ log lines on every graph start
+    def __init__(self, cascade=CASCADE, model_complexity=MODEL_COMPLEXITY):
         self.cascade = tuple(cascade)
         self._hands = require()
         self._complexity = model_complexity
@@ -94,9 +102,11 @@ class HandFinder:
 
     def _graph(self, confidence):
         if confidence not in self._graphs:
-            self._graphs[confidence] = self._hands.Hands(
-                static_image_mode=True, max_num_hands=1, min_detection_confidence=confidence,
-                model_complexity=self._complexity)
+            with quiet_stderr():  # MediaPipe's C++ start-up lines ("Created TensorFlow Lite XNNPACK delegate", ...)
+                graph = self._hands.Hands(static_image_mode=True, max_num_hands=1,
+                                          min_detection_confidence=confidence, model_complexity=self._complexity)
+                graph.process(np.zeros((64, 64, 3), np.uint8))  # the first image logs more of them
+            self._graphs[confidence] = graph
         return self._graphs[confidence]
 
     def find(self, rgb):
@@ -127,6 +137,25 @@ class HandFinder:
             with contextlib.suppress(Exception):
                 graph.close()
         self._graphs.clear()
+
+
+@contextlib.contextmanager
+def quiet_stderr():
+    """File descriptor 2 to /dev/null for a moment: C++ libraries log there past Python's reach."""
+    import sys
+    try:
+        sys.stderr.flush()
+        saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    except (OSError, ValueError, AttributeError):
+        yield
+        return
+    os.dup2(null, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
 
 
 def shrink(rgb, max_side=MAX_SIDE):
@@ -222,7 +251,7 @@ def _find_one(rgb):
 
 
 RECORD = 4 + 2 * POINTS * 3  # stage, right, score, spare; points; world
-CACHE_VERSION = 1  # bump when the cascade or the finder's settings change what is found
+CACHE_VERSION = 2  # bump when the cascade or the finder's settings change what is found
 
 
 def _record(found, i):
@@ -275,9 +304,12 @@ class HandCache:
                     np.save(f, record)
 
 
-def find_hands(images, workers=None, cache=None, desc="finding hands"):
-    """FoundHands of (N, H, W, 3) uint8 images (a tensor or an array), through the content-keyed cache; the
-    images not seen before are searched in `workers` processes when there are many."""
+def find_hands(images, workers=None, cache=None, desc="finding hands", pool_from=32):
+    """FoundHands of (N, H, W, 3) uint8 images (a tensor or an array), through the content-keyed cache; when at
+    least `pool_from` images were not seen before, they are searched in `workers` forked processes.
+
+    A process that has run MediaPipe itself never forks again: a child forked while MediaPipe's threads were
+    alive crashed in malloc ("unaligned tcache chunk"). So such a process searches in-process from then on."""
     from tqdm import tqdm
     cache = HandCache() if cache is None else cache
     n = len(images)
@@ -292,14 +324,14 @@ def find_hands(images, workers=None, cache=None, desc="finding hands"):
     if not todo:
         return found
     workers = min(workers or os.cpu_count() or 1, 4)
-    if len(todo) < 32 or workers == 1:
-        results = (_find_one(np.asarray(images[i])) for i in todo)
-        pool = None
-    else:
+    pool = None
+    if len(todo) >= pool_from and _FINDER is None and hasattr(os, "fork"):
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
         pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"), initializer=_fresh_finder)
         results = pool.map(_find_one, (np.asarray(images[i]) for i in todo), chunksize=8)
+    else:
+        results = (_find_one(np.asarray(images[i])) for i in todo)
     try:
         for i, hand in zip(todo, tqdm(results, total=len(todo), desc=desc, unit="img", leave=False,
                                       disable=None if len(todo) >= 32 else True)):

@@ -190,6 +190,8 @@ def evaluate_folder(classifier, data_dir, tta=None):
     used_tta = classifier.tta if tta is None else bool(tta)
     if hasattr(classifier, "answers"):
         logits, unfamiliarity, found = classifier.answers(data.images, tta=used_tta)
+        if found is not None and unfamiliarity is None:  # a landmark model: unfamiliar means no hand found
+            unfamiliarity = torch.zeros(len(logits))
     else:  # an exported model: every image is answered
         (logits, unfamiliarity), found = classifier.logits_and_unfamiliarity(data.images, tta=used_tta), None
     return evaluation_from_logits(

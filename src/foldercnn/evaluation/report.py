@@ -254,6 +254,11 @@ def _flags_text(meta, ev):
                    f"the {_esc(sec['rule'])}. It reliably notices images from another kind of source than the "
                    f"training folder; within one kind of image it is a weak sign of a wrong answer, and "
                    f"<i>uncertain</i> is the better one.</p>")
+    elif (meta.get("preprocessing") or {}).get("hands"):
+        out.append("<p>This model classifies the hand MediaPipe Hands finds in a photo: an image is marked "
+                   "<b>unfamiliar</b> when no hand is found, and then it gets no answer at all. (How far a hand's "
+                   "landmarks lie from the training hands flagged right and wrong answers alike on real photos, so "
+                   "it is not used.)</p>")
     else:
         out.append('<p class="missing">This model file has no unfamiliarity score (made by an older '
                    "foldercnn); retrain to get one.</p>")

@@ -138,6 +138,8 @@ def validate_metadata(meta, where):
         _fail(where, "preprocessing std must be positive")
     if pre.get("fit", "squash") not in ("squash", "letterbox"):
         _fail(where, f"preprocessing fit {pre.get('fit')!r} is neither 'squash' nor 'letterbox'")
+    if spec.input == "hand-landmarks":
+        _validate_hands(pre, where)
     if "rescale" in pre and not (_is_number(pre["rescale"]) and pre["rescale"] > 0):
         _fail(where, "preprocessing rescale must be a positive number")
     cal = meta.get("calibration")
@@ -154,6 +156,21 @@ def validate_metadata(meta, where):
         _fail(where, "tta must be true or false")
     if UNFAMILIAR_KEY in meta:
         _validate_unfamiliar(meta[UNFAMILIAR_KEY], where)
+
+
+def _validate_hands(pre, where):
+    """A landmark model's hands must be found as they were in training: the same finder, letterboxed images."""
+    from ..data.hands import CACHE_VERSION, MODEL_COMPLEXITY
+    if pre.get("fit") != "letterbox":
+        _fail(where, "a hand-landmarks model needs preprocessing fit 'letterbox'")
+    hands = pre.get("hands")
+    if not isinstance(hands, dict) or not _is_int(hands.get("version")) or \
+            hands.get("model_complexity") not in (0, 1):
+        _fail(where, "a hand-landmarks model needs preprocessing.hands with the finder's version and model_complexity")
+    if (hands["version"], hands["model_complexity"]) != (CACHE_VERSION, MODEL_COMPLEXITY):
+        raise FolderCNNError(f"{where} was trained on hands found by another hand finder (version {hands['version']}, "
+                             f"model_complexity {hands['model_complexity']}; this foldercnn has version {CACHE_VERSION}, "
+                             f"model_complexity {MODEL_COMPLEXITY}): train it again")
 
 
 def _validate_unfamiliar(section, where):

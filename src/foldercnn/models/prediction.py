@@ -43,7 +43,9 @@ class Prediction:
         """The image does not look like the training images (None: the model file cannot tell)."""
         if not self.answered:
             return True
-        return None if self.unfamiliarity is None else bool(self.unfamiliarity > 1.0)
+        if self.unfamiliarity is None:
+            return None if self.hand is None else False  # a landmark model knows only whether a hand was found
+        return bool(self.unfamiliarity > 1.0)
 
     def top_k(self, k):
         return sorted(self.probabilities.items(), key=lambda kv: -kv[1])[:k]

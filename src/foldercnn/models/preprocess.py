@@ -11,9 +11,10 @@ RESIZE = {"squash": "squash to image_size x image_size, bilinear (antialiased wh
                        "colour"}
 
 
-def default_preprocessing(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), fit="squash"):
-    """What the model file records about turning an image into network input."""
-    return {
+def default_preprocessing(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), fit="squash", hands=None):
+    """What the model file records about turning an image into network input (hands: how a landmark model's
+    hands are found, data.hands.describe_finder())."""
+    return {**({"hands": hands} if hands else {}),
         "decode": "RGB; EXIF orientation applied; transparency composited on white",
         "fit": fit,
         "resize": RESIZE[fit],

@@ -34,6 +34,7 @@ class ModelSpec:
     fine_tune_blocks: int = 0  # how many of its last blocks fine-tuning may unfreeze (0: not supported)
     input: str = "image"  # "image": pixels; "hand-landmarks": the 21 keypoints of a hand found in the image
     fit: str = "squash"  # how images are brought to the input size: "squash" or "letterbox" (keeps the shape)
+    unfamiliarity: bool = True  # the distance of its features from the training images' says something
 
     def check_args(self, args):
         """Refuse unknown or out-of-range architecture arguments (from a recipe or a model file)."""
@@ -202,4 +203,4 @@ for _variant, _size in (("lite0", "4.7"), ("lite1", "5.4"), ("lite2", "6.1")):
 register(ModelSpec(
     "hand-landmarks", lambda num_classes, pretrained=False: landmarks.LandmarkNet(num_classes),
     "a linear head on features of the 21 landmarks MediaPipe Hands finds (needs foldercnn[hands])",
-    min_image_size=64, linear_probe=True, input="hand-landmarks", fit="letterbox"))
+    min_image_size=64, linear_probe=True, input="hand-landmarks", fit="letterbox", unfamiliarity=False))

@@ -15,7 +15,7 @@ from .. import runtime
 from ..data.augment import augment_batch
 from ..data.captures import burst_group_ids, merge_groups
 from ..data.duplicates import groups_of, near_duplicate_groups
-from ..data.hands import draw_skeleton, find_hands
+from ..data.hands import describe_finder, draw_skeleton, find_hands
 from ..data.folders import (check_same_classes, group_split, load_folder, scan_folder, stratified_split,
                             summarize_skipped)
 from ..errors import FolderCNNError
@@ -203,7 +203,7 @@ def draw_previews(out_dir, data_dir, train, recipe, seed):
                        for c in range(len(train.classes))])  # six spread-out images per class, not a copy of all
     images, what = train.take(shown), "as the model sees them"
     if get_spec(recipe.model).input == "hand-landmarks":  # the landmarks found are what the model sees
-        found = find_hands(images.numpy())
+        found = find_hands(images.numpy(), pool_from=1)  # in a child: this process stays free of MediaPipe
         images = torch.from_numpy(np.stack([draw_skeleton(im, found.hand(i)) for i, im in enumerate(images.numpy())]))
         what = "with the hand landmarks found"
     sample_grid(images, train.labels[shown], train.classes, out_dir / rf.SAMPLES,
@@ -263,7 +263,8 @@ def model_metadata(recipe, train, val, skipped, *, data_dir, val_dir, val_fracti
         "arch_args": recipe.model_args,
         "classes": train.classes,
         "image_size": recipe.image_size,
-        "preprocessing": default_preprocessing(recipe.mean, recipe.std, get_spec(recipe.model).fit),
+        "preprocessing": default_preprocessing(recipe.mean, recipe.std, get_spec(recipe.model).fit,
+                                               describe_finder() if get_spec(recipe.model).input != "image" else None),
         "recipe": recipe.to_dict(),
         "seed": seed,
         "precision": precision,
@@ -396,10 +397,14 @@ def _train(data_dir, out_dir, recipe, *, val_dir, val_fraction, seed, precision,
         f"({calibration['rule']}), NLL "
         f"{calibration['val_nll_before']:.4f} -> {calibration['val_nll_after']:.4f}, expected calibration error "
         f"{calibration['val_ece_before']:.4f} -> {calibration['val_ece_after']:.4f}")
-    sample = unfamiliarity_sample(train, seed, log)
-    _, sample_features, sample_answered = final_pass(model, sample, recipe, device)
-    unfamiliarity = fit_unfamiliarity(sample_features[sample_answered], sample.labels[sample_answered], val_features,
-                                      val_labels, len(train.classes), log)
+    unfamiliarity = None
+    if get_spec(recipe.model).unfamiliarity:
+        sample = unfamiliarity_sample(train, seed, log)
+        _, sample_features, sample_answered = final_pass(model, sample, recipe, device)
+        unfamiliarity = fit_unfamiliarity(sample_features[sample_answered], sample.labels[sample_answered],
+                                          val_features, val_labels, len(train.classes), log)
+    else:  # benchmarks/README.md: on real photos the landmark-space distance flagged right and wrong answers alike
+        log("unfamiliarity: a photo without a hand found is what this model calls unfamiliar")
     metadata = model_metadata(recipe, train, val, skipped, data_dir=data_dir, val_dir=val_dir,
                               val_fraction=val_fraction, seed=seed, precision=precision, fine_tune=fine_tune,
                               fine_tuned_epochs=fine_tuned_epochs, result=result, calibration=calibration,
