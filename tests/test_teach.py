@@ -1,6 +1,7 @@
 """Teaching (`foldercnn serve --teach`, `foldercnn teach`): the /teach API in-process, then a real server that
 trains in a real subprocess and swaps its model while /predict is busy."""
 import io
+import json
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -51,11 +52,14 @@ def client(teach_dirs, trained_model):
 # --- the folder: classes, captures, limits ---------------------------------------------------------------
 
 @pytest.mark.parametrize("name, reason", [
+    ("CON", "reserved device name"), ("nul", "reserved device name"), ("COM1.txt", "reserved device name"),
+    ("rock.", "final dot"), ("cafe\u0301", "composed Unicode form"), ("\u202erock", "'\\u202e'"),
     ("", "needs a name"), ("   ", "needs a name"), (" rock", "spaces"), ("a/b", "'/'"), ("..", "dot"),
     (".hidden", "dot"), ("a\\b", "'\\\\'"), ("x" * 65, "at most 64"), ("a\x00b", "'\\x00'"), ("c:d", "':'"),
 ])
 def test_bad_class_names_are_refused_and_nothing_is_written(client, teach_dirs, name, reason):
-    r = client.post("/teach/classes", json={"name": name})
+    body = json.dumps({"name": name})  # ASCII-escaped: a lone surrogate travels as JSON sends it, \\ud800
+    r = client.post("/teach/classes", content=body, headers={"Content-Type": "application/json"})
     assert r.status_code == 400 and reason in r.json()["detail"], r.text
     assert not teach_dirs[0].exists() and not teach_dirs[1].exists()
 
@@ -100,8 +104,8 @@ def test_captures_are_server_named_jpegs_without_metadata(client, teach_dirs):
     assert listed["images"] == 4 and listed["bursts"] == 2 and listed["captures"][0] == other["ids"][0]
     got = client.get(f"/teach/classes/rock/images/{other['ids'][0]}")
     assert got.status_code == 200 and got.headers["content-type"] == "image/jpeg"
-    assert listing(teach_dirs[0].parent) == sorted(["teach", "teach/rock"] + [f"teach/rock/{p.name}" for p in
-                                                                              (teach_dirs[0] / "rock").iterdir()])
+    assert listing(teach_dirs[0].parent) == sorted(["teach", "teach/rock", "runs", "runs/captures.json"] + [
+        f"teach/rock/{p.name}" for p in (teach_dirs[0] / "rock").iterdir()])
 
 
 def test_bad_uploads_are_refused_as_predict_refuses_them(client, teach_dirs):
@@ -299,3 +303,49 @@ def test_remote_teaching_needs_its_own_flag(tmp_path, trained_model):
     r = run_cli("teach", tmp_path / "mine", "--teach-recipe", "nope", "--port", free_port())
     assert r.returncode == 2 and "unknown recipe 'nope'" in r.stderr
     assert not (tmp_path / "mine").exists()
+
+
+def test_names_that_clash_elsewhere_are_refused(client, teach_dirs):
+    """On Windows and macOS `Rock` and `rock` are one folder: the second is refused."""
+    assert client.post("/teach/classes", json={"name": "rock"}).status_code == 201
+    for twin in ("Rock", "ROCK"):
+        r = client.post("/teach/classes", json={"name": twin})
+        assert r.status_code == 409 and "only in case" in r.json()["detail"]
+    assert [p.name for p in teach_dirs[0].iterdir()] == ["rock"]
+
+
+def test_a_burst_id_with_a_trailing_newline_is_refused(client, teach_dirs):
+    client.post("/teach/classes", json={"name": "rock"})
+    r = client.post("/teach/classes/rock/images?burst=abc%0A", files=files(png()))
+    assert r.status_code == 400 and "burst" in r.json()["detail"]
+    assert list((teach_dirs[0] / "rock").iterdir()) == []
+    assert parse_capture("cap-abc-000001.jpg\n") is None
+
+
+def test_a_capture_that_is_a_link_is_never_served(client, teach_dirs, tmp_path):
+    client.post("/teach/classes", json={"name": "rock"})
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for the web")
+    (teach_dirs[0] / "rock" / "cap-evil2-000001.jpg").symlink_to(secret)
+    assert client.get("/teach/classes/rock/images/cap-evil2-000001").status_code == 404
+    assert client.delete("/teach/classes/rock/images/cap-evil2-000001").status_code == 404
+    assert secret.read_text() == "not for the web"
+
+
+def test_a_users_own_file_named_like_a_capture_is_not_a_capture(client, teach_dirs):
+    client.post("/teach/classes", json={"name": "paper"})
+    mine = teach_dirs[0] / "paper" / "cap-userfile-000001.jpg"
+    mine.write_bytes(png())
+    listed = client.get("/teach/classes").json()["classes"][0]
+    assert listed["captures"] == [] and listed["other_images"] == 1
+    assert client.delete("/teach/classes/paper/images/cap-userfile-000001").status_code == 404
+    assert mine.read_bytes() == png()
+    made = client.post("/teach/classes/paper/images", files=files(png(seed=3))).json()["ids"][0]
+    assert client.get("/teach/classes").json()["classes"][0]["captures"] == [made]
+    assert client.delete(f"/teach/classes/paper/images/{made}").status_code == 200
+
+
+def test_a_lone_surrogate_in_a_class_name_is_a_422_not_a_500(client, teach_dirs):
+    r = client.post("/teach/classes", content='{"name": "\\ud800"}', headers={"Content-Type": "application/json"})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "name"]
+    assert not teach_dirs[0].exists()

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-CAPTURE = re.compile(r"^cap-([0-9a-z]{1,24})-(\d{6})\.jpg$")
-BURST = re.compile(r"^[0-9a-z]{1,24}$")
+# used with fullmatch only: `$` would also match before a trailing newline ("abc\n" was accepted as a burst)
+CAPTURE = re.compile(r"cap-([0-9a-z]{1,24})-([0-9]{6})\.jpg")
+BURST = re.compile(r"[0-9a-z]{1,24}")
 
 
 def new_burst_id():
@@ -26,7 +27,7 @@ def capture_name(burst, number):
 
 def parse_capture(name):
     """(burst, number) of a capture's file name, or None for any other file."""
-    m = CAPTURE.match(name)
+    m = CAPTURE.fullmatch(name)
     return (m.group(1), int(m.group(2))) if m else None
 
 

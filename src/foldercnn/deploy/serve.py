@@ -8,6 +8,7 @@ any beyond that get 503 at once, so a burst queues instead of exhausting memory.
 """
 import asyncio
 import contextlib
+import json
 import logging
 import socket
 from concurrent.futures import ThreadPoolExecutor
@@ -16,7 +17,8 @@ from importlib.resources import files
 import numpy as np
 import torch
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel
 from starlette.requests import ClientDisconnect
 
@@ -168,6 +170,13 @@ def create_app(classifier_or_model_path, max_upload_mb=10.0, max_files=16, worke
     app = FastAPI(title="foldercnn", version=__version__, lifespan=lifespan,
                   description="Classify images with a foldercnn model file.")
     app.state.service = service
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request, exc):
+        # FastAPI's own answer echoes the input, and a lone surrogate in it cannot be encoded (a 500): ASCII JSON
+        errors = [{k: v for k, v in e.items() if k in ("type", "loc", "msg")} for e in exc.errors()]
+        return Response(json.dumps({"detail": errors}, ensure_ascii=True, default=str), status_code=422,
+                        media_type="application/json")
 
     @app.exception_handler(Exception)
     async def unexpected_error(request, exc):
