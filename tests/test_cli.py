@@ -106,8 +106,8 @@ def torch_equal(x, y):
     (["train", "{missing}", "--out", "{tmp}/r"], "folder not found"),
     (["evaluate", "{tmp}/nope.safetensors", "{tmp}"], "model file not found"),
     (["predict", "{model}", "{tmp}/nope.png"], "not found"),
-    (["train", "{data}", "--out", "{tmp}/r", "--epochs", "0"], "at least 1"),
-    (["train", "{data}", "--out", "{tmp}/r", "--val-fraction", "1.5"], "between 0 and 1"),
+    (["train", "{data}", "--out", "{tmp}/r", "--epochs", "0"], "argument --epochs: 0 is not between 1 and"),
+    (["train", "{data}", "--out", "{tmp}/r", "--val-fraction", "1.5"], "argument --val-fraction: 1.5 is not a number"),
     (["train", "{data}", "--out", "{tmp}/r", "--fine-tune"], "follows a linear probe"),
 ])
 def test_errors_are_clear_without_traceback(args, message, cli, tmp_path, shapes_dirs, trained_model):

@@ -114,6 +114,13 @@ def _nan_in_unfamiliar(d):
     return _join(header, body)
 
 
+def _nan_in_tensor(d, name):
+    header, body = _split(d)
+    start = header[name]["data_offsets"][0]
+    body = body[:start] + b"\x00\x00\xc0\x7f" + body[start + 4:]  # float32 NaN in its first value
+    return _join(header, body)
+
+
 def _overlapping(h):
     first = min(h[k]["data_offsets"][0] for k in h if k != "__metadata__")
     big = max((k for k in h if k != "__metadata__"), key=lambda k: h[k]["data_offsets"][1] - h[k]["data_offsets"][0])
@@ -155,6 +162,7 @@ TAMPERED = {  # name -> (how to break a good file, what the error must say)
     "unfamiliar threshold": (lambda d: _with_meta(d, lambda m: m["unfamiliar"].update(threshold=-1)),
                              "unfamiliar threshold"),
     "unfamiliar NaN": (_nan_in_unfamiliar, "NaN"),
+    "NaN weight": (lambda d: _nan_in_tensor(d, "0.0.weight"), "weights hold NaN"),
     "header length lies": (lambda d: (2 ** 40).to_bytes(8, "little") + d[8:], "header claims"),
     "not json": (lambda d: d[:8] + b"\xff" * int.from_bytes(d[:8], "little") + d[8 + int.from_bytes(d[:8], "little"):],
                  "unreadable header"),

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .images import ImageDecodeError, decode, is_candidate
+from .images import ImageDecodeError, check_regular_file, decode, is_candidate
 
 
 def natural_key(text):
@@ -25,6 +25,11 @@ def walk_images(folder, skipped):
         for name in sorted(filenames, key=natural_key):
             path = Path(dirpath) / name
             if is_candidate(path):
+                try:
+                    check_regular_file(path)
+                except ImageDecodeError as e:  # a pipe would block every reader: skipped like a hidden file
+                    skipped.append((path, str(e)))
+                    continue
                 found.append(path)
             elif name.startswith("."):
                 skipped.append((path, "hidden file"))

@@ -4,6 +4,8 @@ Every image the tool touches (training, evaluation, prediction) goes through `de
 so a model sees exactly the pixels at prediction time that it saw in training.
 """
 import io
+import os
+import stat
 import warnings
 from pathlib import Path
 
@@ -31,7 +33,24 @@ def _open(source):
         return source
     if isinstance(source, (bytes, bytearray, memoryview)):
         return Image.open(io.BytesIO(source))
+    if isinstance(source, (str, os.PathLike)):
+        check_regular_file(source)
     return Image.open(source)
+
+
+def check_regular_file(path):
+    """Refuse what is not a regular file (a link to one is fine): opening a named pipe blocks for ever."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise ImageDecodeError("file not found") from None
+    except OSError as e:
+        raise ImageDecodeError(f"cannot read: {e.strerror or e}") from None
+    if stat.S_ISDIR(mode):
+        raise ImageDecodeError("is a directory")
+    if not stat.S_ISREG(mode):
+        kind = "a named pipe" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
+        raise ImageDecodeError(f"not a regular file ({kind})")
 
 
 def to_rgb(im):

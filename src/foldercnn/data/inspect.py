@@ -8,6 +8,7 @@ from PIL import Image
 from . import duplicates as dup
 from .folders import load_folder, scan_folder
 from .. import run_folder as rf
+from ..files import check_out_dir
 from ..plots import sample_grid
 
 THUMB = 96
@@ -39,6 +40,8 @@ def _header(path):
 def inspect_folder(data_dir, out_dir=None, per_class=6, against=None):
     """Scan DATA_DIR, decode every image once (finding the broken ones), summarise, find near-duplicates, draw
     samples.png. With `against` (a test folder): list its images that nearly duplicate an image of DATA_DIR."""
+    if out_dir is not None:
+        check_out_dir(out_dir, [data_dir, against])
     folder = scan_folder(data_dir)
     data = load_folder(folder, THUMB, require_every_class=False)
     bad = {str(p) for p, _ in data.skipped}

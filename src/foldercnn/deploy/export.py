@@ -36,6 +36,7 @@ from torch import nn
 
 from ..data.decode import decode_images, walk_images
 from ..errors import FolderCNNError
+from ..files import check_out_dir
 from ..models.registry import get_spec
 from ..files import atomic_path
 from ..models.inference import load
@@ -256,6 +257,9 @@ def export_model(model_path, out=None, fmt="onnx", int8=False, calibration_dir=N
     out = Path(out) if out else Path(model_path).with_suffix(".onnx")
     if out.suffix.lower() != ".onnx":
         raise FolderCNNError(f"--out must end in .onnx, got {out}")
+    if not out.parent.is_dir():
+        raise FolderCNNError(f"the folder {out.parent} does not exist; create it first (export makes no folders)")
+    check_out_dir(out.parent, [(meta.get("data") or {}).get("train_dir")])
     if int8 and calibration_dir is None:
         train_dir = (meta.get("data") or {}).get("train_dir")
         if not train_dir or not Path(train_dir).is_dir():

@@ -266,6 +266,35 @@ def _read_float32(path, entries):
     return out
 
 
+# float dtype -> (unsigned view, exponent mask): all exponent bits set is an infinity or a NaN
+_EXPONENT = {"F64": ("<u8", 0x7FF0000000000000), "F32": ("<u4", 0x7F800000), "F16": ("<u2", 0x7C00),
+             "BF16": ("<u2", 0x7F80)}
+
+
+def first_non_finite(path, header, chunk=1 << 20):
+    """The name of the first float tensor holding a NaN or an infinity, read from the file in chunks through a
+    memory map (never the whole file at once), or None."""
+    import mmap
+
+    import numpy as np
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        (n,) = struct.unpack("<Q", mm[:8])
+        for name, e in header.items():
+            if e["dtype"] not in _EXPONENT:
+                continue
+            view, mask = _EXPONENT[e["dtype"]]
+            start, stop = 8 + n + e["data_offsets"][0], 8 + n + e["data_offsets"][1]
+            step = chunk * np.dtype(view).itemsize
+            for at in range(start, stop, step):
+                bits = np.frombuffer(mm, dtype=view, count=(min(stop, at + step) - at) // np.dtype(view).itemsize,
+                                     offset=at)
+                found = ((bits & np.array(mask, dtype=view)) == np.array(mask, dtype=view)).any()
+                del bits  # the memory map cannot close while a view of it lives
+                if found:
+                    return name
+    return None
+
+
 def load_model_file(path, device="cpu"):
     """Validate the file, then build the network from its metadata and load its weights (strict).
 
@@ -287,6 +316,9 @@ def load_model_file(path, device="cpu"):
                 _fail(str(path), "its unfamiliar tensors hold NaN or infinite values (tampered)")
             unfamiliarity = Unfamiliarity.from_file({k: torch.from_numpy(v) for k, v in extra.items()},
                                                     meta[UNFAMILIAR_KEY])
+        bad = first_non_finite(path, header)
+        if bad is not None:  # every prediction would be "paper (nan%)"
+            _fail(str(path), f"its weights hold NaN or infinite values (tensor {bad})")
         model = create_model(meta["architecture"], num_classes=len(meta["classes"]), **meta["arch_args"])
         tensors = load_file(str(path), device=str(device))
         model.load_state_dict({k: v for k, v in tensors.items() if not k.startswith(PREFIX)}, strict=True)

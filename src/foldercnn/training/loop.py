@@ -192,6 +192,10 @@ def fit(model, train, val, recipe, *, device, precision, seed, log=print, on_epo
                 with runtime.autocast(device, precision):
                     logits = net(x)
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=recipe.label_smoothing)
+                if not torch.isfinite(loss):  # a learning rate too high: every later weight would be NaN
+                    raise FolderCNNError(f"training diverged: the loss became {loss.item()} in epoch {epoch}; "
+                                         f"nothing was saved from this run (try a lower learning rate than "
+                                         f"{recipe.lr:g})")
                 optimizer.zero_grad(set_to_none=True)
                 if ranks.world > 1:  # DDP averages the ranks' gradients: weigh each by its share of the batch
                     (loss * (len(idx) * ranks.world / len(global_idx))).backward()
