@@ -7,6 +7,8 @@ import pytest
 import foldercnn
 from foldercnn import FolderCNNError
 
+pytestmark = pytest.mark.slow  # real commands in subprocesses
+
 
 @pytest.fixture
 def fifo_folder(shapes_dirs, tmp_path):
@@ -77,3 +79,77 @@ def test_inspect_out_that_is_a_file_says_so(shapes_dirs, cli, tmp_path):
     existing.write_text("mine")
     r = cli("inspect", shapes_dirs[0], "--out", existing)
     assert r.returncode == 2 and "exists and is not a folder" in r.stderr and existing.read_text() == "mine"
+
+
+# ---- model files and evaluation.json with values JSON cannot carry, or of the wrong type ----------------
+
+def _tamper(src, dst, change):
+    from test_model_file import _with_meta
+    dst.write_bytes(_with_meta(src.read_bytes(), change))
+    return dst
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda m: m["metrics"].update(val_accuracy=float("nan")), "metadata.metrics.val_accuracy is nan"),
+    (lambda m: m["metrics"].update(val_accuracy=float("inf")), "is inf, not a finite number"),
+    (lambda m: m.update(metrics="val_accuracy"), "metrics is not an object"),
+    (lambda m: m["metrics"].update(val_accuracy=None), "metrics val_accuracy None"),
+    (lambda m: m["metrics"].update(n_val="lots"), "metrics n_val 'lots'"),
+    (lambda m: m.update(seed=10 ** 30), "seed"),
+])
+def test_metadata_that_would_break_a_page_is_refused(trained_model, tmp_path, cli, change, message):
+    bad = _tamper(trained_model.model_path, tmp_path / "m.safetensors", change)
+    for args in (["predict", bad, trained_model.model_path], ["report", tmp_path, "--model", bad]):
+        r = cli(*args)
+        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+
+
+def _header_bytes(header_json):
+    raw = header_json.encode()
+    return len(raw).to_bytes(8, "little") + raw
+
+
+@pytest.mark.parametrize("header", ["[" * 10_000 + "]" * 10_000, '{"a": ' + "9" * 5000 + "}"])
+def test_a_header_nested_too_deep_or_with_a_huge_number_is_refused(tmp_path, cli, header):
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(_header_bytes(header))
+    for args in (["predict", path, path], ["evaluate", path, tmp_path], ["export", path]):
+        r = cli(*args)
+        assert r.returncode == 2 and "not a safetensors model file" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_metadata_nested_too_deep_is_refused(trained_model, tmp_path, cli):
+    from test_model_file import _join, _split
+    header, body = _split(trained_model.model_path.read_bytes())
+    header["__metadata__"]["foldercnn"] = "[" * 10_000 + "]" * 10_000
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(_join(header, body))
+    r = cli("predict", path, path)
+    assert r.returncode == 2 and "too deeply nested" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("change", [
+    lambda e: e.update(accuracy=float("nan")), lambda e: e.update(n="lots"), lambda e: e.pop("accuracy_ci95"),
+    lambda e: e.update(per_class=[1, 2]),
+])
+def test_a_damaged_evaluation_json_is_left_out_of_the_report_and_the_server(trained_model, shapes_dirs, tmp_path,
+                                                                             cli, change):
+    import json
+    import shutil
+
+    from fastapi.testclient import TestClient
+
+    from foldercnn.deploy.serve import create_app
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(trained_model.model_path, run / "model.safetensors")
+    assert cli("evaluate", run / "model.safetensors", shapes_dirs[1], "--out", run).returncode == 0
+    ev = json.loads((run / "evaluation.json").read_text())
+    change(ev)
+    (run / "evaluation.json").write_text(json.dumps(ev))
+    r = cli("report", run)
+    assert r.returncode == 0, r.stderr
+    assert "not a usable evaluation" in (run / "report.html").read_text()
+    with TestClient(create_app(run / "model.safetensors")) as client:
+        got = client.get("/model")
+        assert got.status_code == 200 and got.json()["headline"]["source"] == "validation"

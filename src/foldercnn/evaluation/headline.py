@@ -2,6 +2,7 @@
 the test accuracy when RUN_DIR/evaluation.json lies beside the model file (from `foldercnn evaluate MODEL
 TEST_FOLDER --out RUN_DIR`), else the validation accuracy, labelled as the optimistic figure it is."""
 import json
+import math
 from pathlib import Path
 
 from .. import run_folder as rf
@@ -18,11 +19,27 @@ def read_evaluation(model_path):
         ev = json.loads((model_path.parent / rf.EVALUATION).read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(ev, dict) or not isinstance(ev.get("accuracy"), (int, float)) or not ev.get("n"):
+    if not usable_evaluation(ev):
         return None
     if ev.get("model") and Path(str(ev["model"])).name != model_path.name:
         return None  # made for another model file in the same folder
     return ev
+
+
+def _number(x, lo, hi):
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and lo <= x <= hi
+
+
+def usable_evaluation(ev):
+    """An evaluation.json (written by foldercnn, but a file anyone can edit) with the figures shown from it."""
+    return (isinstance(ev, dict) and _number(ev.get("accuracy"), 0, 1)
+            and isinstance(ev.get("n"), int) and not isinstance(ev.get("n"), bool) and ev["n"] >= 1
+            and isinstance(ev.get("accuracy_ci95"), list) and len(ev["accuracy_ci95"]) == 2
+            and all(_number(x, 0, 1) for x in ev["accuracy_ci95"])
+            and isinstance(ev.get("classes"), list) and all(isinstance(c, str) for c in ev["classes"])
+            and isinstance(ev.get("per_class"), dict) and isinstance(ev.get("confusion"), list)
+            and all(isinstance(ev.get(k, {}), dict) for k in ("calibration", "uncertain", "flags"))
+            and isinstance(ev.get("mistakes", []), list))
 
 
 def headline(meta, model_path=None, evaluation=None):

@@ -4,6 +4,7 @@ import base64
 import datetime
 import html
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ from ..models.inference import load
 from ..models.registry import summary
 from ..plots import confusion_matrix_plot, mistakes_gallery, reliability_diagram
 from ..version import __version__
-from .headline import VALIDATION_LABEL
+from .headline import VALIDATION_LABEL, usable_evaluation
 from .metrics import FOLDER_TABLE_HEADER, evaluate_folder, folder_row, folder_table_cells, table_header
 
 MISTAKE_THUMB = 160
@@ -125,10 +126,20 @@ def _card(value, label):
     return f'<div class="card"><b>{_esc(value)}</b><span>{_esc(label)}</span></div>'
 
 
+def _finite(value):
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, dict):
+        return all(_finite(v) for v in value.values())
+    if isinstance(value, list):
+        return all(_finite(v) for v in value)
+    return True
+
+
 def _read_json(path):
     try:
         return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
 
 
@@ -315,7 +326,11 @@ def _evaluation_section(run, meta, ev):
 
 def _other_folders_section(run, ev):
     rows = _read_json(run / rf.OTHER_FOLDERS)
-    if not ev or not rows:
+    if not ev or not isinstance(rows, list) or not _finite(rows):
+        return ""
+    rows = [r for r in rows if isinstance(r, dict) and isinstance(r.get("accuracy"), (int, float))
+            and isinstance(r.get("accuracy_ci95"), list) and len(r["accuracy_ci95"]) == 2 and "n" in r]
+    if not rows:
         return ""
     all_rows = [folder_row(ev)] + rows
     header = table_header(all_rows)
@@ -344,6 +359,9 @@ def build_report(run_dir, model_path=None):
     except RuntimeError:
         model_summary = None
     ev = _read_json(run / rf.EVALUATION)
+    unusable = ev is not None and not (usable_evaluation(ev) and _finite(ev))
+    if unusable:  # an edited or damaged file: ignored, and the report says so
+        ev = None
     history = _read_history(run / rf.HISTORY)
     title = f"foldercnn report: {run.resolve().name}"
     when = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
@@ -352,6 +370,9 @@ def build_report(run_dir, model_path=None):
             f"({_esc(', '.join(meta['classes']))}), recipe <b>{_esc((meta.get('recipe') or {}).get('name', '?'))}</b>. "
             f"Made {when} by foldercnn {__version__}.</p>",
             _summary_cards(meta, ev),
+            (f'<p class="warn">{_esc(rf.EVALUATION)} in this folder is not a usable evaluation (edited or damaged: a '
+             "figure missing, of the wrong type or not finite), so it is left out; run <code>foldercnn evaluate "
+             "MODEL TEST_FOLDER --out RUN_DIR</code> again.</p>" if unusable else ""),
             '<p class="note">Validation images come from the training folder, so they are often easier than '
             "new photos (same people, same lighting). The test figures below are the ones to quote.</p>",
             _data_section(run, meta), _augmentation_section(run, meta), _model_section(meta, model_summary),

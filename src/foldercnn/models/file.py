@@ -63,7 +63,7 @@ def read_header(path):
         raw = f.read(n)
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (ValueError, RecursionError):  # not JSON, a 5,000-digit number, 10,000 nested arrays
         raise FolderCNNError(f"{path} is not a safetensors model file (unreadable header)") from None
     if not isinstance(header, dict):
         raise FolderCNNError(f"{path} is not a safetensors model file (header is not an object)")
@@ -72,8 +72,9 @@ def read_header(path):
         raise FolderCNNError(f"{path} is a safetensors file without foldercnn metadata")
     try:
         meta = json.loads(extra[METADATA_KEY])
-    except (TypeError, json.JSONDecodeError):
-        raise FolderCNNError(f"{path} has corrupt foldercnn metadata (not JSON)") from None
+    except (TypeError, ValueError, RecursionError):
+        raise FolderCNNError(f"{path} has corrupt foldercnn metadata (not JSON, too deeply nested, or a number "
+                             "too long to read)") from None
     validate_metadata(meta, str(path))
     _check_tensor_index(header, size - 8 - n, path)
     return meta, header
@@ -154,8 +155,46 @@ def validate_metadata(meta, where):
             _fail(where, f"calibration uncertain_below {u!r} is not a number in [0, 1]")
     if "tta" in meta and not isinstance(meta["tta"], bool):
         _fail(where, "tta must be true or false")
+    _check_finite(meta, where, "metadata")
+    _validate_shown(meta, where)
     if UNFAMILIAR_KEY in meta:
         _validate_unfamiliar(meta[UNFAMILIAR_KEY], where)
+
+
+def _check_finite(value, where, at, depth=0):
+    """No NaN or infinity anywhere (JSON cannot carry them back out: GET /model answered 500)."""
+    if depth > 32:
+        _fail(where, f"{at} is nested too deeply")
+    if isinstance(value, float) and not math.isfinite(value):
+        _fail(where, f"{at} is {value}, not a finite number")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _check_finite(v, where, f"{at}.{k}", depth + 1)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_finite(v, where, f"{at}[{i}]", depth + 1)
+
+
+METRIC_RANGES = {"val_accuracy": (0, 1), "train_accuracy": (0, 1), "val_loss": (0, 1e9), "train_loss": (0, 1e9)}
+COUNTS = ("epoch", "epochs_run", "n_train", "n_val")
+
+
+def _validate_shown(meta, where):
+    """The fields the report, the serve page and GET /model show: their types and ranges."""
+    for key in ("metrics", "timing", "data", "recipe"):
+        if key in meta and not isinstance(meta[key], dict):
+            _fail(where, f"{key} is not an object")
+    metrics = meta.get("metrics") or {}
+    for key, (lo, hi) in METRIC_RANGES.items():
+        if key in metrics and not (_is_number(metrics[key]) and lo <= metrics[key] <= hi):
+            _fail(where, f"metrics {key} {metrics[key]!r} is not a number between {lo} and {hi:g}")
+    for key in COUNTS:
+        if key in metrics and not (_is_int(metrics[key]) and 0 <= metrics[key] <= 1 << 40):
+            _fail(where, f"metrics {key} {metrics[key]!r} is not a whole number >= 0")
+    if not all(_is_number(v) for v in (meta.get("timing") or {}).values()):
+        _fail(where, "timing holds something that is not a number")
+    if "seed" in meta and not (_is_int(meta["seed"]) and 0 <= meta["seed"] < 1 << 64):
+        _fail(where, f"seed {str(meta['seed'])[:20]!r} is not a whole number between 0 and 2**64")
 
 
 def _validate_hands(pre, where):
