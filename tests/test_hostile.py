@@ -153,3 +153,77 @@ def test_a_damaged_evaluation_json_is_left_out_of_the_report_and_the_server(trai
     with TestClient(create_app(run / "model.safetensors")) as client:
         got = client.get("/model")
         assert got.status_code == 200 and got.json()["headline"]["source"] == "validation"
+
+
+# ---- availability and memory ----------------------------------------------------------------------------
+
+def _slow_client(port, results, every=1.0, limit=30.0):
+    """Headers and 100 bytes of a 200 KB upload, then a byte every `every` s until an answer comes."""
+    import socket
+    import time
+    body = b"--b\r\nContent-Disposition: form-data; name=\"files\"; filename=\"x.png\"\r\n\r\n" + b"\0" * 200_000
+    t = time.perf_counter()
+    with socket.create_connection(("127.0.0.1", port), timeout=limit) as s:
+        s.sendall((f"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                   f"Content-Length: {len(body) + 100}\r\n\r\n").encode() + body[:100])
+        s.settimeout(every)
+        for i in range(int(limit / every)):
+            try:
+                answer = s.recv(100)
+                results.append((answer.split(b"\r\n")[0], time.perf_counter() - t))
+                return
+            except socket.timeout:
+                s.sendall(body[100 + i:101 + i])
+    results.append((b"no answer", time.perf_counter() - t))
+
+
+def test_slow_uploads_are_cut_off_and_do_not_starve_other_clients(trained_model, shapes_dirs, tmp_path):
+    """One worker: 2 upload slots, filled twice over by 4 clients that send a byte a second."""
+    import threading
+    import time
+
+    import httpx
+    from testkit import running_server
+    image = sorted(shapes_dirs[1].rglob("*.png"))[0].read_bytes()
+    with running_server(trained_model.model_path, "--workers", "1", log=tmp_path / "server.log") as server:
+        slow = []
+        threads = [threading.Thread(target=_slow_client, args=(server.port, slow)) for _ in range(4)]
+        for th in threads:
+            th.start()
+        time.sleep(0.5)
+        t = time.perf_counter()
+        r = httpx.post(server.url + "/predict", files=[("files", ("a.png", image, "image/png"))], timeout=30)
+        waited = time.perf_counter() - t
+        for th in threads:
+            th.join()
+    assert r.status_code == 200 and waited < 10, waited
+    assert [status for status, _ in slow] == [b"HTTP/1.1 408 Request Timeout"] * 4, slow
+    assert max(seconds for _, seconds in slow) < 15, slow
+
+
+def test_a_huge_16_bit_png_decodes_within_bounded_memory(tmp_path):
+    """8944 x 8944 16-bit grey (an 80 M-pixel PNG of 155 KB): a float64 copy of it took 2 GB more."""
+    import subprocess
+    import sys
+
+    import numpy as np
+    from PIL import Image
+    path = tmp_path / "big.png"
+    Image.fromarray(np.full((8944, 8944), 40000, np.uint16)).save(path)
+    probe = ("import sys\nfrom foldercnn.data.images import decode\n"
+             "def hwm():\n    return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM'))\n"
+             "before = hwm(); a = decode(sys.argv[1], 64); print(hwm() - before, int(a[0, 0, 0]))")
+    r = subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True, text=True, timeout=120)
+    grew_kb, pixel = map(int, r.stdout.split())
+    assert pixel == round(40000 / 257)  # the same value as before: 16 bits scaled to 8
+    assert grew_kb < 600 * 1024, grew_kb  # measured ~470 MB (the decoded 16-bit image alone is 160 MB)
+
+
+def test_inference_batches_follow_a_memory_budget_whatever_the_image_size():
+    from foldercnn.models.registry import INFERENCE_BUDGET_BYTES, get_spec, inference_batch
+    assert inference_batch("fast-cnn", 64) == 64
+    assert inference_batch("fast-cnn", 1024) == 1
+    for name in ("fast-cnn", "tutorial-cnn", "effnet-lite0"):
+        size = 512
+        batch = inference_batch(name, size)
+        assert batch == 1 or batch * size ** 2 * get_spec(name).activation_bytes_per_pixel <= INFERENCE_BUDGET_BYTES

@@ -3,9 +3,11 @@
 Every image the tool touches (training, evaluation, prediction) goes through `decode`,
 so a model sees exactly the pixels at prediction time that it saw in training.
 """
+import contextlib
 import io
 import os
 import stat
+import threading
 import warnings
 from pathlib import Path
 
@@ -14,6 +16,9 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 MAX_PIXELS = 80_000_000  # larger images are refused as possible decompression bombs
+MAX_DEEP_SIDE = 4096  # 16- and 32-bit images are shrunk to this before becoming RGB (no model input is larger)
+LARGE_PIXELS = 16_000_000  # images this large are decoded one at a time (each takes hundreds of MB)
+_LARGE_DECODE = threading.Semaphore(1)
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, not grey pixels
 
@@ -58,10 +63,9 @@ def to_rgb(im):
     if im.mode == "RGB":
         return im
     if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        a = np.asarray(im, dtype=np.float64)
-        scale = 257.0 if im.mode != "F" and a.max(initial=0) > 255 else 1.0
-        a = np.clip(np.rint(a / scale), 0, 255).astype(np.uint8)
-        return Image.fromarray(a, "L").convert("RGB")
+        grey = Image.fromarray(_deep_to_uint8(im), "L")
+        factor = -(-max(grey.size) // MAX_DEEP_SIDE)
+        return (grey.reduce(factor) if factor > 1 else grey).convert("RGB")  # shrunk before tripling its bytes
     has_alpha = im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
         im.mode == "P" and "transparency" in im.info
     ) or (im.mode in ("L", "RGB") and "transparency" in im.info)
@@ -70,6 +74,17 @@ def to_rgb(im):
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
     return im.convert("RGB")
+
+
+def _deep_to_uint8(im, rows=256):
+    """16- and 32-bit grey to 8 bits, a band of rows at a time: a float64 copy of a whole 8944 x 8944 image took
+    the server from 340 MB to 2,360 MB (benchmarks/hostile.py)."""
+    a = np.asarray(im)
+    scale = 257.0 if im.mode != "F" and a.max(initial=0) > 255 else 1.0
+    out = np.empty(a.shape, np.uint8)
+    for r in range(0, a.shape[0], rows):
+        out[r:r + rows] = np.clip(np.rint(a[r:r + rows].astype(np.float64) / scale), 0, 255)
+    return out
 
 
 def load_rgb(source, draft_size=None):
@@ -87,12 +102,14 @@ def load_rgb(source, draft_size=None):
                 raise ImageDecodeError("image has zero size")
             if draft_size and im.format == "JPEG":
                 im.draft("RGB", (draft_size, draft_size))  # decode JPEGs at a reduced scale: much faster
-            im.load()  # GIF/TIFF: the first frame
-            try:
-                im = ImageOps.exif_transpose(im)
-            except Exception:  # a broken EXIF block must not lose an otherwise good image
-                pass
-            return to_rgb(im)
+            large = im.width * im.height >= LARGE_PIXELS
+            with _LARGE_DECODE if large else contextlib.nullcontext():  # two at once doubled the server's peak
+                im.load()  # GIF/TIFF: the first frame
+                try:
+                    im = ImageOps.exif_transpose(im)
+                except Exception:  # a broken EXIF block must not lose an otherwise good image
+                    pass
+                return to_rgb(im)
     except ImageDecodeError:
         raise
     except FileNotFoundError:

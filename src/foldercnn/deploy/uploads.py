@@ -15,6 +15,10 @@ MB = 1024 * 1024
 PART_OVERHEAD = 64 * 1024  # room per part for its boundary and headers in the request-size bound
 DRAIN_BYTES = 64 * MB  # after refusing a request, read at most this much more of it (or its own bound) ...
 DRAIN_SECONDS = 10  # ... for at most this long, then close the connection
+# a request body must arrive at MIN_RATE on average (after GRACE_SECONDS), with no pause over STALL_SECONDS and
+# within READ_SECONDS plus its size at MIN_RATE: a client sending a byte every 2 s held an upload slot for ever
+# (benchmarks/hostile.py: slow clients)
+READ_SECONDS, MIN_RATE, STALL_SECONDS, GRACE_SECONDS = 10.0, 32 * 1024, 5.0, 2.0
 
 # The formats foldercnn reads, recognised by their first bytes: a file's name or declared type is not trusted.
 SIGNATURES = (
@@ -150,7 +154,7 @@ async def read_uploads(request, limits):
         form = FormReader(limits)
         parser = MultipartParser(params[b"boundary"], form.callbacks())
         received = 0
-        async for chunk in stream:
+        async for chunk in timed(stream, READ_SECONDS + (declared or 0) / MIN_RATE):
             received += len(chunk)
             if received > limits.max_request_bytes:
                 raise too_large
@@ -159,12 +163,36 @@ async def read_uploads(request, limits):
     except FormParserError:
         await drain(stream, drain_budget)
         raise UploadError(400, "malformed multipart/form-data body") from None
-    except UploadError:
-        await drain(stream, drain_budget)  # so that the client, perhaps still sending, gets to read the answer
+    except UploadError as e:
+        if e.status != 408:  # a slow client is not waited for once more
+            await drain(stream, drain_budget)  # so that the client, perhaps still sending, gets to read the answer
         raise
     if not form.uploads:
         raise UploadError(400, "no image in the request: send files in the multipart field 'files'")
     return form.uploads
+
+
+async def timed(stream, seconds):
+    """The stream's chunks, or a 408 once the body has arrived slower than MIN_RATE on average (after a grace of
+    GRACE_SECONDS), paused over STALL_SECONDS, or taken longer than `seconds` in all: a trickling or stalled
+    client gives up its upload slot within seconds."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    iterator, received = stream.__aiter__(), 0
+    while True:
+        now = loop.time()
+        left = min(STALL_SECONDS, start + seconds - now, start + GRACE_SECONDS + received / MIN_RATE - now)
+        try:
+            if left <= 0:
+                raise asyncio.TimeoutError
+            chunk = await asyncio.wait_for(iterator.__anext__(), left)
+        except StopAsyncIteration:
+            return
+        except asyncio.TimeoutError:
+            raise UploadError(408, f"the upload was too slow: at least {MIN_RATE // 1024} KB/s, no pause over "
+                                   f"{STALL_SECONDS:g} s, all of it within {seconds:.0f} s") from None
+        received += len(chunk)
+        yield chunk
 
 
 async def drain(stream, budget_bytes, budget_seconds=DRAIN_SECONDS):

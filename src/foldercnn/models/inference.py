@@ -6,7 +6,7 @@ import torch
 from .file import load_model_file
 from .prediction import DEFAULT_UNCERTAIN_BELOW, ImagePredictor, Prediction  # noqa: F401 (re-exported)
 from .preprocess import decode_size, preprocess
-from .registry import predict_logits_and_features
+from .registry import inference_batch, predict_logits_and_features
 
 
 def takes_hands(model):
@@ -73,6 +73,7 @@ class Classifier(ImagePredictor):
         # probabilities are softmax(logits / temperature); models without calibration use 1
         self.temperature = float(calibration.get("temperature", 1.0))
         self.uncertain_below = float(calibration.get("uncertain_below", DEFAULT_UNCERTAIN_BELOW))
+        self.max_batch = inference_batch(metadata["architecture"], self.image_size)
 
     def logits(self, images_uint8_nhwc, batch_size=64, tta=None):
         """(N, S, S, 3) uint8 tensor -> (N, classes) float32 logits (before temperature scaling).
@@ -80,7 +81,8 @@ class Classifier(ImagePredictor):
         tta: None uses the model file's setting; True/False forces flip test-time augmentation on/off.
         """
         tta = self.tta if tta is None else tta
-        return batched_logits(self.model, images_uint8_nhwc, self.mean, self.std, self.device, tta, batch_size)
+        return batched_logits(self.model, images_uint8_nhwc, self.mean, self.std, self.device, tta,
+                              min(batch_size, self.max_batch))
 
     def answers(self, images_uint8_nhwc, batch_size=64, tta=None):
         """(logits, (N,) unfamiliarity or None, FoundHands or None) from one pass. A landmark model answers only
@@ -99,7 +101,7 @@ class Classifier(ImagePredictor):
         if self.unfamiliarity is None:
             return self.logits(images_uint8_nhwc, batch_size, tta), None
         logits, features = batched_logits(self.model, images_uint8_nhwc, self.mean, self.std, self.device, tta,
-                                          batch_size, features=True)
+                                          min(batch_size, self.max_batch), features=True)
         return logits, self.unfamiliarity.unfamiliarity(features)
 
     def probabilities(self, images_uint8_nhwc, batch_size=64):

@@ -35,6 +35,9 @@ class ModelSpec:
     input: str = "image"  # "image": pixels; "hand-landmarks": the 21 keypoints of a hand found in the image
     fit: str = "squash"  # how images are brought to the input size: "squash" or "letterbox" (keeps the shape)
     unfamiliarity: bool = True  # the distance of its features from the training images' says something
+    # peak activation bytes per input pixel in inference, so that batches fit a memory budget whatever image
+    # size a model file asks for (benchmarks/hostile.py measures the peak)
+    activation_bytes_per_pixel: int = 600
 
     def check_args(self, args):
         """Refuse unknown or out-of-range architecture arguments (from a recipe or a model file)."""
@@ -127,6 +130,15 @@ def predict_logits_and_features(model, x, tta=False):
     return torch.nn.functional.linear(features, head.weight.float(), head.bias.float()), features
 
 
+INFERENCE_BUDGET_BYTES = 256 << 20  # activations of one inference batch
+
+
+def inference_batch(name, image_size, wanted=64):
+    """The batch size that keeps one batch's activations within INFERENCE_BUDGET_BYTES (at least 1)."""
+    per_image = int(image_size) ** 2 * get_spec(name).activation_bytes_per_pixel
+    return max(1, min(wanted, INFERENCE_BUDGET_BYTES // per_image))
+
+
 def count_parameters(model):
     return sum(p.numel() for p in model.parameters())
 
@@ -190,16 +202,19 @@ def _widths(value):
 
 register(ModelSpec(
     "tutorial-cnn", cnn.tutorial_cnn, "the Keras Rock-Paper-Scissors tutorial's CNN (3.5 M parameters at 150 px)",
-    args={"image_size": _tutorial_image_size, "dropout": _probability}, min_image_size=46))
+    args={"image_size": _tutorial_image_size, "dropout": _probability}, min_image_size=46,
+    activation_bytes_per_pixel=700))
 register(ModelSpec(
     "fast-cnn", cnn.fast_cnn, "small batch-norm CNN for CPU speed, any input size",
-    args={"widths": _widths, "image_size": _image_size_arg, "dropout": _probability}, min_image_size=8))
+    args={"widths": _widths, "image_size": _image_size_arg, "dropout": _probability}, min_image_size=8,
+    activation_bytes_per_pixel=250))
 for _variant, _size in (("lite0", "4.7"), ("lite1", "5.4"), ("lite2", "6.1")):
     register(ModelSpec(
         f"effnet-{_variant}", functools.partial(effnet.effnet_lite, _variant),
         f"EfficientNet-{_variant.capitalize()} ({_size} M parameters with ImageNet's head), ImageNet weights",
         args={"dropout": _probability}, min_image_size=32, pretrained=True, mean=effnet.INPUT_MEAN,
-        std=effnet.INPUT_STD, linear_probe=True, fine_tune_blocks=len(effnet.block_list(_variant))))
+        std=effnet.INPUT_STD, linear_probe=True, fine_tune_blocks=len(effnet.block_list(_variant)),
+        activation_bytes_per_pixel=900))
 register(ModelSpec(
     "hand-landmarks", lambda num_classes, pretrained=False: landmarks.LandmarkNet(num_classes),
     "a linear head on features of the 21 landmarks MediaPipe Hands finds (needs foldercnn[hands])",
