@@ -130,8 +130,9 @@ def test_demo_downloads_into_cache_and_runs(server, tmp_path, monkeypatch):
     for name, seed in (("cam-a", 1), ("cam-b", 2)):
         make_shapes(photos / name, per_class=4, size=30, seed=seed, classes=("paper", "rock", "scissors"))
     lines = []
-    result = run_demo(out=tmp_path / "demo", image_size=64, probe_views=1, log=lines.append, progress=False,
-                      photos=photos)  # the demo's own recipe, robust, shortened
+    # the demo's recipe without MediaPipe Hands, robust, shortened (shapes have no hands for the default, hands)
+    result = run_demo(out=tmp_path / "demo", recipe="robust", image_size=64, probe_views=1, log=lines.append,
+                      progress=False, photos=photos)
     text = "\n".join(map(str, lines))
     assert "(download)" in text and "evaluate on the test set" in text
     assert "real photos of hands" in text and "on 24 real photos" in text
@@ -178,3 +179,20 @@ def test_demo_offline_falls_back_to_digits(tmp_path, monkeypatch):
     assert result.classes == [str(d) for d in range(10)]
     assert result.recipe.name == "fast"  # robust's any-angle rotations would confuse 6 and 9
     assert json.loads((tmp_path / "demo" / "evaluation.json").read_text())["accuracy"] > 0.8  # chance is 0.1
+
+
+@pytest.mark.slow
+def test_the_demo_trains_hands_by_default_and_says_when_a_folder_has_no_hands(server, tmp_path, monkeypatch):
+    from foldercnn import FolderCNNError
+    from foldercnn.data import hands
+    if not hands.available():
+        pytest.skip("MediaPipe Hands is not installed: the demo trains robust (the test above)")
+    server.files["/rps.zip"] = rps_zip("rps", per_class=10)
+    server.files["/rps-test-set.zip"] = rps_zip("rps-test-set", 3)
+    monkeypatch.setenv("FOLDERCNN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("FOLDERCNN_RPS_URL", server.url)
+    monkeypatch.delenv("FOLDERCNN_RPS_DIR", raising=False)
+    lines = []
+    with pytest.raises(FolderCNNError, match="too few hands to train on"):
+        run_demo(out=tmp_path / "demo", log=lines.append, progress=False, photos=tmp_path / "none")
+    assert any("recipe 'hands'" in str(line) for line in lines)
