@@ -143,18 +143,18 @@ def _every(src, dst, step):
 
 @pytest.mark.slow
 def test_hands_recipe_trained_on_cgi_is_right_on_real_photos(rps, photos, tmp_path):
-    """The hands recipe on every other CGI training image, measured on every third real photo. Measured on all of
-    both sets with all of rps/train: green-screen 98.7% (a hand found in 98.8%), sxsw 63.3% (found in 72.1%, right
-    on 87.8% of those); a photo without a hand found counts as wrong."""
+    """The hands recipe on every third CGI training image, measured on every fifth real photo (within the suite's
+    time). Measured on all of both sets with all of rps/train: green-screen 99.0% (a hand found in 99.3%), sxsw
+    65.1% (found in 77.8%, right on 83.6% of those); a photo without a hand found counts as wrong."""
     import foldercnn
     from foldercnn.data import hands
     if not hands.available():
         pytest.fail("the real-data tier needs MediaPipe Hands (pip install -e '.[test]' installs it)")
     foldercnn.runtime.setup()
-    result = foldercnn.train(_every(rps / "train", tmp_path / "half", 2), tmp_path / "hands", recipe="hands", seed=0,
+    result = foldercnn.train(_every(rps / "train", tmp_path / "third", 3), tmp_path / "hands", recipe="hands", seed=0,
                              log=lambda *a: None)
     clf = foldercnn.load(result.model_path)
-    got = {name: foldercnn.evaluate(clf, _every(photos / name, tmp_path / name, 3)) for name in ("green-screen", "sxsw")}
+    got = {name: foldercnn.evaluate(clf, _every(photos / name, tmp_path / name, 5)) for name in ("green-screen", "sxsw")}
     print({name: (ev.accuracy, ev.hands) for name, ev in got.items()})
     assert got["green-screen"].accuracy > 0.95 and got["green-screen"].hands["coverage"] > 0.95
     assert got["sxsw"].hands["coverage"] > 0.65 and got["sxsw"].hands["accuracy_where_found"] > 0.8

@@ -188,12 +188,12 @@ def test_bursts_stay_on_one_side_of_the_split():
 
 # --- a real server -------------------------------------------------------------------------------------
 
-def start_teach_server(command, *args, log, cwd=None):
+def start_teach_server(command, *args, log, cwd=None, env=None):
     port = free_port()
     out = open(log, "w")
     proc = subprocess.Popen([sys.executable, "-m", "foldercnn.cli", command, *map(str, args), "--port", str(port)],
                             stdout=out, stderr=subprocess.STDOUT, cwd=cwd,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
     out.close()
     server = Server(proc, port, log)
     wait_healthy(server)
@@ -349,3 +349,27 @@ def test_a_lone_surrogate_in_a_class_name_is_a_422_not_a_500(client, teach_dirs)
     r = client.post("/teach/classes", content='{"name": "\\ud800"}', headers={"Content-Type": "application/json"})
     assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "name"]
     assert not teach_dirs[0].exists()
+
+
+@pytest.mark.slow
+def test_a_named_pipe_in_the_teaching_folder_does_not_stall_a_job(tmp_path, trained_model):
+    """A FIFO among the images made the training subprocess block in open() for ever (every Train then 409):
+    it is skipped with its reason, the job ends, and no temporary decode-cache file is left behind."""
+    data = tmp_path / "mine"
+    for name, kind in (("dots", "circle"), ("blocks", "square")):
+        (data / name).mkdir(parents=True)
+        for i in range(6):
+            draw_shape(kind, 40, np.random.default_rng(i)).save(data / name / f"{i}.png")
+    os.mkfifo(data / "dots" / "pipe.png")
+    cache = tmp_path / "cache"
+    server = start_teach_server("serve", trained_model.model_path, "--teach", data, "--teach-runs",
+                                tmp_path / "runs", "--teach-recipe", "fast", log=tmp_path / "serve.log",
+                                env={"FOLDERCNN_CACHE": str(cache)})
+    try:
+        r = httpx.post(server.url + "/teach/train")
+        assert r.status_code == 202, r.text
+        job = wait_job(server.url, r.json()["id"], timeout=240)
+        assert job["state"] == "done", job
+        assert not list(cache.rglob("*.tmp"))
+    finally:
+        stop(server)
