@@ -6,8 +6,8 @@ import numpy as np
 import torch
 
 from ..data.hands import hands_of
+from ..errors import FolderCNNError
 from ..models.landmarks import hand_features
-from .loop import FitResult
 from .transfer import fit_head_on_features
 
 
@@ -50,7 +50,6 @@ def landmark_probe(model, train, val, recipe, *, seed, log=print, deadline=None)
         log(f"hands: found in {int(keep.sum())} of {len(data)} {name} images"
             + (f"; the {int((~keep).sum())} without one are left out" if not keep.all() else ""))
     if keep_train.sum() < 2 or keep_val.sum() < 1:
-        from ..errors import FolderCNNError
         raise FolderCNNError("the hands recipe found too few hands to train on (see the counts above); is this a "
                              "folder of hand gestures?")
     hands_train = found_train.take(keep_train)
@@ -75,5 +74,3 @@ def landmark_probe(model, train, val, recipe, *, seed, log=print, deadline=None)
                                 len(train.classes), seed=seed, log=log, deadline=deadline, t_features=t_features,
                                 weight_decays=(0.01, 0.1, 1.0, 3.0), within=0.005)
 
-
-__all__ = ["landmark_probe", "augmented_views", "FitResult"]
