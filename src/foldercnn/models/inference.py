@@ -20,13 +20,13 @@ def hand_pass(model, images_uint8_nhwc):
     from ..data.hands import find_hands
     from .landmarks import hand_features
     found = find_hands(np.asarray(images_uint8_nhwc))
-    n, keep = len(found.stage), found.found
-    logits = torch.zeros(n, model.head.out_features)
-    feats = torch.zeros(n, model.head.in_features)
+    keep = torch.from_numpy(found.found)
+    logits = torch.zeros(len(keep), model.head.out_features)
+    feats = torch.zeros(len(keep), model.head.in_features)
     if keep.any():
-        x = torch.from_numpy(hand_features(found.points[keep], found.world[keep]))
-        feats[torch.from_numpy(keep)] = model.features(x).float()
-        logits[torch.from_numpy(keep)] = model.head(feats[torch.from_numpy(keep)]).float()
+        feats[keep] = model.features(torch.from_numpy(hand_features(found.points[found.found],
+                                                                    found.world[found.found]))).float()
+        logits[keep] = model.head(feats[keep]).float()
     return logits, feats, found
 
 
