@@ -9,6 +9,7 @@ the temperature-scaled one, the temperature and the rule that chose it, and how 
 "uncertain" flag marks and how many of the mistakes it catches. The last table shows the flag's trade-off at
 other thresholds for the first fast model.
 """
+
 import argparse
 import tempfile
 from pathlib import Path
@@ -20,8 +21,9 @@ import foldercnn
 
 def run(data, work, recipe, seed, epochs):
     kw = {"epochs": epochs} if epochs else {}
-    result = foldercnn.train(data / "train", work / f"{recipe}-{seed}", recipe=recipe, seed=seed,
-                             log=lambda *a: None, **kw)
+    result = foldercnn.train(
+        data / "train", work / f"{recipe}-{seed}", recipe=recipe, seed=seed, log=lambda *a: None, **kw
+    )
     meta_cal = foldercnn.load(result.model_path).metadata["calibration"]
     ev = foldercnn.evaluate(foldercnn.load(result.model_path), data / "test")
     return ev, meta_cal
@@ -41,19 +43,40 @@ def main():
             for seed in map(int, args.seeds.split(",")):
                 ev, cal = run(args.data, Path(tmp), recipe, seed, args.seed_epochs if recipe == "seed" else None)
                 c, u = ev.calibration, ev.uncertain
-                rows.append((recipe, seed, ev.accuracy, c["uncalibrated"]["ece"], c["calibrated"]["ece"],
-                             c["uncalibrated"]["nll"], c["calibrated"]["nll"], c["temperature"],
-                             cal["val_errors"], u["count"], u["errors_flagged"], u["errors"], cal["rule"]))
-                print(f"{recipe} seed {seed}: accuracy {ev.accuracy:.4f}, ECE {rows[-1][3]:.4f} -> {rows[-1][4]:.4f}, "
-                      f"NLL {rows[-1][5]:.4f} -> {rows[-1][6]:.4f}, T {rows[-1][7]:.3f} ({cal['rule']})", flush=True)
+                rows.append(
+                    (
+                        recipe,
+                        seed,
+                        ev.accuracy,
+                        c["uncalibrated"]["ece"],
+                        c["calibrated"]["ece"],
+                        c["uncalibrated"]["nll"],
+                        c["calibrated"]["nll"],
+                        c["temperature"],
+                        cal["val_errors"],
+                        u["count"],
+                        u["errors_flagged"],
+                        u["errors"],
+                        cal["rule"],
+                    )
+                )
+                print(
+                    f"{recipe} seed {seed}: accuracy {ev.accuracy:.4f}, ECE {rows[-1][3]:.4f} -> {rows[-1][4]:.4f}, "
+                    f"NLL {rows[-1][5]:.4f} -> {rows[-1][6]:.4f}, T {rows[-1][7]:.3f} ({cal['rule']})",
+                    flush=True,
+                )
                 if recipe == "fast" and first_fast is None:
                     first_fast = ev
-    print("\n| recipe | seed | test acc | ECE raw | ECE calibrated | NLL raw | NLL calibrated | T | val errors "
-          "| uncertain (<0.8) | mistakes caught |")
+    print(
+        "\n| recipe | seed | test acc | ECE raw | ECE calibrated | NLL raw | NLL calibrated | T | val errors "
+        "| uncertain (<0.8) | mistakes caught |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r[0]} | {r[1]} | {r[2]:.4f} | {r[3]:.4f} | {r[4]:.4f} | {r[5]:.4f} | {r[6]:.4f} | {r[7]:.3f} "
-              f"| {r[8]} | {r[9]} | {r[10]}/{r[11]} |")
+        print(
+            f"| {r[0]} | {r[1]} | {r[2]:.4f} | {r[3]:.4f} | {r[4]:.4f} | {r[5]:.4f} | {r[6]:.4f} | {r[7]:.3f} "
+            f"| {r[8]} | {r[9]} | {r[10]}/{r[11]} |"
+        )
     if first_fast is not None:
         probs = np.asarray(first_fast.probabilities)
         conf, wrong = probs.max(1), probs.argmax(1) != np.asarray(first_fast.y_true)
@@ -61,7 +84,10 @@ def main():
         print("| flag below | flagged | mistakes caught |\n|---|---|---|")
         for th in (0.5, 0.6, 0.7, 0.8, 0.9, 0.95):
             flagged = conf < th
-            print(f"| {th:.2f} | {int(flagged.sum())} of {len(conf)} | {int((flagged & wrong).sum())} of {int(wrong.sum())} |")
+            print(
+                f"| {th:.2f} | {int(flagged.sum())} of {len(conf)} | "
+                f"{int((flagged & wrong).sum())} of {int(wrong.sum())} |"
+            )
 
 
 if __name__ == "__main__":

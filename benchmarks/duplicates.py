@@ -9,6 +9,7 @@ TRAIN --against COPIES` does. False pairs: pairs of images of *different classes
 never duplicates). Speed: descriptors + pairing + file hashing, after decoding, per image.
 For each threshold it prints recall per edit and false pairs, so the default's trade-off is visible.
 """
+
 import argparse
 import io
 import random
@@ -37,8 +38,9 @@ def planted_copies(paths, n, out_dir, rng):
             im = im.resize((im.width // 2, im.height // 2), Image.BILINEAR)
         if edit in ("crop", "all"):
             d = int(0.05 * im.width)
-            im = im.crop((rng.randint(0, d), rng.randint(0, d), im.width - rng.randint(0, d),
-                          im.height - rng.randint(0, d)))
+            im = im.crop(
+                (rng.randint(0, d), rng.randint(0, d), im.width - rng.randint(0, d), im.height - rng.randint(0, d))
+            )
         buf = io.BytesIO()
         im.save(buf, "JPEG", quality=40 if edit in ("jpeg", "all") else 95)
         target = out_dir / "x" / f"copy{k:04d}.jpg"
@@ -59,8 +61,10 @@ def main():
     t = time.perf_counter()
     dup.near_duplicate_groups(train.images, train.paths)
     seconds = time.perf_counter() - t
-    print(f"speed: {len(train)} images of {args.data / 'train'} in {seconds:.2f} s after decoding "
-          f"= {len(train) / seconds:.0f} images/s (descriptors, pairing, sha256 of every file)")
+    print(
+        f"speed: {len(train)} images of {args.data / 'train'} in {seconds:.2f} s after decoding "
+        f"= {len(train) / seconds:.0f} images/s (descriptors, pairing, sha256 of every file)"
+    )
 
     with tempfile.TemporaryDirectory() as tmp:
         rows = planted_copies(train.paths, args.planted, Path(tmp), random.Random(0))
@@ -70,8 +74,13 @@ def main():
     # each copy against its source, and every candidate pair of training images, scored as inspect scores them
     n = len(rows)
     train_desc = dup.descriptors(train.images)
-    own = dup.refine_pairs([(k, r[0], 0.0) for k, r in enumerate(rows)], copy_images,
-                           dup.descriptors(copy_images), train.images, train_desc)
+    own = dup.refine_pairs(
+        [(k, r[0], 0.0) for k, r in enumerate(rows)],
+        copy_images,
+        dup.descriptors(copy_images),
+        train.images,
+        train_desc,
+    )
     # every training pair at the whole-image candidate level, re-scored crop-aware: which would be false pairs
     candidates = dup.similar_pairs(train_desc, threshold=dup.CANDIDATE)
     pairs = list(zip(candidates, dup.refine_pairs(candidates, train.images, train_desc).tolist()))
@@ -83,22 +92,30 @@ def main():
         per_edit = [found[[k for k, r in enumerate(rows) if r[1] == e]].float().mean().item() for e in EDITS]
         false_pairs = sum(d and s >= threshold for d, (_, s) in zip(different_class, pairs))
         mark = "  <- default" if threshold == dup.THRESHOLD else ""
-        print(f"{threshold:>9.3f} " + " ".join(f"{v:>7.1%}" for v in per_edit) +
-              f" {found.float().mean().item():>7.1%}  {false_pairs}{mark}")
+        print(
+            f"{threshold:>9.3f} "
+            + " ".join(f"{v:>7.1%}" for v in per_edit)
+            + f" {found.float().mean().item():>7.1%}  {false_pairs}{mark}"
+        )
 
     folders = [args.data / "train", args.data / "test"]
     if args.photos:
         folders += sorted(p for p in args.photos.iterdir() if p.is_dir())
     print(f"\ngroups of near-duplicates at the default threshold {dup.THRESHOLD}:")
-    print(f"{'folder':<40} {'images':>7} {'groups':>7} {'in groups':>10} {'largest':>8} {'mixed-class':>12} {'images/s':>9}")
+    print(
+        f"{'folder':<40} {'images':>7} {'groups':>7} {'in groups':>10} {'largest':>8} {'mixed-class':>12} "
+        f"{'images/s':>9}"
+    )
     for folder in folders:
         data = load_folder(scan_folder(folder), SIZE)
         t = time.perf_counter()
         groups = dup.groups_of(dup.near_duplicate_groups(data.images, data.paths))
         rate = len(data) / (time.perf_counter() - t)
         mixed = sum(len(set(data.labels[g].tolist())) > 1 for g in groups)
-        print(f"{str(folder):<40} {len(data):>7} {len(groups):>7} {sum(map(len, groups)):>10} "
-              f"{len(groups[0]) if groups else 0:>8} {mixed:>12} {rate:>9.0f}")
+        print(
+            f"{str(folder):<40} {len(data):>7} {len(groups):>7} {sum(map(len, groups)):>10} "
+            f"{len(groups[0]) if groups else 0:>8} {mixed:>12} {rate:>9.0f}"
+        )
 
 
 if __name__ == "__main__":

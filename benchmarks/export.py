@@ -9,13 +9,13 @@ top-1 agreement and accuracy. Speed: single-image latency (median of 50) and bat
 (2 threads) vs onnxruntime fp32 and int8 (2 threads), the configurations interleaved round by round because
 the host's speed drifts. Ratios are against PyTorch in the same round.
 """
+
 import argparse
 import statistics
 import tempfile
 from pathlib import Path
 
 import numpy as np
-import torch
 
 import foldercnn
 from foldercnn.data.decode import decode_images, walk_images
@@ -41,8 +41,10 @@ def main():
     args = ap.parse_args()
     foldercnn.runtime.setup(threads=2)
     work = Path(tempfile.mkdtemp(prefix="foldercnn-export-"))
-    print(f"{'family':<9}{'format':<8}{'max |dp|':>10}{'top-1 same':>12}{'accuracy':>10}{'1-image ms':>12}"
-          f"{'x PyTorch':>10}{'batch64 img/s':>15}{'x PyTorch':>10}")
+    print(
+        f"{'family':<9}{'format':<8}{'max |dp|':>10}{'top-1 same':>12}{'accuracy':>10}{'1-image ms':>12}"
+        f"{'x PyTorch':>10}{'batch64 img/s':>15}{'x PyTorch':>10}"
+    )
     for family in args.families.split(","):
         kw = RECIPES[family] | ({"epochs": args.seed_epochs} if family == "seed" else {})
         result = foldercnn.train(args.data / "train", work / family, seed=0, log=lambda *a: None, **kw)
@@ -53,7 +55,7 @@ def main():
         test, truth = labelled(args.data / "test", clf.classes, clf.image_size)
         extra, truth2 = labelled(args.data / "validation", clf.classes, clf.image_size)
         images, truth = np.concatenate([test, extra]), np.concatenate([truth, truth2])
-        runners = {"pytorch": lambda x: clf.probabilities(torch.from_numpy(x)).numpy()}
+        runners = {"pytorch": clf.probabilities}
         for name, path in (("onnx", fp32), ("int8", int8)):
             runners[name] = OnnxClassifier(path, threads=2).probabilities
         reference = runners["pytorch"](images)
@@ -61,7 +63,7 @@ def main():
         lat = {k: [] for k in runners}
         thr = {k: [] for k in runners}
         for r in range(args.rounds):  # interleaved, rotating the order each round
-            order = list(runners)[r % 3:] + list(runners)[:r % 3]
+            order = list(runners)[r % 3 :] + list(runners)[: r % 3]
             for k in order:
                 lat[k].append(median_seconds(runners[k], one, 50))
                 thr[k].append(64 / median_seconds(runners[k], batch, 5))
@@ -71,9 +73,12 @@ def main():
             ratio_t = statistics.median(b / a for a, b in zip(thr["pytorch"], thr[k]))
             diff = "-" if k == "pytorch" else f"{np.abs(probs - reference).max():.1e}"
             same = "-" if k == "pytorch" else f"{int((probs.argmax(1) == reference.argmax(1)).sum())}/{len(images)}"
-            print(f"{family:<9}{k:<8}{diff:>10}{same:>12}{(probs.argmax(1) == truth).mean():>10.2%}"
-                  f"{1000 * statistics.median(lat[k]):>12.2f}{ratio_l:>9.2f}x{statistics.median(thr[k]):>15.0f}"
-                  f"{ratio_t:>9.2f}x", flush=True)
+            print(
+                f"{family:<9}{k:<8}{diff:>10}{same:>12}{(probs.argmax(1) == truth).mean():>10.2%}"
+                f"{1000 * statistics.median(lat[k]):>12.2f}{ratio_l:>9.2f}x{statistics.median(thr[k]):>15.0f}"
+                f"{ratio_t:>9.2f}x",
+                flush=True,
+            )
     print(f"(models, ONNX files in {work})")
 
 

@@ -11,6 +11,7 @@ model decodes it, then the cascade runs stage by stage. Per stage: the share of 
 stops at that stage. Then the median milliseconds per image (hand finding + features + head) and the share of
 images that no stage found.
 """
+
 import argparse
 import time
 from pathlib import Path
@@ -62,8 +63,10 @@ def report(name, rows):
         acc = f"{np.mean([r[1] for r in mine]):.1%}" if stage else "-"
         print(f"  {stage or 'no hand':<16}{len(mine) / n:>8.1%}{acc:>10}{np.median([r[2] for r in mine]):>10.0f}")
     found = [r for r in rows if r[0] is not None]
-    print(f"  all stages: found {len(found) / n:.1%}, accuracy where found "
-          f"{np.mean([r[1] for r in found]):.1%}, overall {sum(r[1] for r in found) / n:.1%}")
+    print(
+        f"  all stages: found {len(found) / n:.1%}, accuracy where found "
+        f"{np.mean([r[1] for r in found]):.1%}, overall {sum(r[1] for r in found) / n:.1%}"
+    )
 
 
 def main():
@@ -76,8 +79,10 @@ def main():
     foldercnn.runtime.setup()
     clf = foldercnn.load(args.model)
     finder = HandFinder(model_complexity=args.complexity)
-    print(f"model {args.model}; MediaPipe Hands model_complexity {args.complexity}; "
-          f"{torch.get_num_threads()} torch threads")
+    print(
+        f"model {args.model}; MediaPipe Hands model_complexity {args.complexity}; "
+        f"{torch.get_num_threads()} torch threads"
+    )
     for folder in args.sets.split(","):
         files, labels = sample(Path(folder), clf.classes, args.per_set)
         report(folder, measure(clf, finder, files, labels))

@@ -10,6 +10,7 @@ Everything runs on 127.0.0.1 against real `foldercnn serve` subprocesses, bounde
    (VmHWM) before and after.
 3. A valid fast-cnn model file with image_size 1024, sent 16 images of 1 x 1 pixel: the peak RSS.
 """
+
 import argparse
 import io
 import socket
@@ -26,14 +27,17 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
-from testkit import free_port, make_shapes, stop, wait_healthy, Server  # noqa: E402
+from testkit import Server, free_port, make_shapes, stop, wait_healthy  # noqa: E402
 
 
 def start(model, *options, log):
     port = free_port()
     out = open(log, "w")
-    proc = subprocess.Popen([sys.executable, "-m", "foldercnn.cli", "serve", str(model), "--port", str(port),
-                             *map(str, options)], stdout=out, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "foldercnn.cli", "serve", str(model), "--port", str(port), *map(str, options)],
+        stdout=out,
+        stderr=subprocess.STDOUT,
+    )
     out.close()
     server = Server(proc, port, log)
     wait_healthy(server)
@@ -53,8 +57,10 @@ def png_bytes(image):
 
 
 def multipart(data, name="x.png", boundary="b0undary"):
-    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"{name}\"\r\n"
-            "Content-Type: image/png\r\n\r\n").encode()
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="{name}"\r\n'
+        "Content-Type: image/png\r\n\r\n"
+    ).encode()
     return head + data + f"\r\n--{boundary}--\r\n".encode(), boundary
 
 
@@ -63,8 +69,13 @@ def slow_client(port, results, size=200_000, every=2.0, limit=40.0):
     body, boundary = multipart(b"\x89PNG" + b"\0" * size)
     t = time.perf_counter()
     with socket.create_connection(("127.0.0.1", port), timeout=limit) as s:
-        s.sendall((f"POST /predict HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: multipart/form-data; "
-                   f"boundary={boundary}\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body[:100])
+        s.sendall(
+            (
+                f"POST /predict HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: multipart/form-data; "
+                f"boundary={boundary}\r\nContent-Length: {len(body)}\r\n\r\n"
+            ).encode()
+            + body[:100]
+        )
         s.settimeout(every)
         sent = 100
         while time.perf_counter() - t < limit:
@@ -76,7 +87,7 @@ def slow_client(port, results, size=200_000, every=2.0, limit=40.0):
             except socket.timeout:
                 pass
             try:
-                s.sendall(body[sent:sent + 1])
+                s.sendall(body[sent : sent + 1])
                 sent += 1
             except OSError:
                 break
@@ -115,9 +126,16 @@ def big_png_rss(model, log):
         r = httpx.post(server.url + "/predict", files=[("files", ("big.png", big, "image/png"))], timeout=120)
         one = peak_rss_mb(server.proc.pid)
         answers = []
-        threads = [threading.Thread(target=lambda: answers.append(httpx.post(
-            server.url + "/predict", files=[("files", ("big.png", big, "image/png"))], timeout=120).status_code))
-            for _ in range(2)]
+        threads = [
+            threading.Thread(
+                target=lambda: answers.append(
+                    httpx.post(
+                        server.url + "/predict", files=[("files", ("big.png", big, "image/png"))], timeout=120
+                    ).status_code
+                )
+            )
+            for _ in range(2)
+        ]
         for th in threads:
             th.start()
         for th in threads:
@@ -133,16 +151,23 @@ def big_model_rss(work, log):
     from foldercnn.models.file import save_model
     from foldercnn.models.preprocess import default_preprocessing
     from foldercnn.models.registry import create_model
+
     torch.manual_seed(0)
-    meta = {"architecture": "fast-cnn", "arch_args": {}, "classes": ["a", "b", "c"], "image_size": 1024,
-            "preprocessing": default_preprocessing((0.5,) * 3, (0.25,) * 3)}
+    meta = {
+        "architecture": "fast-cnn",
+        "arch_args": {},
+        "classes": ["a", "b", "c"],
+        "image_size": 1024,
+        "preprocessing": default_preprocessing((0.5,) * 3, (0.25,) * 3),
+    }
     path = save_model(work / "big.safetensors", create_model("fast-cnn", 3), meta)
     tiny = png_bytes(Image.new("RGB", (1, 1), "red"))
     server = start(path, log=log)
     try:
         before = peak_rss_mb(server.proc.pid)
-        r = httpx.post(server.url + "/predict", files=[("files", (f"{i}.png", tiny, "image/png")) for i in range(16)],
-                       timeout=300)
+        r = httpx.post(
+            server.url + "/predict", files=[("files", (f"{i}.png", tiny, "image/png")) for i in range(16)], timeout=300
+        )
         return r.status_code, before, peak_rss_mb(server.proc.pid)
     finally:
         stop(server)
@@ -154,6 +179,7 @@ def main():
     ap.add_argument("--workers", type=int, default=1)
     args = ap.parse_args()
     import foldercnn
+
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         train = make_shapes(work / "shapes", per_class=20, size=40)
@@ -165,16 +191,22 @@ def main():
         for status, seconds in slow:
             print(f"   slow client: {status} after {seconds:.1f} s")
         ok = [s for code, s in normal if code == 200]
-        print(f"   normal requests meanwhile: {len(ok)} of {len(normal)} answered 200; latency median "
-              f"{np.median(ok) if ok else float('nan'):.2f} s, max {max(ok) if ok else float('nan'):.2f} s")
+        print(
+            f"   normal requests meanwhile: {len(ok)} of {len(normal)} answered 200; latency median "
+            f"{np.median(ok) if ok else float('nan'):.2f} s, max {max(ok) if ok else float('nan'):.2f} s"
+        )
 
         size, status, answers, before, one, two = big_png_rss(model, work / "png.log")
-        print(f"2. a {size / 1024:.0f} KB PNG of 8944 x 8944 16-bit grey: answered {status}; server peak RSS "
-              f"{before:.0f} MB -> {one:.0f} MB after one, {two:.0f} MB after two at once (answered {answers})")
+        print(
+            f"2. a {size / 1024:.0f} KB PNG of 8944 x 8944 16-bit grey: answered {status}; server peak RSS "
+            f"{before:.0f} MB -> {one:.0f} MB after one, {two:.0f} MB after two at once (answered {answers})"
+        )
 
         status, before, after = big_model_rss(work, work / "model.log")
-        print(f"3. a fast-cnn model file with image_size 1024, 16 images of 1 x 1 px: answered {status}; server "
-              f"peak RSS {before:.0f} MB -> {after:.0f} MB")
+        print(
+            f"3. a fast-cnn model file with image_size 1024, 16 images of 1 x 1 px: answered {status}; server "
+            f"peak RSS {before:.0f} MB -> {after:.0f} MB"
+        )
 
 
 if __name__ == "__main__":

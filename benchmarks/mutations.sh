@@ -24,4 +24,4 @@ run "skip fine-tuning" src/foldercnn/training/job.py "    if not fine_tune:
 run "drop bf16 autocast" src/foldercnn/runtime.py 'if precision == "bf16":' 'if False:' tests/test_training_behaviour.py -k precision
 run "ignore --tta" src/foldercnn/cli.py "tta=True if args.tta else None" "tta=None" tests/test_training_behaviour.py -k tta
 run "keep the last epoch, not the best" src/foldercnn/training/loop.py 'return best is None or stats["val_accuracy"] >= best["val_accuracy"]' 'return True' tests/test_training_behaviour.py -k best
-run "fit the temperature on the test folder (the demo validates on test/)" src/foldercnn/demo.py "result = train_folder(root / \"train\", out, recipe=recipe_obj, seed=seed," "result = train_folder(root / \"train\", out, recipe=recipe_obj, val_dir=test_dir, seed=seed," tests/test_download.py -k demo
+run "fit the temperature on the test folder (the demo validates on test/)" src/foldercnn/demo.py "result = train_folder(root / \"train\", out, recipe=recipe_obj.name, seed=seed," "result = train_folder(root / \"train\", out, recipe=recipe_obj.name, val_dir=test_dir, seed=seed," tests/test_download.py -k demo

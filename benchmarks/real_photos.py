@@ -18,6 +18,7 @@ two halves by near-duplicate group (copies of one source frame stay on one side:
 trains on one half and is tested on the other, both ways; then across sets, training on one real set and
 testing on another, both directions.
 """
+
 import argparse
 import tempfile
 import time
@@ -35,8 +36,9 @@ def train_and_time(train_dir, out, recipe, seed):
     name, fine_tune = recipe.split("+")[0], "+fine-tune" in recipe
     name, _, model = name.partition("@")
     t = time.perf_counter()
-    result = foldercnn.train(train_dir, out, recipe=name, model=model or None, seed=seed, fine_tune=fine_tune,
-                             log=lambda *a: None)
+    result = foldercnn.train(
+        train_dir, out, recipe=name, model=model or None, seed=seed, fine_tune=fine_tune, log=lambda *a: None
+    )
     return foldercnn.load(result.model_path), time.perf_counter() - t
 
 
@@ -44,10 +46,15 @@ def measure(classifier, folder):
     ev = foldercnn.evaluate(classifier, folder)
     f = ev.flags
     errors = max(f["errors"], 1)
-    return {"acc": ev.accuracy, "ece": ev.calibration["calibrated"]["ece"],
-            "unc": f["errors_flagged"]["uncertain"] / errors, "either": f["errors_flagged"]["either"] / errors,
-            "flagged": f["share_either"], "hand": ev.hands["coverage"] if ev.hands else 1.0,
-            "sel": f["selective_accuracy"] or 0.0}
+    return {
+        "acc": ev.accuracy,
+        "ece": ev.calibration["calibrated"]["ece"],
+        "unc": f["errors_flagged"]["uncertain"] / errors,
+        "either": f["errors_flagged"]["either"] / errors,
+        "flagged": f["share_either"],
+        "hand": ev.hands["coverage"] if ev.hands else 1.0,
+        "sel": f["selective_accuracy"] or 0.0,
+    }
 
 
 COLUMNS = "acc   ECE  err:unc err:flag  hand  kept  acc:kept"
@@ -58,9 +65,14 @@ def print_rows(rows, sets):
     print(head)
     print(" " * 40 + "".join(f"{COLUMNS:>58}" for _ in sets))
     for r in rows:
-        print(f"{r['recipe']:<26}{r['seed']:>5}{r['seconds']:>9.0f}" + "".join(
-            f"{r[s]['acc']:>12.1%}{r[s]['ece']:>7.3f}{r[s]['unc']:>8.0%}{r[s]['either']:>7.0%}"
-            f"{r[s]['hand']:>8.0%}{1 - r[s]['flagged']:>6.0%}{r[s]['sel']:>10.1%}" for s in sets))
+        print(
+            f"{r['recipe']:<26}{r['seed']:>5}{r['seconds']:>9.0f}"
+            + "".join(
+                f"{r[s]['acc']:>12.1%}{r[s]['ece']:>7.3f}{r[s]['unc']:>8.0%}{r[s]['either']:>7.0%}"
+                f"{r[s]['hand']:>8.0%}{1 - r[s]['flagged']:>6.0%}{r[s]['sel']:>10.1%}"
+                for s in sets
+            )
+        )
 
 
 def halves(folder, work, seed=0):
@@ -120,11 +132,14 @@ def main():
             pairs += [(x, y, f"{x.name} -> {y.name}") for x in real for y in real if x != y]
             for recipe in args.real_to_real.split(","):
                 for train_dir, test_dir, what in pairs:
-                    classifier, seconds = train_and_time(train_dir, Path(tmp) / f"r2r-{recipe}-{train_dir.name}",
-                                                         recipe, 0)
+                    classifier, seconds = train_and_time(
+                        train_dir, Path(tmp) / f"r2r-{recipe}-{train_dir.name}", recipe, 0
+                    )
                     m = measure(classifier, test_dir)
-                    print(f"{recipe:<26} {what:<40} train {seconds:>5.0f} s  accuracy {m['acc']:.1%}  "
-                          f"ECE {m['ece']:.3f}  wrong flagged {m['either']:.0%}")
+                    print(
+                        f"{recipe:<26} {what:<40} train {seconds:>5.0f} s  accuracy {m['acc']:.1%}  "
+                        f"ECE {m['ece']:.3f}  wrong flagged {m['either']:.0%}"
+                    )
 
 
 if __name__ == "__main__":

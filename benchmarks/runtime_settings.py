@@ -7,6 +7,7 @@ process; the two configurations alternate round by round (the host's speed drift
 per round and as the median. Each child trains the `fast` recipe's network (64 px, batch 64) and the `seed`
 recipe's tutorial CNN (150 px, batch 32) on synthetic batches with the recipe's precision (bf16 where native).
 """
+
 import argparse
 import json
 import statistics
@@ -71,8 +72,10 @@ def main():
             print(f"{r:>5} {net:>13} {got['default'][net]:>14.1f} {got['tuned'][net]:>12.1f} {ratio:>5.2f}x")
     print(f"precision {got['tuned']['precision']}")
     for net, rs in ratios.items():
-        print(f"CLAIM malloc tuning, {net} training: median {statistics.median(rs):.2f}x "
-              f"(range {min(rs):.2f}-{max(rs):.2f}x over {len(rs)} rounds)")
+        print(
+            f"CLAIM malloc tuning, {net} training: median {statistics.median(rs):.2f}x "
+            f"(range {min(rs):.2f}-{max(rs):.2f}x over {len(rs)} rounds)"
+        )
 
 
 if __name__ == "__main__":

@@ -4,12 +4,12 @@
         [--steps 60] [--image-size 64] [--resume] [--ddp] [--work DIR]
 
 Size sweep: for each size k, a folder of k symlinked copies of rps/train (k x 2,520 images), trained with the fast
-recipe at --image-size px (default 64) for --steps steps of batch 64 (image-by-image split, 1% held out), in a child process placed in
-a memory cgroup limited to --memory-limit-mb (cgroup v2 or v1, when this process may create one; otherwise the
-limit is not applied and the table says so). Decoded images live in the memory-mapped decode cache (data/cache.py),
-so the cache may grow past the limit: the kernel drops its clean pages instead of killing the run. Per size: the
-decode seconds, training seconds per 1,000 images (the steps only), the child's peak RSS and the cgroup's peak
-(RSS plus page cache charged to it), and the cache's size on disk.
+recipe at --image-size px (default 64) for --steps steps of batch 64 (image-by-image split, 1% held out), in a child
+process placed in a memory cgroup limited to --memory-limit-mb (cgroup v2 or v1, when this process may create one;
+otherwise the limit is not applied and the table says so). Decoded images live in the memory-mapped decode cache
+(data/cache.py), so the cache may grow past the limit: the kernel drops its clean pages instead of killing the run.
+Per size: the decode seconds, training seconds per 1,000 images (the steps only), the child's peak RSS and the
+cgroup's peak (RSS plus page cache charged to it), and the cache's size on disk.
 
 --resume: the cost of surviving a crash, on 1x, fast at 64 px, 3 epochs: an uninterrupted run against one killed
 (SIGKILL) halfway through its second epoch and run again with the same command; the checkpoint's size and the
@@ -18,6 +18,7 @@ seconds to read it.
 --ddp: then one process vs two gloo processes (`train --nproc 2`, the same global batch) on 1x, seconds per 1,000
 images. On 2 cores two processes share the same cores, so this shows the cost of the synchronisation, not a speed-up.
 """
+
 import argparse
 import json
 import os
@@ -34,7 +35,7 @@ foldercnn.runtime.setup()
 data, out, steps, image_size, batch_size = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:6])
 t = time.perf_counter()
 result = foldercnn.train(data, out, recipe="fast", image_size=image_size, batch_size=batch_size, epochs=1,
-                         steps_per_epoch=steps, split="images", val_fraction=0.01, seed=0, resume=False,
+                         steps_per_epoch=steps, split="images", val_fraction=0.01, seed=0, resume="ignore",
                          log=lambda *a: None)
 row = result.history[0]
 print(json.dumps({"data_s": result.seconds["data"], "train_s": row["train_seconds"], "images": row["images"],
@@ -79,7 +80,7 @@ class MemoryCgroup:
             return None
         name = "memory.peak" if self.v2 else "memory.max_usage_in_bytes"
         try:
-            return int((self.path / name).read_text()) / 2 ** 20
+            return int((self.path / name).read_text()) / 2**20
         except OSError:
             return None
 
@@ -100,9 +101,14 @@ def run_child(data, out, steps, group, image_size=64, batch_size=64, env=None):
     # the child starts stopped at a pipe read, is put in the cgroup, then let go: all its memory is charged there
     r, w = os.pipe()
     code = f"import os; os.read({r}, 1); " + "exec(compile(" + repr(CHILD) + ", 'scale-child', 'exec'))"
-    proc = subprocess.Popen([sys.executable, "-c", code, str(data), str(out), str(steps), str(image_size),
-                             str(batch_size)], pass_fds=(r,), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, str(data), str(out), str(steps), str(image_size), str(batch_size)],
+        pass_fds=(r,),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     os.close(r)
     group.enter(proc.pid)
     os.write(w, b"g")
@@ -115,18 +121,22 @@ def run_child(data, out, steps, group, image_size=64, batch_size=64, env=None):
 
 
 def cache_mb(cache_dir):
-    return sum(f.stat().st_size for f in Path(cache_dir).rglob("*.npy")) / 2 ** 20
+    return sum(f.stat().st_size for f in Path(cache_dir).rglob("*.npy")) / 2**20
 
 
 def sweep(args, work):
     cache_dir = Path(work) / "cache"
     os.environ["FOLDERCNN_CACHE"] = str(cache_dir)  # a fresh decode cache: the decode seconds are real
-    group = MemoryCgroup(args.memory_limit_mb * 2 ** 20)
+    group = MemoryCgroup(args.memory_limit_mb * 2**20)
     limit = f"{args.memory_limit_mb} MB" if group.path else group.reason
-    print(f"memory limit of the training child: {limit}; {args.steps} steps of batch 64 at {args.image_size} px, "
-          "fast recipe")
-    print(f"{'size':>5}{'images':>9}{'decode s':>10}{'s/1000 img':>12}{'peak RSS MB':>13}{'cgroup peak MB':>16}"
-          f"{'cache MB':>10}")
+    print(
+        f"memory limit of the training child: {limit}; {args.steps} steps of batch 64 at {args.image_size} px, "
+        "fast recipe"
+    )
+    print(
+        f"{'size':>5}{'images':>9}{'decode s':>10}{'s/1000 img':>12}{'peak RSS MB':>13}{'cgroup peak MB':>16}"
+        f"{'cache MB':>10}"
+    )
     try:
         for k in [int(s) for s in args.sizes.split(",")]:
             data = scaled_copy(Path(args.data) / "train", k, work)
@@ -134,9 +144,12 @@ def sweep(args, work):
             group.reset_peak()
             row = run_child(data, Path(work) / f"run-x{k}", args.steps, group, args.image_size)
             peak = group.peak_mb()
-            print(f"{k:>4}x{n:>9}{row['data_s']:>10.1f}{1000 * row['train_s'] / row['images']:>12.2f}"
-                  f"{row['peak_rss_mb']:>13.0f}{peak if peak is not None else float('nan'):>16.0f}"
-                  f"{cache_mb(cache_dir):>10.0f}", flush=True)
+            print(
+                f"{k:>4}x{n:>9}{row['data_s']:>10.1f}{1000 * row['train_s'] / row['images']:>12.2f}"
+                f"{row['peak_rss_mb']:>13.0f}{peak if peak is not None else float('nan'):>16.0f}"
+                f"{cache_mb(cache_dir):>10.0f}",
+                flush=True,
+            )
             for f in cache_dir.rglob("*.npy"):  # one size's cache at a time on disk
                 f.unlink()
     finally:
@@ -145,10 +158,25 @@ def sweep(args, work):
 
 def resume_cost(args, work):
     import signal
+
     from foldercnn.training import checkpoint as ckpt
+
     data = scaled_copy(Path(args.data) / "train", 1, work)
-    cmd = [sys.executable, "-m", "foldercnn", "train", str(data), "--recipe", "fast", "--image-size", "64",
-           "--epochs", "3", "--split", "images"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "foldercnn",
+        "train",
+        str(data),
+        "--recipe",
+        "fast",
+        "--image-size",
+        "64",
+        "--epochs",
+        "3",
+        "--split",
+        "images",
+    ]
     print("\nresume: fast at 64 px, 1x, 3 epochs (checkpoint after every epoch)")
     t = time.perf_counter()
     subprocess.run(cmd + ["--out", str(Path(work) / "whole")], check=True, capture_output=True)
@@ -163,15 +191,17 @@ def resume_cost(args, work):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     killed_at = time.perf_counter() - t
-    size_mb = (out / ckpt.FILE).stat().st_size / 2 ** 20
+    size_mb = (out / ckpt.FILE).stat().st_size / 2**20
     r = time.perf_counter()
     ckpt.read(out / ckpt.FILE)
     read_s = time.perf_counter() - r
     t = time.perf_counter()
     subprocess.run(cmd + ["--out", str(out)], check=True, capture_output=True)
     resumed = time.perf_counter() - t
-    print(f"  uninterrupted: {whole:.1f} s; killed at {killed_at:.1f} s, then the same command: {resumed:.1f} s "
-          f"(together {killed_at + resumed:.1f} s, {killed_at + resumed - whole:+.1f} s)")
+    print(
+        f"  uninterrupted: {whole:.1f} s; killed at {killed_at:.1f} s, then the same command: {resumed:.1f} s "
+        f"(together {killed_at + resumed:.1f} s, {killed_at + resumed - whole:+.1f} s)"
+    )
     print(f"  checkpoint {size_mb:.1f} MB, read in {1000 * read_s:.0f} ms")
 
 
@@ -181,14 +211,39 @@ def ddp(args, work):
     for nproc in (1, 2):
         out = Path(work) / f"ddp-{nproc}"
         t = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "foldercnn", "train", str(data), "--out", str(out), "--recipe", "fast",
-                        "--image-size", "64", "--epochs", "2", "--split", "images", "--nproc", str(nproc)],
-                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "foldercnn",
+                "train",
+                str(data),
+                "--out",
+                str(out),
+                "--recipe",
+                "fast",
+                "--image-size",
+                "64",
+                "--epochs",
+                "2",
+                "--split",
+                "images",
+                "--nproc",
+                str(nproc),
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         wall = time.perf_counter() - t
         import csv
+
         rows = list(csv.DictReader(open(out / "history.csv")))
-        print(f"  {nproc} process(es): {wall:.0f} s in all (2 epochs, start-up and report included), "
-              f"final val_accuracy {float(rows[-1]['val_accuracy']):.4f}", flush=True)
+        print(
+            f"  {nproc} process(es): {wall:.0f} s in all (2 epochs, start-up and report included), "
+            f"final val_accuracy {float(rows[-1]['val_accuracy']):.4f}",
+            flush=True,
+        )
 
 
 def main():

@@ -6,6 +6,7 @@ Like the tutorial, it trains on train/ (2520 images) and validates on test/ (372
 per-epoch validation accuracy IS the test accuracy. Before training it times a few steps of the same
 model in plain float32 (the baseline, same process) to show what the speed-ups buy.
 """
+
 import argparse
 import time
 from pathlib import Path
@@ -14,11 +15,13 @@ import torch
 import torch.nn.functional as F
 
 from foldercnn import runtime
-from foldercnn.models.registry import create_model
 from foldercnn.models.preprocess import preprocess
-from foldercnn.training.recipes import get_recipe
-from foldercnn.training.job import prepare_data
+from foldercnn.models.registry import create_model
 from foldercnn.training.loop import fit
+from foldercnn.training.options import TrainOptions
+from foldercnn.training.prepare import prepare_data
+from foldercnn.training.recipes import get_recipe
+from foldercnn.training.run import RunContext, RunWriter
 
 
 def steps_per_second(recipe, data, precision, steps, channels_last, device):
@@ -56,31 +59,45 @@ def main():
     recipe = get_recipe("seed", epochs=args.epochs)
     print(f"device {device}, {torch.get_num_threads()} threads, precision {precision}")
     t = time.perf_counter()
-    train, test, _ = prepare_data(data / "train", recipe, val_dir=data / "test", log=print)
+    train, test, _ = prepare_data(data / "train", recipe, TrainOptions(val_dir=str(data / "test")), events=print)
     print(f"decode: {len(train) + len(test)} images at {recipe.image_size}px in {time.perf_counter() - t:.1f}s")
 
     base = steps_per_second(recipe, train, "fp32", args.baseline_steps, False, device)
     fast = steps_per_second(recipe, train, precision, args.baseline_steps, True, device)
-    print(f"throughput, batch {recipe.batch_size}: float32 NCHW {base:.1f} img/s (baseline) | "
-          f"{precision} channels-last {fast:.1f} img/s | ratio {fast / base:.2f}x")
+    print(
+        f"throughput, batch {recipe.batch_size}: float32 NCHW {base:.1f} img/s (baseline) | "
+        f"{precision} channels-last {fast:.1f} img/s | ratio {fast / base:.2f}x"
+    )
 
     torch.manual_seed(args.seed)
     model = create_model(recipe.model, len(train.classes), **recipe.model_args)
-    print(f"\n{'epoch':>5} {'seconds':>8} {'train img/s':>12} {'loss':>7} {'accuracy':>9} {'test_loss':>10} {'test_acc':>9}")
+    print(
+        f"\n{'epoch':>5} {'seconds':>8} {'train img/s':>12} {'loss':>7} {'accuracy':>9} {'test_loss':>10} "
+        f"{'test_acc':>9}"
+    )
 
-    def show(result):
-        h = result.history[-1]
-        print(f"{h['epoch']:>5} {h['seconds']:>8.1f} {h['images'] / h['train_seconds']:>12.1f} {h['loss']:>7.4f} "
-              f"{h['accuracy']:>9.4f} {h['val_loss']:>10.4f} {h['val_accuracy']:>9.4f}", flush=True)
+    def show(history):
+        h = history[-1]
+        print(
+            f"{h['epoch']:>5} {h['seconds']:>8.1f} {h['images'] / h['train_seconds']:>12.1f} {h['loss']:>7.4f} "
+            f"{h['accuracy']:>9.4f} {h['val_loss']:>10.4f} {h['val_accuracy']:>9.4f}",
+            flush=True,
+        )
 
     t = time.perf_counter()
-    result = fit(model, train, test, recipe, device=device, precision=precision, seed=args.seed,
-                 log=lambda *a: None, on_epoch=show)
+
+    class Show(RunWriter):  # told after every epoch
+        def history(self, rows):
+            show(rows)
+
+    result = fit(model, train, test, recipe, RunContext(device, precision, args.seed, writer=Show()))
     total = time.perf_counter() - t
     h = result.history
-    print(f"\n{len(h)} epochs in {total:.0f}s ({total / len(h):.1f} s/epoch); "
-          f"final test accuracy {h[-1]['val_accuracy']:.4f}; "
-          f"projected 25-epoch time {25 * total / len(h) / 60:.1f} min")
+    print(
+        f"\n{len(h)} epochs in {total:.0f}s ({total / len(h):.1f} s/epoch); "
+        f"final test accuracy {h[-1]['val_accuracy']:.4f}; "
+        f"projected 25-epoch time {25 * total / len(h) / 60:.1f} min"
+    )
 
 
 if __name__ == "__main__":

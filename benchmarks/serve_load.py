@@ -12,6 +12,7 @@ requests/s (= images/s), p50/p95/p99 latency per request and errors; then the se
 multipart), each expected to be refused with its 4xx; the burst must give 0 server errors (5xx) and
 the server must still be healthy and correct afterwards. The clients share the server's CPU cores.
 """
+
 import argparse
 import http.client
 import io
@@ -38,8 +39,10 @@ def multipart(files):
     """[(filename, bytes)] -> (body, content type) of a multipart/form-data request with field 'files'."""
     out = io.BytesIO()
     for name, data in files:
-        out.write(f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="files"; filename="{name}"\r\n'
-                  f"Content-Type: application/octet-stream\r\n\r\n".encode())
+        out.write(
+            f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="files"; filename="{name}"\r\n'
+            f"Content-Type: application/octet-stream\r\n\r\n".encode()
+        )
         out.write(data)
         out.write(b"\r\n")
     out.write(f"--{BOUNDARY}--\r\n".encode())
@@ -60,7 +63,7 @@ def bad_uploads(good_png, good_jpeg, max_file_bytes, max_files):
     """(body, content type, expected status, kind) for each kind of bad request."""
     bad = [
         ("not an image", multipart([("notes.png", b"just some text, not pixels\n" * 20)]), 415),
-        ("truncated PNG", multipart([("cut.png", good_png[:len(good_png) // 2])]), 400),
+        ("truncated PNG", multipart([("cut.png", good_png[: len(good_png) // 2])]), 400),
         ("corrupt JPEG", multipart([("bad.jpg", good_jpeg[:20] + bytes(range(256)) * 8)]), 400),
         ("decompression bomb", multipart([("bomb.png", png_claiming_size(30000, 30000))]), 400),
         ("over the size limit", multipart([("huge.png", good_png[:16] + b"\0" * (max_file_bytes + 1))]), 413),
@@ -185,6 +188,7 @@ def direct_predict_ms(model, images, n=200):
     import torch
 
     import foldercnn
+
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -222,12 +226,16 @@ def main():
     port = free_port()
     server = start_server(model, port, args.workers)
     try:
-        print(f"server: foldercnn serve {model} on 127.0.0.1:{port} (pid {server.pid}); "
-              f"{os.cpu_count()} CPUs shared by server and clients; {len(images)} images from {args.images}, "
-              f"{statistics.mean(len(d) for _, d in images) / 1024:.0f} KB each on average\n")
+        print(
+            f"server: foldercnn serve {model} on 127.0.0.1:{port} (pid {server.pid}); "
+            f"{os.cpu_count()} CPUs shared by server and clients; {len(images)} images from {args.images}, "
+            f"{statistics.mean(len(d) for _, d in images) / 1024:.0f} KB each on average\n"
+        )
         load(port, good[:20], 1)  # warm up
-        print(f"{'clients':>7} {'requests':>8} {'ok':>5} {'503':>5} {'errors':>6} {'req/s':>7} "
-              f"{'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7} {'peak MB':>8}")
+        print(
+            f"{'clients':>7} {'requests':>8} {'ok':>5} {'503':>5} {'errors':>6} {'req/s':>7} "
+            f"{'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7} {'peak MB':>8}"
+        )
         single_p50 = None
         for clients in (int(c) for c in args.clients.split(",")):
             jobs = [good[i % len(good)] for i in range(args.requests)]
@@ -235,19 +243,25 @@ def main():
             ms = [t * 1000 for t, *_ in records]
             ok = sum(status == 200 for _, status, *_ in records)
             busy = sum(status == 503 for _, status, *_ in records)
-            print(f"{clients:>7} {len(records):>8} {ok:>5} {busy:>5} {len(records) - ok - busy:>6} "
-                  f"{len(records) / seconds:>7.1f} "
-                  f"{percentile(ms, 50):>7.1f} {percentile(ms, 95):>7.1f} {percentile(ms, 99):>7.1f} "
-                  f"{peak_memory_mb(server.pid)[0]:>8.0f}")
+            print(
+                f"{clients:>7} {len(records):>8} {ok:>5} {busy:>5} {len(records) - ok - busy:>6} "
+                f"{len(records) / seconds:>7.1f} "
+                f"{percentile(ms, 50):>7.1f} {percentile(ms, 95):>7.1f} {percentile(ms, 99):>7.1f} "
+                f"{peak_memory_mb(server.pid)[0]:>8.0f}"
+            )
             if clients == 1:
                 single_p50 = percentile(ms, 50)
-        print("(one image per request, so req/s = images/s; 503 = refused as busy; peak MB = the server "
-              "process's peak resident memory so far, VmHWM)")
+        print(
+            "(one image per request, so req/s = images/s; 503 = refused as busy; peak MB = the server "
+            "process's peak resident memory so far, VmHWM)"
+        )
         if single_p50 is not None:
             base = percentile(baseline, 50)
-            print(f"baseline without HTTP (foldercnn.load(model).predict(bytes) in this process, 1 thread): p50 "
-                  f"{base:.1f} ms per image; one client through the server: {single_p50:.1f} ms "
-                  f"(ratio {single_p50 / base:.2f}x, HTTP + multipart + queueing {single_p50 - base:.1f} ms)")
+            print(
+                f"baseline without HTTP (foldercnn.load(model).predict(bytes) in this process, 1 thread): p50 "
+                f"{base:.1f} ms per image; one client through the server: {single_p50:.1f} ms "
+                f"(ratio {single_p50 / base:.2f}x, HTTP + multipart + queueing {single_p50 - base:.1f} ms)"
+            )
 
         good_png = next(d for n, d in images if d.startswith(b"\x89PNG"))
         buf = io.BytesIO()
@@ -260,20 +274,26 @@ def main():
         connection_errors = sum(not isinstance(s, int) for s in statuses)
         wrong = [(kind, s) for _, s, e, kind in records if s != e]
         n_bad = sum(e != 200 for _, _, e, _ in records)
-        print(f"\nburst: {len(records)} requests from 64 clients in {seconds:.1f} s ({n_bad} bad uploads of "
-              f"{len(bad)} kinds, {len(records) - n_bad} good images)")
+        print(
+            f"\nburst: {len(records)} requests from 64 clients in {seconds:.1f} s ({n_bad} bad uploads of "
+            f"{len(bad)} kinds, {len(records) - n_bad} good images)"
+        )
         for kind, expected in [("good image", 200)] + [(k, e) for _, _, e, k in bad]:
             got = Counter(s for _, s, _, k in records if k == kind)
             answers = ", ".join(f"{n} x {s}" for s, n in sorted(got.items(), key=str))
             print(f"  {kind:<20} expected {expected}: {answers}")
-        print(f"  5xx server errors: {server_errors}; connection errors: {connection_errors}; "
-              f"answers other than expected: {len(wrong)}" + (f" {wrong[:5]}" if wrong else ""))
+        print(
+            f"  5xx server errors: {server_errors}; connection errors: {connection_errors}; "
+            f"answers other than expected: {len(wrong)}" + (f" {wrong[:5]}" if wrong else "")
+        )
         health = request(port, "GET", "/healthz")[0]
         status, body = request(port, "POST", "/predict", *good[0][:2])
         label = json.loads(body)[0]["label"] if status == 200 else None
         hwm, rss = peak_memory_mb(server.pid)
-        print(f"  afterwards: /healthz {health}, a good image -> {status} {label!r}; server memory peak "
-              f"{hwm:.0f} MB, now {rss:.0f} MB")
+        print(
+            f"  afterwards: /healthz {health}, a good image -> {status} {label!r}; server memory peak "
+            f"{hwm:.0f} MB, now {rss:.0f} MB"
+        )
         passed = server_errors == 0 and connection_errors == 0 and not wrong and health == 200 and status == 200
         print("burst " + ("PASSED" if passed else "FAILED"))
     finally:

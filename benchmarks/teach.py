@@ -14,6 +14,7 @@ group mates, data/duplicates.py) of the posted photos, which would flatter it.
 Then /predict latency: one client posting one photo at a time, as the page's camera view does (sequential, a few
 per second), 40 requests while idle and as many as fit while a training job runs, side by side on the same server.
 """
+
 import argparse
 import os
 import random
@@ -33,6 +34,7 @@ from foldercnn.data.folders import load_folder, scan_folder
 
 def free_port():
     import socket
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -43,8 +45,9 @@ def start(data_dir, runs, recipe):
     cmd = [sys.executable, "-m", "foldercnn", "teach", str(data_dir), "--teach-runs", str(runs), "--port", str(port)]
     if recipe:
         cmd += ["--teach-recipe", recipe]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+    )
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):
         try:
@@ -56,8 +59,7 @@ def start(data_dir, runs, recipe):
 
 
 def post_photo(url, cls, path):
-    r = httpx.post(f"{url}/teach/classes/{cls}/images", files=[("files", (path.name, path.read_bytes()))],
-                   timeout=60)
+    r = httpx.post(f"{url}/teach/classes/{cls}/images", files=[("files", (path.name, path.read_bytes()))], timeout=60)
     r.raise_for_status()
 
 
@@ -98,8 +100,10 @@ def bench_set(folder, counts, recipe, seed, work):
     labels, paths = data.labels.numpy(), [Path(p) for p in data.paths]
     rng = random.Random(seed)
     # every class's photos in a random order: the first n of each are the ones posted
-    order = {c: rng.sample([i for i in range(len(paths)) if labels[i] == c], int((labels == c).sum()))
-             for c in range(len(data.classes))}
+    order = {
+        c: rng.sample([i for i in range(len(paths)) if labels[i] == c], int((labels == c).sum()))
+        for c in range(len(data.classes))
+    }
     teach_dir, runs = Path(work) / f"{folder.name}-teach", Path(work) / f"{folder.name}-runs"
     proc, url = start(teach_dir, runs, recipe)
     rows = []
@@ -109,23 +113,35 @@ def bench_set(folder, counts, recipe, seed, work):
         posted = {c: 0 for c in range(len(data.classes))}
         for n in counts:
             for c in posted:
-                for i in order[c][posted[c]:n]:
+                for i in order[c][posted[c] : n]:
                     post_photo(url, data.classes[c], paths[i])
                 posted[c] = n
             job = train(url)
-            used = {i for c in posted for i in order[c][:posted[c]]}
+            used = {i for c in posted for i in order[c][: posted[c]]}
             rest = [i for i in range(len(paths)) if i not in used]
             twins = {int(groups[i]) for i in used}
             far = [i for i in rest if int(groups[i]) not in twins]  # not a near-twin of a posted photo
             right = correct(job["result"]["model"], [paths[i] for i in rest], labels[rest], data.classes)
             is_far = np.array([int(groups[i]) not in twins for i in rest])
-            rows.append({"n": n, "job_s": job["seconds"], "train_s": job["result"]["train_seconds"],
-                         "held_out": job["result"]["val_accuracy"], "n_val": job["result"]["n_val"],
-                         "rest": right.mean(), "n_rest": len(rest), "far": right[is_far].mean(), "n_far": len(far)})
+            rows.append(
+                {
+                    "n": n,
+                    "job_s": job["seconds"],
+                    "train_s": job["result"]["train_seconds"],
+                    "held_out": job["result"]["val_accuracy"],
+                    "n_val": job["result"]["n_val"],
+                    "rest": right.mean(),
+                    "n_rest": len(rest),
+                    "far": right[is_far].mean(),
+                    "n_far": len(far),
+                }
+            )
             r = rows[-1]
-            print(f"{folder.name:<14}{n:>6}{r['job_s']:>8.1f}{r['train_s']:>9.1f}{r['held_out']:>10.1%} "
-                  f"({r['n_val']:>3}){r['rest']:>10.1%} ({r['n_rest']:>4}){r['far']:>10.1%} ({r['n_far']:>4})",
-                  flush=True)
+            print(
+                f"{folder.name:<14}{n:>6}{r['job_s']:>8.1f}{r['train_s']:>9.1f}{r['held_out']:>10.1%} "
+                f"({r['n_val']:>3}){r['rest']:>10.1%} ({r['n_rest']:>4}){r['far']:>10.1%} ({r['n_far']:>4})",
+                flush=True,
+            )
         photo = paths[order[0][-1]]
         idle = latencies(url, photo, lambda: True)
         busy = []
@@ -146,15 +162,20 @@ def main():
     args = ap.parse_args()
     counts = [int(c) for c in args.counts.split(",")]
     print(f"{os.cpu_count()} CPUs; torch threads in the training subprocess: its default")
-    print(f"{'set':<14}{'n/class':>6}{'job s':>8}{'train s':>9}{'held-out':>10} (n)  {'rest':>8} (n)  "
-          f"{'rest w/o twins':>14} (n)")
+    print(
+        f"{'set':<14}{'n/class':>6}{'job s':>8}{'train s':>9}{'held-out':>10} (n)  {'rest':>8} (n)  "
+        f"{'rest w/o twins':>14} (n)"
+    )
     with tempfile.TemporaryDirectory() as work:
         for name in args.sets.split(","):
             rows, idle, busy = bench_set(Path(args.photos) / name, counts, args.recipe, args.seed, work)
-            print(f"  /predict latency, one client, {name}: idle median {np.median(idle):.0f} ms "
-                  f"(p90 {np.percentile(idle, 90):.0f}, n={len(idle)}); during training median "
-                  f"{np.median(busy):.0f} ms (p90 {np.percentile(busy, 90):.0f}, n={len(busy)}); "
-                  f"ratio of medians {np.median(busy) / np.median(idle):.2f}x", flush=True)
+            print(
+                f"  /predict latency, one client, {name}: idle median {np.median(idle):.0f} ms "
+                f"(p90 {np.percentile(idle, 90):.0f}, n={len(idle)}); during training median "
+                f"{np.median(busy):.0f} ms (p90 {np.percentile(busy, 90):.0f}, n={len(busy)}); "
+                f"ratio of medians {np.median(busy) / np.median(idle):.2f}x",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

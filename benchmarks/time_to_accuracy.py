@@ -12,6 +12,7 @@
    each in a fresh subprocess.
 Everything runs in one process (5 in children) on this machine, so the figures compare side by side.
 """
+
 import argparse
 import json
 import os
@@ -45,12 +46,20 @@ def run_once(data, recipe, seed, cache, out, **kw):
     test = foldercnn.evaluate(foldercnn.load(result.model_path), data / "test")
     images = sum(h["images"] for h in result.history)
     train_s = sum(h["train_seconds"] for h in result.history)
-    return {"total": total, "decode": result.seconds["data"], "train": total - result.seconds["data"],
-            "test_accuracy": test.accuracy, "epochs": len(result.history), "img_per_s": images / train_s}
+    return {
+        "total": total,
+        "decode": result.seconds["data"],
+        "train": total - result.seconds["data"],
+        "test_accuracy": test.accuracy,
+        "epochs": len(result.history),
+        "img_per_s": images / train_s,
+    }
 
 
 def spread(values, fmt="{:.1f}"):
-    return f"median {fmt.format(statistics.median(values))} (min {fmt.format(min(values))}, max {fmt.format(max(values))})"
+    return (
+        f"median {fmt.format(statistics.median(values))} (min {fmt.format(min(values))}, max {fmt.format(max(values))})"
+    )
 
 
 def forward_flops(model, size):
@@ -63,6 +72,7 @@ def forward_flops(model, size):
             flops.append(2 * k * o.numel())
         elif isinstance(m, nn.Linear):
             flops.append(2 * m.in_features * m.out_features)
+
     hooks = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     with torch.no_grad():
         model.eval()(torch.zeros(1, 3, size, size))
@@ -79,8 +89,10 @@ def peak_estimate():
     # two FMA pipes of 256 bits (AVX-512 runs double-pumped on Zen 4): 2 x 8 fp32 lanes x 2 FLOPs
     fp32_per_cycle = 32 if ("avx512f" in flags or "avx2" in flags) else 8
     bf16_per_cycle = 2 * fp32_per_cycle if "avx512_bf16" in flags else fp32_per_cycle
-    how = (f"{cores} cores x {mhz / 1000:.2f} GHz x {fp32_per_cycle} FP32 FLOPs/cycle "
-           f"(2 FMA pipes x 8 fp32 lanes x 2); bf16 dot products (avx512_bf16) x2 = {bf16_per_cycle}")
+    how = (
+        f"{cores} cores x {mhz / 1000:.2f} GHz x {fp32_per_cycle} FP32 FLOPs/cycle "
+        f"(2 FMA pipes x 8 fp32 lanes x 2); bf16 dot products (avx512_bf16) x2 = {bf16_per_cycle}"
+    )
     return cores * mhz / 1000 * fp32_per_cycle, cores * mhz / 1000 * bf16_per_cycle, how
 
 
@@ -102,8 +114,19 @@ def scaling_child(data, factor, out):
     status = Path("/proc/self/status").read_text()
     peak = int(re.search(r"VmHWM:\s*(\d+)", status).group(1)) / 1024
     cache_mb = sum(p.stat().st_size for p in (tmp / "cache").rglob("*.npy")) / 2**20
-    print(json.dumps({"factor": factor, "images": result.n_train + result.n_val, "decode": result.seconds["data"],
-                      "epoch": h["seconds"], "total": total, "peak_mb": peak, "cache_mb": cache_mb}))
+    print(
+        json.dumps(
+            {
+                "factor": factor,
+                "images": result.n_train + result.n_val,
+                "decode": result.seconds["data"],
+                "epoch": h["seconds"],
+                "total": total,
+                "peak_mb": peak,
+                "cache_mb": cache_mb,
+            }
+        )
+    )
 
 
 def main():
@@ -120,8 +143,10 @@ def main():
     seeds = [int(s) for s in args.seeds.split(",")]
     parts = {int(p) for p in args.parts.split(",")}
     runtime.setup()
-    print(f"machine: {runtime.physical_cores()} physical cores, torch {torch.__version__}, "
-          f"precision {runtime.resolve_precision('auto', torch.device('cpu'))}")
+    print(
+        f"machine: {runtime.physical_cores()} physical cores, torch {torch.__version__}, "
+        f"precision {runtime.resolve_precision('auto', torch.device('cpu'))}"
+    )
     work = Path(tempfile.mkdtemp(prefix="foldercnn-bench-"))
 
     if parts & {1, 2, 3, 4}:
@@ -135,10 +160,15 @@ def fast_runs(data, seeds, work, tag):
     for s in seeds:
         r = run_once(data, "fast", s, work / f"cache{s}", work / f"{tag}{s}")
         runs.append(r)
-        print(f"   seed {s}: total {r['total']:.1f}s = decode {r['decode']:.1f}s + train {r['train']:.1f}s "
-              f"({r['epochs']} epochs); test accuracy {r['test_accuracy']:.4f}", flush=True)
-    print(f"   total seconds {spread([r['total'] for r in runs])}; "
-          f"test accuracy {spread([r['test_accuracy'] for r in runs], '{:.4f}')}")
+        print(
+            f"   seed {s}: total {r['total']:.1f}s = decode {r['decode']:.1f}s + train {r['train']:.1f}s "
+            f"({r['epochs']} epochs); test accuracy {r['test_accuracy']:.4f}",
+            flush=True,
+        )
+    print(
+        f"   total seconds {spread([r['total'] for r in runs])}; "
+        f"test accuracy {spread([r['test_accuracy'] for r in runs], '{:.4f}')}"
+    )
     return runs
 
 
@@ -152,45 +182,64 @@ def compare_recipes(data, seeds, work):
     print(f"\n3. seed recipe (the tutorial) with the same wall clock: --time-budget {budget:.1f}s")
     seed_run = run_once(data, "seed", seeds[0], work / "cache-seed", work / "seed", time_budget=budget)
     fast_acc = statistics.median(r["test_accuracy"] for r in cold)
-    print(f"   seed recipe: {seed_run['epochs']} epoch(s), test accuracy {seed_run['test_accuracy']:.4f} "
-          f"after {seed_run['total']:.1f}s")
-    print(f"   HEADLINE at equal time ({budget:.0f}s): fast {fast_acc:.4f} vs seed {seed_run['test_accuracy']:.4f} "
-          f"test accuracy, ratio {fast_acc / max(seed_run['test_accuracy'], 1e-9):.2f}x")
+    print(
+        f"   seed recipe: {seed_run['epochs']} epoch(s), test accuracy {seed_run['test_accuracy']:.4f} "
+        f"after {seed_run['total']:.1f}s"
+    )
+    print(
+        f"   HEADLINE at equal time ({budget:.0f}s): fast {fast_acc:.4f} vs seed {seed_run['test_accuracy']:.4f} "
+        f"test accuracy, ratio {fast_acc / max(seed_run['test_accuracy'], 1e-9):.2f}x"
+    )
     seed_recipe = get_recipe("seed")
     seed_full = seed_recipe.epochs * seed_recipe.steps_per_epoch * seed_recipe.batch_size / seed_run["img_per_s"]
-    print(f"   the seed recipe's full 25 epochs would take ~{seed_full:.0f}s here: "
-          f"{seed_full / budget:.1f}x the fast recipe's time")
+    print(
+        f"   the seed recipe's full 25 epochs would take ~{seed_full:.0f}s here: "
+        f"{seed_full / budget:.1f}x the fast recipe's time"
+    )
 
     print("\n4. throughput")
     peak32, peak16, how = peak_estimate()
     print(f"   peak estimate: {peak32:.0f} GFLOP/s fp32, {peak16:.0f} GFLOP/s bf16 ({how})")
-    for name, img_s in (("fast", statistics.median(r["img_per_s"] for r in cold + warm)),
-                        ("seed", seed_run["img_per_s"])):
+    for name, img_s in (
+        ("fast", statistics.median(r["img_per_s"] for r in cold + warm)),
+        ("seed", seed_run["img_per_s"]),
+    ):
         rec = get_recipe(name)
         fwd = forward_flops(create_model(rec.model, 3, **rec.model_args), rec.image_size)
         achieved = img_s * 3 * fwd / 1e9  # forward + backward ~ 3x forward
-        print(f"   {name}: {img_s:.0f} training img/s at {rec.image_size}px; {fwd / 1e6:.0f} MFLOP forward/img; "
-              f"~{achieved:.0f} GFLOP/s achieved ({achieved / peak16:.0%} of bf16 peak)")
+        print(
+            f"   {name}: {img_s:.0f} training img/s at {rec.image_size}px; {fwd / 1e6:.0f} MFLOP forward/img; "
+            f"~{achieved:.0f} GFLOP/s achieved ({achieved / peak16:.0%} of bf16 peak)"
+        )
 
-    print("   (the peak is an estimate from the reported clock; achieved figures above 100% mean the CPU runs\n"
-          "    faster than the reported MHz or retires more bf16 work per cycle than assumed)")
+    print(
+        "   (the peak is an estimate from the reported clock; achieved figures above 100% mean the CPU runs\n"
+        "    faster than the reported MHz or retires more bf16 work per cycle than assumed)"
+    )
 
 
 def scaling(data):
     print("\n5. scaling (fresh subprocess each; cold cache; 1 epoch of the fast recipe)")
-    print(f"   {'factor':>6} {'images':>7} {'decode s':>9} {'epoch s':>8} {'s/1k img':>9} {'peak RSS MB':>12} "
-          f"{'cache MB':>9}")
+    print(
+        f"   {'factor':>6} {'images':>7} {'decode s':>9} {'epoch s':>8} {'s/1k img':>9} {'peak RSS MB':>12} "
+        f"{'cache MB':>9}"
+    )
     for factor in (1, 4, 16):
         with tempfile.TemporaryDirectory(prefix="foldercnn-scale-") as tmp:
-            out = subprocess.run([sys.executable, __file__, "--data", str(data), "--scaling-child", str(factor),
-                                  "--child-out", tmp], capture_output=True, text=True)
+            out = subprocess.run(
+                [sys.executable, __file__, "--data", str(data), "--scaling-child", str(factor), "--child-out", tmp],
+                capture_output=True,
+                text=True,
+            )
             if out.returncode:
                 print(out.stderr[-2000:])
                 continue
             r = json.loads(out.stdout.strip().splitlines()[-1])
-            print(f"   {factor:>5}x {r['images']:>7} {r['decode']:>9.1f} {r['epoch']:>8.1f} "
-                  f"{1000 * r['epoch'] / (0.8 * r['images']):>9.2f} {r['peak_mb']:>12.0f} {r['cache_mb']:>9.0f}",
-                  flush=True)
+            print(
+                f"   {factor:>5}x {r['images']:>7} {r['decode']:>9.1f} {r['epoch']:>8.1f} "
+                f"{1000 * r['epoch'] / (0.8 * r['images']):>9.2f} {r['peak_mb']:>12.0f} {r['cache_mb']:>9.0f}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

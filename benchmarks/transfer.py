@@ -8,6 +8,7 @@ then test accuracy on test/ (372 images, never used for selection). Then single-
 batch throughput of the resulting model file, and the `fast` recipe's figures beside them.
 Each run starts with a cold decode cache.
 """
+
 import argparse
 import os
 import statistics
@@ -30,14 +31,21 @@ def run(data, work, seed, recipe, **kw):
     os.environ["FOLDERCNN_CACHE"] = str(work / f"cache-{recipe}-{seed}-{len(kw)}")  # cold every time
     lines = []
     t = time.perf_counter()
-    result = foldercnn.train(data / "train", work / f"{recipe}-{seed}-{len(kw)}", recipe=recipe, seed=seed,
-                             log=lines.append, **kw)
+    result = foldercnn.train(
+        data / "train", work / f"{recipe}-{seed}-{len(kw)}", recipe=recipe, seed=seed, log=lines.append, **kw
+    )
     total = time.perf_counter() - t
     acc = foldercnn.evaluate(foldercnn.load(result.model_path), data / "test").accuracy
     feat = next((line for line in lines if str(line).startswith("features:")), "")
     head = next((line for line in lines if str(line).startswith("head fitted")), "")
-    return {"total": total, "decode": result.seconds["data"], "acc": acc, "path": result.model_path,
-            "features": feat.split(" in ")[-1] if feat else "-", "head": head.split(" in ")[1].split(" ")[0] if head else "-"}
+    return {
+        "total": total,
+        "decode": result.seconds["data"],
+        "acc": acc,
+        "path": result.model_path,
+        "features": feat.split(" in ")[-1] if feat else "-",
+        "head": head.split(" in ")[1].split(" ")[0] if head else "-",
+    }
 
 
 def latency(model_path, images):
@@ -68,26 +76,39 @@ def main():
     work = Path(tempfile.mkdtemp(prefix="foldercnn-transfer-"))
     test_images = sorted((data / "test").rglob("*.png"))[::6]
     rows = {}
-    runs = {"probe": ("linear probe", "transfer", {}),
-            "fine-tune": (f"probe + fine-tune {args.fine_tune_epochs} ep", "transfer",
-                          {"fine_tune": True, "epochs": args.fine_tune_epochs}),
-            "fast": ("fast recipe (from scratch)", "fast", {})}
+    runs = {
+        "probe": ("linear probe", "transfer", {}),
+        "fine-tune": (
+            f"probe + fine-tune {args.fine_tune_epochs} ep",
+            "transfer",
+            {"fine_tune": True, "epochs": args.fine_tune_epochs},
+        ),
+        "fast": ("fast recipe (from scratch)", "fast", {}),
+    }
     for label, recipe, kw in (runs[name] for name in args.runs.split(",")):
         print(f"\n{label}:")
         results = []
         for s in seeds:
             r = run(data, work, s, recipe, **kw)
             results.append(r)
-            print(f"   seed {s}: total {r['total']:.1f}s (decode {r['decode']:.1f}s, features {r['features']}, "
-                  f"head {r['head']}); test accuracy {r['acc']:.4f}", flush=True)
+            print(
+                f"   seed {s}: total {r['total']:.1f}s (decode {r['decode']:.1f}s, features {r['features']}, "
+                f"head {r['head']}); test accuracy {r['acc']:.4f}",
+                flush=True,
+            )
         ms, ips = latency(results[0]["path"], test_images)
         rows[label] = (results, ms, ips)
         print(f"   predict: {ms:.1f} ms per single image (decode included), {ips:.0f} img/s in a batch of 64")
-    print(f"\n{'':30} {'total s (median)':>17} {'test acc median':>16} {'min-max':>14} {'1-image ms':>11} {'batch img/s':>12}")
+    print(
+        f"\n{'':30} {'total s (median)':>17} {'test acc median':>16} {'min-max':>14} {'1-image ms':>11} "
+        f"{'batch img/s':>12}"
+    )
     for label, (results, ms, ips) in rows.items():
         accs = [r["acc"] for r in results]
-        print(f"{label:30} {statistics.median(r['total'] for r in results):>17.1f} {statistics.median(accs):>16.4f} "
-              f"{min(accs):>7.4f}-{max(accs):.4f} {ms:>11.1f} {ips:>12.0f}")
+        print(
+            f"{label:30} {statistics.median(r['total'] for r in results):>17.1f} {statistics.median(accs):>16.4f} "
+            f"{min(accs):>7.4f}-{max(accs):.4f} {ms:>11.1f} {ips:>12.0f}"
+        )
 
 
 if __name__ == "__main__":

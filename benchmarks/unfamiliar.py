@@ -9,6 +9,7 @@ the share of images flagged; the accuracy on the images no flag touches (selecti
 score tells wrong answers from right ones (AUROC, 0.5 = chance). Then the cost of the score: prediction time
 with and without it, side by side on the same images.
 """
+
 import argparse
 import tempfile
 import time
@@ -21,17 +22,21 @@ from foldercnn.data.folders import load_folder, scan_folder
 
 
 def flag_rows(classifier, sets):
-    print(f"{'set':<16}{'acc':>7}{'errors':>8}{'unc':>7}{'unf':>7}{'either':>8}{'flagged':>9}{'sel.acc':>9}"
-          f"{'AUROC conf':>11}{'AUROC unf':>10}")
+    print(
+        f"{'set':<16}{'acc':>7}{'errors':>8}{'unc':>7}{'unf':>7}{'either':>8}{'flagged':>9}{'sel.acc':>9}"
+        f"{'AUROC conf':>11}{'AUROC unf':>10}"
+    )
     for name, folder in sets.items():
         ev = foldercnn.evaluate(classifier, folder)
         f = ev.flags
         e = f["errors_flagged"]
         auc = lambda x: "n/a" if x is None else f"{x:.3f}"  # noqa: E731
         pct = lambda x: "n/a" if x is None else f"{x:.1%}"  # noqa: E731
-        print(f"{name:<16}{ev.accuracy:>7.1%}{f['errors']:>8}{e['uncertain']:>7}{str(e['unfamiliar']):>7}"
-              f"{e['either']:>8}{pct(f['share_either']):>9}{pct(f['selective_accuracy']):>9}"
-              f"{auc(f['auroc_low_confidence']):>11}{auc(f['auroc_unfamiliarity']):>10}")
+        print(
+            f"{name:<16}{ev.accuracy:>7.1%}{f['errors']:>8}{e['uncertain']:>7}{str(e['unfamiliar']):>7}"
+            f"{e['either']:>8}{pct(f['share_either']):>9}{pct(f['selective_accuracy']):>9}"
+            f"{auc(f['auroc_low_confidence']):>11}{auc(f['auroc_unfamiliarity']):>10}"
+        )
 
 
 def score_cost(classifier, folder, repeats=5):
@@ -46,8 +51,10 @@ def score_cost(classifier, folder, repeats=5):
         classifier.logits_and_unfamiliarity(images)
         scored.append(time.perf_counter() - t)
     p, s = sorted(plain)[repeats // 2], sorted(scored)[repeats // 2]
-    print(f"score cost on {len(images)} images: {p * 1000:.0f} ms without, {s * 1000:.0f} ms with "
-          f"(+{100 * (s / p - 1):.1f}%)")
+    print(
+        f"score cost on {len(images)} images: {p * 1000:.0f} ms without, {s * 1000:.0f} ms with "
+        f"(+{100 * (s / p - 1):.1f}%)"
+    )
 
 
 def main():
@@ -67,8 +74,9 @@ def main():
         models = args.models or []
         if not models:
             for recipe in args.recipes.split(","):
-                result = foldercnn.train(args.data / "train", Path(tmp) / recipe, recipe=recipe, seed=args.seed,
-                                         log=lambda *a: None)
+                result = foldercnn.train(
+                    args.data / "train", Path(tmp) / recipe, recipe=recipe, seed=args.seed, log=lambda *a: None
+                )
                 models.append(result.model_path)
         for path in models:
             classifier = foldercnn.load(path)

@@ -1,5 +1,7 @@
 """Shared fixtures: small generated image folders (the suite never needs ../shared)."""
+
 import os
+
 import pytest
 
 from testkit import CHROMIUM, CHROMIUM_FLAGS, make_shapes, run_cli
@@ -10,7 +12,6 @@ def private_cache(tmp_path_factory):
     """Keep the decode cache (and downloads) of the whole run, subprocesses included, in a temp folder."""
     os.environ["FOLDERCNN_CACHE"] = str(tmp_path_factory.mktemp("cache"))
     yield
-
 
 
 @pytest.fixture(scope="session")
@@ -24,9 +25,9 @@ def shapes_dirs(tmp_path_factory):
 def trained_model(shapes_dirs, tmp_path_factory):
     """A fast-recipe model trained for a few epochs on the shapes (shared by several tests)."""
     import foldercnn
+
     out = tmp_path_factory.mktemp("run")
-    result = foldercnn.train(shapes_dirs[0], out, recipe="fast", epochs=8, image_size=32, seed=0,
-                             log=lambda *a: None)
+    result = foldercnn.train(shapes_dirs[0], out, recipe="fast", epochs=8, image_size=32, seed=0, log=lambda *a: None)
     return result
 
 
@@ -44,6 +45,7 @@ def browser():
             pytest.fail("chromium is not on PATH; .ci/run should have installed Debian's chromium")
         pytest.skip("browser tests need Debian's chromium on PATH (apt-get install chromium)")
     from playwright.sync_api import sync_playwright
+
     with sync_playwright() as p:
         b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS, headless=True)
         yield b

@@ -1,4 +1,5 @@
 """Batch augmentation geometry."""
+
 import torch
 
 from foldercnn.data.augment import AugmentConfig, apply_affine, augment_batch, hflip, random_affine_matrices

@@ -1,12 +1,20 @@
 """Metrics, calibration and temperature scaling against hand-computed and synthetic cases."""
+
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from foldercnn.evaluation.calibration import (T_MIN, choose_temperature, expected_calibration_error, fit_temperature,
-                                   mean_confidence, nll, wilson_interval)
+from foldercnn.evaluation.calibration import (
+    T_MIN,
+    choose_temperature,
+    expected_calibration_error,
+    fit_temperature,
+    mean_confidence,
+    nll,
+    wilson_interval,
+)
 from foldercnn.evaluation.metrics import evaluation_from_logits, metrics_from_predictions
 
 
@@ -58,8 +66,9 @@ def test_temperature_recovers_the_overconfidence_factor_and_lowers_nll():
     assert nll(logits, labels, t) < nll(logits, labels, 1.0) - 0.1
     probs = torch.softmax(logits / t, 1)
     conf, pred = probs.max(1)
-    before = expected_calibration_error(torch.softmax(logits, 1).max(1).values.numpy(),
-                                        (logits.argmax(1) == labels).numpy())
+    before = expected_calibration_error(
+        torch.softmax(logits, 1).max(1).values.numpy(), (logits.argmax(1) == labels).numpy()
+    )
     after = expected_calibration_error(conf.numpy(), (pred == labels).numpy())
     assert after < before / 3
 
@@ -89,8 +98,14 @@ def test_error_free_validation_does_not_make_the_model_certain():
 
 def test_evaluation_numbers_are_consistent():
     logits, labels = overconfident_logits(n=400, seed=3)
-    ev = evaluation_from_logits(logits, labels.tolist(), ["a", "b", "c"], temperature=2.0, uncertain_below=0.8,
-                                paths=[f"img{i}.png" for i in range(400)])
+    ev = evaluation_from_logits(
+        logits,
+        labels.tolist(),
+        ["a", "b", "c"],
+        temperature=2.0,
+        uncertain_below=0.8,
+        paths=[f"img{i}.png" for i in range(400)],
+    )
     d = ev.to_dict()
     lo, hi = d["accuracy_ci95"]
     assert lo < d["accuracy"] < hi and d["n_correct"] == round(d["accuracy"] * 400)
@@ -107,6 +122,7 @@ def test_evaluation_numbers_are_consistent():
 
 def test_trained_model_stores_a_temperature_that_lowers_validation_nll(trained_model):
     from foldercnn.models.file import read_metadata
+
     cal = read_metadata(trained_model.model_path)["calibration"]
     assert cal["val_nll_after"] <= cal["val_nll_before"] + 1e-9
     assert T_MIN < cal["temperature"] < 20 and cal["uncertain_below"] == 0.8
@@ -115,6 +131,7 @@ def test_trained_model_stores_a_temperature_that_lowers_validation_nll(trained_m
 
 def test_classifier_uses_the_temperature_and_flags_uncertain_predictions(trained_model, shapes_dirs):
     import foldercnn
+
     clf = foldercnn.load(trained_model.model_path)
     image = next((shapes_dirs[1] / "circle").glob("*.png"))
     x = torch.from_numpy(clf.decode(image)).unsqueeze(0)

@@ -1,4 +1,5 @@
 """The real `foldercnn` command, end to end, in subprocesses."""
+
 import csv
 import json
 import queue
@@ -10,16 +11,28 @@ import threading
 import pytest
 from PIL import Image
 
-from testkit import run_cli
 from foldercnn.models.file import read_metadata
+from testkit import run_cli
 
 
 @pytest.fixture(scope="module")
 def cli_run(shapes_dirs, tmp_path_factory):
     """`foldercnn train` on generated shapes, once for the module."""
     out = tmp_path_factory.mktemp("cli") / "run"
-    r = run_cli("train", shapes_dirs[0], "--val", shapes_dirs[1], "--epochs", "10", "--image-size", "32",
-                "--seed", "1", "--out", out)
+    r = run_cli(
+        "train",
+        shapes_dirs[0],
+        "--val",
+        shapes_dirs[1],
+        "--epochs",
+        "10",
+        "--image-size",
+        "32",
+        "--seed",
+        "1",
+        "--out",
+        out,
+    )
     assert r.returncode == 0, r.stderr
     return out, r
 
@@ -85,34 +98,40 @@ def test_inspect(shapes_dirs, cli, tmp_path):
 def test_seed_makes_training_repeatable(shapes_dirs, tmp_path, cli):
     runs = []
     for name in ("a", "b"):
-        r = cli("train", shapes_dirs[0], "--epochs", "2", "--image-size", "24", "--seed", "7",
-                "--out", tmp_path / name)
+        r = cli("train", shapes_dirs[0], "--epochs", "2", "--image-size", "24", "--seed", "7", "--out", tmp_path / name)
         assert r.returncode == 0, r.stderr
         runs.append((tmp_path / name / "history.csv").read_text().splitlines())
     strip = lambda lines: [line.rsplit(",", 1)[0] for line in lines]  # drop the seconds column
     assert strip(runs[0]) == strip(runs[1])
     import foldercnn
+
     a, b = (foldercnn.load(tmp_path / n / "model.safetensors") for n in "ab")
     assert all(torch_equal(x, y) for x, y in zip(a.model.state_dict().values(), b.model.state_dict().values()))
 
 
 def torch_equal(x, y):
     import torch
+
     return torch.equal(x, y)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("args,message", [
-    (["train", "{missing}", "--out", "{tmp}/r"], "folder not found"),
-    (["evaluate", "{tmp}/nope.safetensors", "{tmp}"], "model file not found"),
-    (["predict", "{model}", "{tmp}/nope.png"], "not found"),
-    (["train", "{data}", "--out", "{tmp}/r", "--epochs", "0"], "argument --epochs: 0 is not between 1 and"),
-    (["train", "{data}", "--out", "{tmp}/r", "--val-fraction", "1.5"], "argument --val-fraction: 1.5 is not a number"),
-    (["train", "{data}", "--out", "{tmp}/r", "--fine-tune"], "follows a linear probe"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["train", "{missing}", "--out", "{tmp}/r"], "folder not found"),
+        (["evaluate", "{tmp}/nope.safetensors", "{tmp}"], "model file not found"),
+        (["predict", "{model}", "{tmp}/nope.png"], "not found"),
+        (["train", "{data}", "--out", "{tmp}/r", "--epochs", "0"], "argument --epochs: 0 is not between 1 and"),
+        (
+            ["train", "{data}", "--out", "{tmp}/r", "--val-fraction", "1.5"],
+            "argument --val-fraction: 1.5 is not a number",
+        ),
+        (["train", "{data}", "--out", "{tmp}/r", "--fine-tune"], "follows a linear probe"),
+    ],
+)
 def test_errors_are_clear_without_traceback(args, message, cli, tmp_path, shapes_dirs, trained_model):
-    fill = {"missing": tmp_path / "missing", "tmp": tmp_path, "data": shapes_dirs[0],
-            "model": trained_model.model_path}
+    fill = {"missing": tmp_path / "missing", "tmp": tmp_path, "data": shapes_dirs[0], "model": trained_model.model_path}
     r = cli(*[a.format(**fill) for a in args])
     assert r.returncode == 2
     assert message in r.stderr and "Traceback" not in r.stderr
@@ -121,10 +140,25 @@ def test_errors_are_clear_without_traceback(args, message, cli, tmp_path, shapes
 @pytest.mark.slow
 def test_ctrl_c_keeps_best_model(shapes_dirs, tmp_path):
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "foldercnn.cli", "train", str(shapes_dirs[0]), "--epochs", "500",
-                             "--image-size", "24", "--out", str(out)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env={**__import__("os").environ,
-                                                                     "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "foldercnn.cli",
+            "train",
+            str(shapes_dirs[0]),
+            "--epochs",
+            "500",
+            "--image-size",
+            "24",
+            "--out",
+            str(out),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**__import__("os").environ, "PYTHONUNBUFFERED": "1"},
+    )
     lines = queue.Queue()  # read in a thread, so a silent hang fails the test instead of blocking it
     threading.Thread(target=lambda: [lines.put(line) for line in iter(proc.stdout.readline, "")], daemon=True).start()
     try:

@@ -1,6 +1,7 @@
 """The GPU path: `train --device cuda` (bf16 autocast, channels-last, pinned-memory batches, augmentation on the
 GPU) gives a model file that predicts on the CPU. Skipped, with the reason, where PyTorch sees no CUDA GPU;
 the refusal of --device cuda runs there instead."""
+
 import pytest
 import torch
 
@@ -21,8 +22,16 @@ def test_device_cuda_without_a_gpu_is_refused_clearly(cli, shapes_dirs, tmp_path
 @needs_cuda
 @pytest.mark.slow
 def test_a_model_trained_on_the_gpu_predicts_on_the_cpu(shapes_dirs, tmp_path):
-    result = foldercnn.train(shapes_dirs[0], tmp_path / "run", recipe="fast", epochs=8, image_size=32, seed=0,
-                             device="cuda", log=lambda *a: None)
+    result = foldercnn.train(
+        shapes_dirs[0],
+        tmp_path / "run",
+        recipe="fast",
+        epochs=8,
+        image_size=32,
+        seed=0,
+        device="cuda",
+        log=lambda *a: None,
+    )
     assert result.history[-1]["val_accuracy"] >= 0.8
     on_gpu = foldercnn.load(result.model_path, device="cuda")
     on_cpu = foldercnn.load(result.model_path, device="cpu")

@@ -1,11 +1,14 @@
 """Scanning labelled folders: order, skips, and a clear error for every bad layout."""
+
 import pytest
 import torch
 from PIL import Image
 
 from foldercnn import FolderCNNError
 from foldercnn.data.folders import load_folder, natural_key, scan_folder, stratified_split
-from foldercnn.training.job import prepare_data, train_folder
+from foldercnn.training.job import train_folder
+from foldercnn.training.options import TrainOptions
+from foldercnn.training.prepare import prepare_data
 from foldercnn.training.recipes import get_recipe
 
 
@@ -51,14 +54,17 @@ def test_unreadable_images_skipped_with_reason(tmp_path):
     assert {p.name for p, _ in data.skipped} == {"empty.png", "fake.jpg"}
 
 
-@pytest.mark.parametrize("layout,message", [
-    ("missing", "folder not found"),
-    ("file", "not a folder"),
-    ("empty", "no class folders"),
-    ("loose", "put each class in its own sub-folder"),
-    ("one", "at least 2"),
-    ("empty_class", "has no images"),
-])
+@pytest.mark.parametrize(
+    "layout,message",
+    [
+        ("missing", "folder not found"),
+        ("file", "not a folder"),
+        ("empty", "no class folders"),
+        ("loose", "put each class in its own sub-folder"),
+        ("one", "at least 2"),
+        ("empty_class", "has no images"),
+    ],
+)
 def test_bad_layouts(tmp_path, layout, message):
     root = tmp_path / "data"
     if layout == "file":
@@ -90,7 +96,9 @@ def test_validation_classes_must_match(tmp_path):
     for c in ("a", "c"):
         img(tmp_path / "val" / c / "x.png")
     with pytest.raises(FolderCNNError, match="do not match.*missing b.*extra c"):
-        prepare_data(tmp_path / "train", get_recipe("fast"), val_dir=tmp_path / "val", log=lambda *a: None)
+        prepare_data(
+            tmp_path / "train", get_recipe("fast"), TrainOptions(val_dir=str(tmp_path / "val")), events=lambda *a: None
+        )
 
 
 def test_never_writes_inside_data_folder(tmp_path):

@@ -1,6 +1,7 @@
 """Training one model in several processes (torchrun, DistributedDataParallel over gloo on 127.0.0.1): two
 processes with half the batch each train the model one process trains with the whole batch; only rank 0
 writes and prints; `train --nproc N` launches torchrun itself."""
+
 import csv
 
 import pytest
@@ -14,8 +15,21 @@ from testkit import make_shapes, run_cli
 # 7e-6 (float32 variance of near-constant white backgrounds); batch norm not synchronised, or ranks taking the
 # same share of a batch, miss by more than 1e-4 (weights) and 0.07 (running statistics).
 EPOCHS = 2
-COMMON = ["--epochs", str(EPOCHS), "--batch-size", "16", "--image-size", "32", "--precision", "fp32",
-          "--no-augment", "--lr", "0.00005", "--seed", "5"]
+COMMON = [
+    "--epochs",
+    str(EPOCHS),
+    "--batch-size",
+    "16",
+    "--image-size",
+    "32",
+    "--precision",
+    "fp32",
+    "--no-augment",
+    "--lr",
+    "0.00005",
+    "--seed",
+    "5",
+]
 TOLERANCE = 1e-5
 
 
@@ -54,8 +68,10 @@ def test_two_processes_with_half_the_batch_train_the_same_model_as_one(runs):
     diff = {k: (a[k].double() - b[k].double()).abs().max().item() for k in a}
     stats = {k for k in a if ".running_" in k or k.endswith("num_batches_tracked")}
     weights = max(v for k, v in diff.items() if k not in stats)
-    print(f"2 processes vs 1, max abs difference: weights {weights:.3g}, "
-          f"running statistics {max(diff[k] for k in stats):.3g}")
+    print(
+        f"2 processes vs 1, max abs difference: weights {weights:.3g}, "
+        f"running statistics {max(diff[k] for k in stats):.3g}"
+    )
     assert weights < TOLERANCE
     for k in stats:  # estimates of the data's statistics, of order 1: the same bound relative to their size
         assert diff[k] <= TOLERANCE * (1 + a[k].abs().max().item()), (k, diff[k])
@@ -73,8 +89,10 @@ def test_only_rank_0_writes_and_prints(runs):
 def test_a_batch_that_does_not_split_evenly_is_refused(small_folder, tmp_path):
     r = run_cli("train", small_folder, "--out", tmp_path / "run", "--nproc", "2", "--batch-size", "15")
     assert r.returncode == 2, r.stderr
-    assert r.stderr.strip() == ("foldercnn: error: --batch-size 15 cannot be split over 2 processes: it is the "
-                                "global batch, each process takes an equal share (use a multiple of 2)")
+    assert r.stderr.strip() == (
+        "foldercnn: error: --batch-size 15 cannot be split over 2 processes: it is the "
+        "global batch, each process takes an equal share (use a multiple of 2)"
+    )
     assert not (tmp_path / "run").exists()
     r = run_cli("train", small_folder, "--out", tmp_path / "run", "--nproc", "2", "--recipe", "transfer")
     assert r.returncode == 2 and "runs in one process" in r.stderr and "Traceback" not in r.stderr

@@ -1,4 +1,5 @@
 """Downloading the tutorial's zips, against a real HTTP server on 127.0.0.1."""
+
 import http.server
 import io
 import json
@@ -7,10 +8,9 @@ import zipfile
 from pathlib import Path
 
 import pytest
-
-import foldercnn
 from PIL import Image
 
+import foldercnn
 from foldercnn.data.download import DownloadError, OfflineError, download, safe_extract
 from foldercnn.demo import download_rps, run_demo
 from testkit import make_shapes
@@ -32,8 +32,13 @@ def make_zip(entries):
 
 def rps_zip(top, per_class=4):
     colours = {"paper": (250, 200, 200), "rock": (90, 60, 40), "scissors": (40, 160, 40)}
-    return make_zip({f"{top}/{c}/{c}{i}.png": png_bytes(tuple(min(255, v + 3 * i) for v in col))
-                     for c, col in colours.items() for i in range(per_class)})
+    return make_zip(
+        {
+            f"{top}/{c}/{c}{i}.png": png_bytes(tuple(min(255, v + 3 * i) for v in col))
+            for c, col in colours.items()
+            for i in range(per_class)
+        }
+    )
 
 
 class Server:
@@ -131,8 +136,15 @@ def test_demo_downloads_into_cache_and_runs(server, tmp_path, monkeypatch):
         make_shapes(photos / name, per_class=4, size=30, seed=seed, classes=("paper", "rock", "scissors"))
     lines = []
     # the demo's recipe without MediaPipe Hands, robust, shortened (shapes have no hands for the default, hands)
-    result = run_demo(out=tmp_path / "demo", recipe="robust", image_size=64, probe_views=1, log=lines.append,
-                      progress=False, photos=photos)
+    result = run_demo(
+        out=tmp_path / "demo",
+        recipe="robust",
+        image_size=64,
+        probe_views=1,
+        log=lines.append,
+        progress=False,
+        photos=photos,
+    )
     text = "\n".join(map(str, lines))
     assert "(download)" in text and "evaluate on the test set" in text
     assert "real photos of hands" in text and "on 24 real photos" in text
@@ -160,8 +172,9 @@ def test_demo_with_the_tutorial_recipe_never_validates_on_test(server, tmp_path,
     monkeypatch.setenv("FOLDERCNN_RPS_URL", server.url)
     monkeypatch.delenv("FOLDERCNN_RPS_DIR", raising=False)
     monkeypatch.delenv("FOLDERCNN_RPS_PHOTOS_DIR", raising=False)
-    result = run_demo(out=tmp_path / "demo", recipe=recipe, epochs=1, image_size=48, batch_size=8,
-                      log=lambda *a: None, progress=False)
+    result = run_demo(
+        out=tmp_path / "demo", recipe=recipe, epochs=1, image_size=48, batch_size=8, log=lambda *a: None, progress=False
+    )
     meta = foldercnn.load(result.model_path).metadata
     assert "held out of the training folder" in meta["data"]["validation"] and result.n_val == 6
     assert meta["calibration"]["fitted_on"] == "validation split (6 images)"
@@ -185,6 +198,7 @@ def test_demo_offline_falls_back_to_digits(tmp_path, monkeypatch):
 def test_the_demo_trains_hands_by_default_and_says_when_a_folder_has_no_hands(server, tmp_path, monkeypatch):
     from foldercnn import FolderCNNError
     from foldercnn.data import hands
+
     if not hands.available():
         pytest.skip("MediaPipe Hands is not installed: the demo trains robust (the test above)")
     server.files["/rps.zip"] = rps_zip("rps", per_class=10)

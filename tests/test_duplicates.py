@@ -1,4 +1,5 @@
 """Near-duplicates: planted copies found, distinct images never paired, groups kept on one side of the split."""
+
 import io
 
 import numpy as np
@@ -22,8 +23,17 @@ def edited(im, edit, rng):
         return im.resize((im.width // 2, im.height // 2), Image.BILINEAR)
     if edit == "crop":
         d = int(0.05 * im.width)
-        return im.crop(tuple(int(v) for v in (rng.integers(0, d), rng.integers(0, d),
-                                               im.width - rng.integers(0, d), im.height - rng.integers(0, d))))
+        return im.crop(
+            tuple(
+                int(v)
+                for v in (
+                    rng.integers(0, d),
+                    rng.integers(0, d),
+                    im.width - rng.integers(0, d),
+                    im.height - rng.integers(0, d),
+                )
+            )
+        )
     buf = io.BytesIO()
     im.save(buf, "JPEG", quality=40)
     return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
@@ -104,7 +114,7 @@ def test_group_split_cuts_a_long_sequence_into_runs_of_consecutive_images():
     for c in (0, 1):
         mine = val[labels[val] == c].tolist()
         assert 15 <= len(mine) <= 30
-        runs = [mine[k:k + 5] for k in range(0, len(mine), 5)]  # runs of 0.25 * 20% * 100 = 5 images
+        runs = [mine[k : k + 5] for k in range(0, len(mine), 5)]  # runs of 0.25 * 20% * 100 = 5 images
         assert all(r == list(range(r[0], r[0] + 5)) and r[0] % 5 == 0 for r in runs)
 
 

@@ -1,12 +1,13 @@
 """EfficientNet-Lite0/1/2: the packaged ImageNet weights and our preprocessing classify real photos correctly."""
+
 import pytest
 import torch
 
-from foldercnn.models.registry import count_parameters, create_model
-from foldercnn.models.effnet import INPUT_MEAN, INPUT_STD, VARIANTS
 from foldercnn.data.images import decode
+from foldercnn.models.effnet import INPUT_MEAN, INPUT_STD, VARIANTS
 from foldercnn.models.preprocess import preprocess
-
+from foldercnn.models.registry import create_model
+from foldercnn.models.summary import count_parameters
 
 
 @pytest.fixture(scope="module")
@@ -65,16 +66,26 @@ def test_transfer_recipe_round_trip(shapes_dirs, tmp_path):
     """Linear probe (and a short fine-tune) on generated images -> a normal model file that predicts."""
     import foldercnn
     from foldercnn.models.file import read_metadata
-    result = foldercnn.train(shapes_dirs[0], tmp_path / "probe", recipe="transfer", image_size=96, seed=0,
-                             log=lambda *a: None)
+
+    result = foldercnn.train(
+        shapes_dirs[0], tmp_path / "probe", recipe="transfer", image_size=96, seed=0, log=lambda *a: None
+    )
     clf = foldercnn.load(result.model_path)
     assert clf.metadata["architecture"] == "effnet-lite0" and clf.metadata["arch_args"] == {}
     assert foldercnn.evaluate(clf, shapes_dirs[1]).accuracy >= 0.85  # chance is 1/3
     again = foldercnn.load(result.model_path)
     files = sorted(shapes_dirs[1].rglob("*.png"))[:4]
     assert [p.probabilities for p in again.predict_many(files)] == [p.probabilities for p in clf.predict_many(files)]
-    tuned = foldercnn.train(shapes_dirs[0], tmp_path / "tuned", recipe="transfer", image_size=96, epochs=1,
-                            fine_tune=True, seed=0, log=lambda *a: None)
+    tuned = foldercnn.train(
+        shapes_dirs[0],
+        tmp_path / "tuned",
+        recipe="transfer",
+        image_size=96,
+        epochs=1,
+        fine_tune=True,
+        seed=0,
+        log=lambda *a: None,
+    )
     meta = read_metadata(tuned.model_path)
     assert meta["fine_tuned"] is True and meta["fine_tuned_epochs"] == 1 == tuned.fine_tuned_epochs
     # observed in the weights: the frozen early blocks are still ImageNet's, the last blocks moved
@@ -97,9 +108,11 @@ def test_robust_recipe_probe_on_augmented_views(shapes_dirs, tmp_path):
     """The robust recipe's probe sees clean and augmented views (labels stay aligned) and predicts well; the
     log says how many views; the preview shows the augmentation with its new knobs."""
     import foldercnn
+
     lines = []
-    result = foldercnn.train(shapes_dirs[0], tmp_path / "robust", recipe="robust", image_size=64, probe_views=1,
-                             seed=0, log=lines.append)
+    result = foldercnn.train(
+        shapes_dirs[0], tmp_path / "robust", recipe="robust", image_size=64, probe_views=1, seed=0, log=lines.append
+    )
     n_train = result.n_train
     assert any(f"features: {3 * n_train} training views" in line for line in lines), lines
     clf = foldercnn.load(result.model_path)

@@ -1,13 +1,13 @@
 """`foldercnn evaluate MODEL TEST OTHER...`: one row per folder, and the report's "other photos" table."""
+
 import json
 import shutil
 
 import pytest
-
 from PIL import Image
 
-from foldercnn.evaluation.report import evaluate_to_folder
 from foldercnn import run_folder as rf
+from foldercnn.evaluation.report import evaluate_to_folder
 from testkit import make_shapes, run_cli
 
 

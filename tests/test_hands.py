@@ -1,5 +1,6 @@
 """The hands recipe's parts that need no MediaPipe: landmark features and their invariances, the cascade's
 coordinate mapping, the no-hand answer in predictions and evaluation."""
+
 import numpy as np
 import pytest
 
@@ -82,8 +83,14 @@ def test_a_found_hand_travels_with_the_prediction():
 
 def test_evaluation_counts_no_hand_as_wrong_and_reports_coverage():
     logits = np.array([[5.0, 0.0], [0.0, 5.0], [5.0, 0.0], [0.0, 0.0]])
-    ev = evaluation_from_logits(logits, [0, 1, 1, 0], ["a", "b"], answered=[True, True, True, False],
-                                unfamiliarity=[0.1, 0.1, 0.1, 0.0], paths=list("wxyz"))
+    ev = evaluation_from_logits(
+        logits,
+        [0, 1, 1, 0],
+        ["a", "b"],
+        answered=[True, True, True, False],
+        unfamiliarity=[0.1, 0.1, 0.1, 0.0],
+        paths=list("wxyz"),
+    )
     assert ev.accuracy == 0.5  # 2 right of 4: the fourth (class 0, all-zero logits) is not a lucky guess
     assert ev.hands == {"n_found": 3, "coverage": 0.75, "accuracy_where_found": pytest.approx(2 / 3)}
     assert ev.flags["errors"] == 2 and ev.flags["share_unfamiliar"] == 0.25

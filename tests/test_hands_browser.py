@@ -1,6 +1,7 @@
 """The serve page with a hand-landmark model, in Chromium: the 21-point skeleton drawn over an upload in which a
 hand is found, "no hand found" for a photo without one. Needs a photo of a hand: the Rock-Paper-Scissors
 validation photos ($FOLDERCNN_RPS_DIR)."""
+
 import os
 from pathlib import Path
 
@@ -16,8 +17,11 @@ from foldercnn.models.registry import create_model
 from test_serve_browser import VIEWPORTS, screenshot
 from testkit import running_server
 
-pytestmark = [pytest.mark.browser, pytest.mark.slow,
-              pytest.mark.skipif(not hands.available(), reason="MediaPipe Hands is not installed (foldercnn[hands])")]
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.slow,
+    pytest.mark.skipif(not hands.available(), reason="MediaPipe Hands is not installed (foldercnn[hands])"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -31,10 +35,16 @@ def hand_photo():
 @pytest.fixture(scope="module")
 def hand_server(tmp_path_factory):
     torch.manual_seed(0)
-    meta = {"architecture": "hand-landmarks", "arch_args": {}, "classes": ["paper", "rock", "scissors"],
-            "image_size": 256, "preprocessing": default_preprocessing(fit="letterbox", hands=hands.describe_finder())}
-    path = save_model(tmp_path_factory.mktemp("hands") / "model.safetensors",
-                      create_model("hand-landmarks", num_classes=3), meta)
+    meta = {
+        "architecture": "hand-landmarks",
+        "arch_args": {},
+        "classes": ["paper", "rock", "scissors"],
+        "image_size": 256,
+        "preprocessing": default_preprocessing(fit="letterbox", hands=hands.describe_finder()),
+    }
+    path = save_model(
+        tmp_path_factory.mktemp("hands") / "model.safetensors", create_model("hand-landmarks", num_classes=3), meta
+    )
     with running_server(path, log=tmp_path_factory.mktemp("hands-browser") / "server.log") as s:
         yield s
 
@@ -42,6 +52,7 @@ def hand_server(tmp_path_factory):
 @pytest.mark.parametrize("viewport", sorted(VIEWPORTS))
 def test_the_skeleton_is_drawn_and_no_hand_is_said(browser, hand_server, hand_photo, tmp_path, viewport):
     from skimage import data
+
     cat = tmp_path / "cat.jpg"
     Image.fromarray(data.chelsea()).save(cat)
     page = browser.new_page(viewport=VIEWPORTS[viewport])
@@ -56,8 +67,10 @@ def test_the_skeleton_is_drawn_and_no_hand_is_said(browser, hand_server, hand_ph
         assert found.locator("svg.skeleton line").count() == len(hands.SKELETON)
         box = found.locator(".thumb img").bounding_box()
         dots = [found.locator("svg.skeleton circle").nth(i).bounding_box() for i in range(21)]
-        assert all(box["x"] <= d["x"] <= box["x"] + box["width"] and box["y"] <= d["y"] <= box["y"] + box["height"]
-                   for d in dots), "the points lie on the picture"
+        assert all(
+            box["x"] <= d["x"] <= box["x"] + box["width"] and box["y"] <= d["y"] <= box["y"] + box["height"]
+            for d in dots
+        ), "the points lie on the picture"
         none = page.locator("#results .card", has_text="cat.jpg")
         assert "No hand found" in none.inner_text() and none.locator("svg.skeleton").count() == 0
         assert none.locator(".prob").count() == 0

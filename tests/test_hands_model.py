@@ -1,5 +1,6 @@
 """A hand-landmark model end to end without real hands: a model file made from the registry's LandmarkNet,
 MediaPipe Hands really running on a photo without a hand, every surface saying "no hand found"."""
+
 import json
 
 import numpy as np
@@ -20,14 +21,20 @@ pytestmark = pytest.mark.skipif(not hands.available(), reason="MediaPipe Hands i
 def hand_model(tmp_path_factory):
     torch.manual_seed(0)
     model = create_model("hand-landmarks", num_classes=3)
-    meta = {"architecture": "hand-landmarks", "arch_args": {}, "classes": ["paper", "rock", "scissors"],
-            "image_size": 256, "preprocessing": default_preprocessing(fit="letterbox", hands=hands.describe_finder())}
+    meta = {
+        "architecture": "hand-landmarks",
+        "arch_args": {},
+        "classes": ["paper", "rock", "scissors"],
+        "image_size": 256,
+        "preprocessing": default_preprocessing(fit="letterbox", hands=hands.describe_finder()),
+    }
     return save_model(tmp_path_factory.mktemp("hands") / "model.safetensors", model, meta)
 
 
 @pytest.fixture(scope="module")
 def cat_photo(tmp_path_factory):
     from skimage import data
+
     path = tmp_path_factory.mktemp("photos") / "cat.jpg"
     Image.fromarray(data.chelsea()).save(path)
     return path
@@ -77,13 +84,17 @@ def test_export_refuses_a_hand_model_with_its_reason(hand_model, cli, tmp_path):
     assert "hand" in r.stderr and "no ONNX form" in r.stderr and not (tmp_path / "m.onnx").exists()
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda pre: pre.update(fit="squash"), "needs preprocessing fit 'letterbox'"),
-    (lambda pre: pre.pop("hands"), "needs preprocessing.hands"),
-    (lambda pre: pre["hands"].update(version=hands.CACHE_VERSION + 1), "another hand finder"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda pre: pre.update(fit="squash"), "needs preprocessing fit 'letterbox'"),
+        (lambda pre: pre.pop("hands"), "needs preprocessing.hands"),
+        (lambda pre: pre["hands"].update(version=hands.CACHE_VERSION + 1), "another hand finder"),
+    ],
+)
 def test_a_hand_model_file_must_say_how_its_hands_were_found(hand_model, tmp_path, cli, change, message):
     from test_model_file import _with_meta
+
     path = tmp_path / "m.safetensors"
     path.write_bytes(_with_meta(hand_model.read_bytes(), lambda m: change(m["preprocessing"])))
     r = cli("predict", path, hand_model)  # any image path: the model file is refused first

@@ -1,5 +1,6 @@
 """Careless and hostile inputs to the commands: each answered with one clear error (exit 2) or a reported skip,
 never a traceback, a hang or a file where it does not belong."""
+
 import os
 
 import pytest
@@ -24,9 +25,11 @@ def fifo_folder(shapes_dirs, tmp_path):
 
 @pytest.mark.parametrize("command", ["predict", "evaluate", "inspect"])
 def test_a_named_pipe_is_skipped_not_waited_for(fifo_folder, trained_model, cli, tmp_path, command):
-    args = {"predict": ["predict", trained_model.model_path, fifo_folder],
-            "evaluate": ["evaluate", trained_model.model_path, fifo_folder],
-            "inspect": ["inspect", fifo_folder]}[command]
+    args = {
+        "predict": ["predict", trained_model.model_path, fifo_folder],
+        "evaluate": ["evaluate", trained_model.model_path, fifo_folder],
+        "inspect": ["inspect", fifo_folder],
+    }[command]
     r = cli(*args, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "pipe.png" in r.stdout + r.stderr and "named pipe" in r.stdout + r.stderr
@@ -37,21 +40,24 @@ def test_a_named_pipe_given_directly_is_skipped(fifo_folder, trained_model, cli)
     assert r.returncode == 2 and "not a regular file (a named pipe)" in r.stderr
 
 
-@pytest.mark.parametrize("args, message", [
-    (["serve", "MODEL", "--port", "-1"], "argument --port: -1 is not between 0 and 65,535"),
-    (["serve", "MODEL", "--port", "99999"], "argument --port: 99999 is not between"),
-    (["serve", "MODEL", "--max-upload-mb", "nan"], "argument --max-upload-mb: nan is not a number >= 0.001"),
-    (["serve", "MODEL", "--max-upload-mb", "inf"], "argument --max-upload-mb"),
-    (["serve", "MODEL", "--max-upload-mb", "1e-9"], "argument --max-upload-mb"),
-    (["train", "DATA", "--out", "OUT", "--lr", "1e308"], "argument --lr: 1e308 is not a number > 0"),
-    (["train", "DATA", "--out", "OUT", "--seed", "1180591620717411303424"], "argument --seed"),
-    (["train", "DATA", "--out", "OUT", "--seed", "9" * 5000], "argument --seed"),
-    (["train", "DATA", "--out", "OUT", "--time-budget", "inf", "--epochs", "1"], "argument --time-budget"),
-    (["train", "DATA", "--out", "OUT", "--val-fraction", "1"], "argument --val-fraction"),
-    (["predict", "MODEL", "x.png", "--top-k", "0"], "argument --top-k"),
-    (["train", "DATA", "--out", "OUT", "--epochs", "0"], "argument --epochs: 0 is not between 1 and"),
-    (["train", "DATA", "--out", "OUT", "--uncertain-below", "1.5"], "argument --uncertain-below"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["serve", "MODEL", "--port", "-1"], "argument --port: -1 is not between 0 and 65,535"),
+        (["serve", "MODEL", "--port", "99999"], "argument --port: 99999 is not between"),
+        (["serve", "MODEL", "--max-upload-mb", "nan"], "argument --max-upload-mb: nan is not a number >= 0.001"),
+        (["serve", "MODEL", "--max-upload-mb", "inf"], "argument --max-upload-mb"),
+        (["serve", "MODEL", "--max-upload-mb", "1e-9"], "argument --max-upload-mb"),
+        (["train", "DATA", "--out", "OUT", "--lr", "1e308"], "argument --lr: 1e308 is not a number > 0"),
+        (["train", "DATA", "--out", "OUT", "--seed", "1180591620717411303424"], "argument --seed"),
+        (["train", "DATA", "--out", "OUT", "--seed", "9" * 5000], "argument --seed"),
+        (["train", "DATA", "--out", "OUT", "--time-budget", "inf", "--epochs", "1"], "argument --time-budget"),
+        (["train", "DATA", "--out", "OUT", "--val-fraction", "1"], "argument --val-fraction"),
+        (["predict", "MODEL", "x.png", "--top-k", "0"], "argument --top-k"),
+        (["train", "DATA", "--out", "OUT", "--epochs", "0"], "argument --epochs: 0 is not between 1 and"),
+        (["train", "DATA", "--out", "OUT", "--uncertain-below", "1.5"], "argument --uncertain-below"),
+    ],
+)
 def test_numeric_options_are_range_checked_by_the_parser(args, message, cli, trained_model, shapes_dirs, tmp_path):
     real = {"MODEL": trained_model.model_path, "DATA": shapes_dirs[0], "OUT": tmp_path / "out"}
     r = cli(*[real.get(a, a) for a in args], timeout=60)
@@ -61,8 +67,9 @@ def test_numeric_options_are_range_checked_by_the_parser(args, message, cli, tra
 
 def test_a_diverging_training_stops_and_saves_nothing(shapes_dirs, tmp_path):
     with pytest.raises(FolderCNNError, match="training diverged.*nothing was saved"):
-        foldercnn.train(shapes_dirs[0], tmp_path / "run", recipe="fast", epochs=2, image_size=16, lr=1e30,
-                        log=lambda *a: None)
+        foldercnn.train(
+            shapes_dirs[0], tmp_path / "run", recipe="fast", epochs=2, image_size=16, lr=1e30, log=lambda *a: None
+        )
     assert not (tmp_path / "run" / "model.safetensors").exists()
 
 
@@ -83,20 +90,25 @@ def test_inspect_out_that_is_a_file_says_so(shapes_dirs, cli, tmp_path):
 
 # ---- model files and evaluation.json with values JSON cannot carry, or of the wrong type ----------------
 
+
 def _tamper(src, dst, change):
     from test_model_file import _with_meta
+
     dst.write_bytes(_with_meta(src.read_bytes(), change))
     return dst
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda m: m["metrics"].update(val_accuracy=float("nan")), "metadata.metrics.val_accuracy is nan"),
-    (lambda m: m["metrics"].update(val_accuracy=float("inf")), "is inf, not a finite number"),
-    (lambda m: m.update(metrics="val_accuracy"), "metrics is not an object"),
-    (lambda m: m["metrics"].update(val_accuracy=None), "metrics val_accuracy None"),
-    (lambda m: m["metrics"].update(n_val="lots"), "metrics n_val 'lots'"),
-    (lambda m: m.update(seed=10 ** 30), "seed"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda m: m["metrics"].update(val_accuracy=float("nan")), "metadata.metrics.val_accuracy is nan"),
+        (lambda m: m["metrics"].update(val_accuracy=float("inf")), "is inf, not a finite number"),
+        (lambda m: m.update(metrics="val_accuracy"), "metrics is not an object"),
+        (lambda m: m["metrics"].update(val_accuracy=None), "metrics val_accuracy None"),
+        (lambda m: m["metrics"].update(n_val="lots"), "metrics n_val 'lots'"),
+        (lambda m: m.update(seed=10**30), "seed"),
+    ],
+)
 def test_metadata_that_would_break_a_page_is_refused(trained_model, tmp_path, cli, change, message):
     bad = _tamper(trained_model.model_path, tmp_path / "m.safetensors", change)
     for args in (["predict", bad, trained_model.model_path], ["report", tmp_path, "--model", bad]):
@@ -120,6 +132,7 @@ def test_a_header_nested_too_deep_or_with_a_huge_number_is_refused(tmp_path, cli
 
 def test_metadata_nested_too_deep_is_refused(trained_model, tmp_path, cli):
     from test_model_file import _join, _split
+
     header, body = _split(trained_model.model_path.read_bytes())
     header["__metadata__"]["foldercnn"] = "[" * 10_000 + "]" * 10_000
     path = tmp_path / "m.safetensors"
@@ -128,18 +141,25 @@ def test_metadata_nested_too_deep_is_refused(trained_model, tmp_path, cli):
     assert r.returncode == 2 and "too deeply nested" in r.stderr and "Traceback" not in r.stderr
 
 
-@pytest.mark.parametrize("change", [
-    lambda e: e.update(accuracy=float("nan")), lambda e: e.update(n="lots"), lambda e: e.pop("accuracy_ci95"),
-    lambda e: e.update(per_class=[1, 2]),
-])
-def test_a_damaged_evaluation_json_is_left_out_of_the_report_and_the_server(trained_model, shapes_dirs, tmp_path,
-                                                                             cli, change):
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda e: e.update(accuracy=float("nan")),
+        lambda e: e.update(n="lots"),
+        lambda e: e.pop("accuracy_ci95"),
+        lambda e: e.update(per_class=[1, 2]),
+    ],
+)
+def test_a_damaged_evaluation_json_is_left_out_of_the_report_and_the_server(
+    trained_model, shapes_dirs, tmp_path, cli, change
+):
     import json
     import shutil
 
     from fastapi.testclient import TestClient
 
     from foldercnn.deploy.serve import create_app
+
     run = tmp_path / "run"
     run.mkdir()
     shutil.copy(trained_model.model_path, run / "model.safetensors")
@@ -157,15 +177,22 @@ def test_a_damaged_evaluation_json_is_left_out_of_the_report_and_the_server(trai
 
 # ---- availability and memory ----------------------------------------------------------------------------
 
+
 def _slow_client(port, results, every=1.0, limit=30.0):
     """Headers and 100 bytes of a 200 KB upload, then a byte every `every` s until an answer comes."""
     import socket
     import time
-    body = b"--b\r\nContent-Disposition: form-data; name=\"files\"; filename=\"x.png\"\r\n\r\n" + b"\0" * 200_000
+
+    body = b'--b\r\nContent-Disposition: form-data; name="files"; filename="x.png"\r\n\r\n' + b"\0" * 200_000
     t = time.perf_counter()
     with socket.create_connection(("127.0.0.1", port), timeout=limit) as s:
-        s.sendall((f"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=b\r\n"
-                   f"Content-Length: {len(body) + 100}\r\n\r\n").encode() + body[:100])
+        s.sendall(
+            (
+                f"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                f"Content-Length: {len(body) + 100}\r\n\r\n"
+            ).encode()
+            + body[:100]
+        )
         s.settimeout(every)
         for i in range(int(limit / every)):
             try:
@@ -173,7 +200,7 @@ def _slow_client(port, results, every=1.0, limit=30.0):
                 results.append((answer.split(b"\r\n")[0], time.perf_counter() - t))
                 return
             except socket.timeout:
-                s.sendall(body[100 + i:101 + i])
+                s.sendall(body[100 + i : 101 + i])
     results.append((b"no answer", time.perf_counter() - t))
 
 
@@ -183,7 +210,9 @@ def test_slow_uploads_are_cut_off_and_do_not_starve_other_clients(trained_model,
     import time
 
     import httpx
+
     from testkit import running_server
+
     image = sorted(shapes_dirs[1].rglob("*.png"))[0].read_bytes()
     with running_server(trained_model.model_path, "--workers", "1", log=tmp_path / "server.log") as server:
         slow = []
@@ -208,11 +237,14 @@ def test_a_huge_16_bit_png_decodes_within_bounded_memory(tmp_path):
 
     import numpy as np
     from PIL import Image
+
     path = tmp_path / "big.png"
     Image.fromarray(np.full((8944, 8944), 40000, np.uint16)).save(path)
-    probe = ("import sys\nfrom foldercnn.data.images import decode\n"
-             "def hwm():\n    return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM'))\n"
-             "before = hwm(); a = decode(sys.argv[1], 64); print(hwm() - before, int(a[0, 0, 0]))")
+    probe = (
+        "import sys\nfrom foldercnn.data.images import decode\n"
+        "def hwm():\n    return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM'))\n"
+        "before = hwm(); a = decode(sys.argv[1], 64); print(hwm() - before, int(a[0, 0, 0]))"
+    )
     r = subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True, text=True, timeout=120)
     grew_kb, pixel = map(int, r.stdout.split())
     assert pixel == round(40000 / 257)  # the same value as before: 16 bits scaled to 8
@@ -221,9 +253,10 @@ def test_a_huge_16_bit_png_decodes_within_bounded_memory(tmp_path):
 
 def test_inference_batches_follow_a_memory_budget_whatever_the_image_size():
     from foldercnn.models.registry import INFERENCE_BUDGET_BYTES, get_spec, inference_batch
+
     assert inference_batch("fast-cnn", 64) == 64
     assert inference_batch("fast-cnn", 1024) == 1
     for name in ("fast-cnn", "tutorial-cnn", "effnet-lite0"):
         size = 512
         batch = inference_batch(name, size)
-        assert batch == 1 or batch * size ** 2 * get_spec(name).activation_bytes_per_pixel <= INFERENCE_BUDGET_BYTES
+        assert batch == 1 or batch * size**2 * get_spec(name).activation_bytes_per_pixel <= INFERENCE_BUDGET_BYTES

@@ -1,4 +1,5 @@
 """Images in the wild: every mode, EXIF orientation, and every kind of broken file."""
+
 import io
 
 import numpy as np
@@ -31,8 +32,9 @@ def test_la_and_palette_transparency_on_white(tmp_path):
     assert tuple(decode(path, 6)[0, 0]) == (255, 255, 255)
 
 
-@pytest.mark.parametrize("mode,value,expected", [("L", 100, (100, 100, 100)), ("1", 1, (255, 255, 255)),
-                                                 ("P", 0, (10, 20, 30))])
+@pytest.mark.parametrize(
+    "mode,value,expected", [("L", 100, (100, 100, 100)), ("1", 1, (255, 255, 255)), ("P", 0, (10, 20, 30))]
+)
 def test_grey_bilevel_palette_to_rgb(tmp_path, mode, value, expected):
     im = Image.new(mode, (5, 5), value)
     if mode == "P":
@@ -95,9 +97,13 @@ def test_bytes_and_arrays_are_sources(tmp_path):
     assert tuple(decode(np.ones((3, 3, 3), np.float32), 3)[0, 0]) == (255, 255, 255)
 
 
-@pytest.mark.parametrize("content,reason", [
-    (b"", "not an image"), (b"hello, not an image", "not an image"),
-])
+@pytest.mark.parametrize(
+    "content,reason",
+    [
+        (b"", "not an image"),
+        (b"hello, not an image", "not an image"),
+    ],
+)
 def test_garbage_files_rejected(tmp_path, content, reason):
     p = tmp_path / "bad.png"
     p.write_bytes(content)
@@ -116,6 +122,7 @@ def test_truncated_png_rejected(tmp_path):
 
 def test_decompression_bomb_rejected(tmp_path, monkeypatch):
     import foldercnn.data.images as images
+
     monkeypatch.setattr(images, "MAX_PIXELS", 1000)
     p = save(tmp_path, Image.new("L", (100, 100)), "big.png")
     with pytest.raises(ImageDecodeError, match="too many pixels"):

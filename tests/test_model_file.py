@@ -1,4 +1,5 @@
 """The model file: round trip, metadata, atomic write, bad files."""
+
 import json
 
 import pytest
@@ -8,8 +9,8 @@ from safetensors.torch import save_file
 import foldercnn
 from foldercnn import FolderCNNError
 from foldercnn.models.file import read_metadata, save_model
-from foldercnn.models.registry import create_model
 from foldercnn.models.preprocess import default_preprocessing
+from foldercnn.models.registry import create_model
 
 
 def test_round_trip_gives_identical_predictions(trained_model, shapes_dirs):
@@ -31,14 +32,21 @@ def test_metadata_makes_the_file_self_contained(trained_model):
     assert meta["format_version"] == 1 and meta["recipe"]["name"] == "fast"
     assert {"rescale", "mean", "std", "resize"} <= set(meta["preprocessing"])
     best = trained_model.history[trained_model.best_epoch - 1]
-    assert meta["metrics"]["val_accuracy"] == best["val_accuracy"] and meta["metrics"]["epoch"] == trained_model.best_epoch
+    assert (
+        meta["metrics"]["val_accuracy"] == best["val_accuracy"] and meta["metrics"]["epoch"] == trained_model.best_epoch
+    )
     assert meta["metrics"]["n_train"] + meta["metrics"]["n_val"] == 120
 
 
 def test_atomic_write_leaves_no_temp_files(tmp_path):
     model = create_model("fast-cnn", num_classes=2)
-    meta = {"architecture": "fast-cnn", "arch_args": {}, "classes": ["a", "b"], "image_size": 32,
-            "preprocessing": default_preprocessing()}
+    meta = {
+        "architecture": "fast-cnn",
+        "arch_args": {},
+        "classes": ["a", "b"],
+        "image_size": 32,
+        "preprocessing": default_preprocessing(),
+    }
     save_model(tmp_path / "m.safetensors", model, meta)
     save_model(tmp_path / "m.safetensors", model, meta)  # overwrite in place
     assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
@@ -50,7 +58,7 @@ def test_no_pickle_in_model_file(trained_model):
     describes, back to back. There is no room for anything else (a pickle included)."""
     data = trained_model.model_path.read_bytes()
     header_len = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8: 8 + header_len])
+    header = json.loads(data[8 : 8 + header_len])
     json.loads(header.pop("__metadata__")["foldercnn"])
     ranges = sorted(tuple(e["data_offsets"]) for e in header.values())
     assert ranges[0][0] == 0 and all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
@@ -65,8 +73,14 @@ def test_bad_model_files(tmp_path, kind):
     elif kind == "no_metadata":
         save_file({"x": torch.zeros(2)}, str(path))
     elif kind == "wrong_weights":
-        meta = {"format_version": 1, "architecture": "fast-cnn", "arch_args": {}, "classes": ["a", "b"],
-                "image_size": 32, "preprocessing": default_preprocessing()}
+        meta = {
+            "format_version": 1,
+            "architecture": "fast-cnn",
+            "arch_args": {},
+            "classes": ["a", "b"],
+            "image_size": 32,
+            "preprocessing": default_preprocessing(),
+        }
         save_file({"x": torch.zeros(2)}, str(path), metadata={"foldercnn": json.dumps(meta)})
     with pytest.raises(FolderCNNError):
         foldercnn.load(path)
@@ -74,9 +88,10 @@ def test_bad_model_files(tmp_path, kind):
 
 # ---- a corpus of tampered model files: each refused by every command, quickly, without a big allocation ----
 
+
 def _split(data):
     n = int.from_bytes(data[:8], "little")
-    return json.loads(data[8:8 + n]), data[8 + n:]
+    return json.loads(data[8 : 8 + n]), data[8 + n :]
 
 
 def _join(header, body):
@@ -110,14 +125,14 @@ def _huge_tensor(h):
 def _nan_in_unfamiliar(d):
     header, body = _split(d)
     start = header["unfamiliar.means"]["data_offsets"][0]
-    body = body[:start] + b"\x00\x00\xc0\x7f" + body[start + 4:]  # float32 NaN
+    body = body[:start] + b"\x00\x00\xc0\x7f" + body[start + 4 :]  # float32 NaN
     return _join(header, body)
 
 
 def _nan_in_tensor(d, name):
     header, body = _split(d)
     start = header[name]["data_offsets"][0]
-    body = body[:start] + b"\x00\x00\xc0\x7f" + body[start + 4:]  # float32 NaN in its first value
+    body = body[:start] + b"\x00\x00\xc0\x7f" + body[start + 4 :]  # float32 NaN in its first value
     return _join(header, body)
 
 
@@ -129,43 +144,60 @@ def _overlapping(h):
 
 
 TAMPERED = {  # name -> (how to break a good file, what the error must say)
-    "huge widths": (lambda d: _with_meta(d, lambda m: m["arch_args"].update(widths=[100000, 100000, 100000, 100000])),
-                    "widths"),
+    "huge widths": (
+        lambda d: _with_meta(d, lambda m: m["arch_args"].update(widths=[100000, 100000, 100000, 100000])),
+        "widths",
+    ),
     "unknown argument": (lambda d: _with_meta(d, lambda m: m["arch_args"].update(evil=1)), "no argument evil"),
-    "huge image size": (lambda d: _with_meta(d, lambda m: m.update(image_size=10 ** 9)), "between 8 and 1024"),
+    "huge image size": (lambda d: _with_meta(d, lambda m: m.update(image_size=10**9)), "between 8 and 1024"),
     "empty preprocessing": (lambda d: _with_meta(d, lambda m: m.update(preprocessing={})), "preprocessing mean"),
-    "unknown fit": (lambda d: _with_meta(d, lambda m: m["preprocessing"].update(fit="stretch")),
-                    "neither 'squash' nor 'letterbox'"),
+    "unknown fit": (
+        lambda d: _with_meta(d, lambda m: m["preprocessing"].update(fit="stretch")),
+        "neither 'squash' nor 'letterbox'",
+    ),
     "classes as a string": (lambda d: _with_meta(d, lambda m: m.update(classes="abc")), "classes must be a list"),
     "repeated classes": (lambda d: _with_meta(d, lambda m: m.update(classes=["a", "a", "b"])), "class names repeat"),
     "empty class name": (lambda d: _with_meta(d, lambda m: m.update(classes=["", "b", "c"])), "non-empty string"),
     "unknown architecture": (lambda d: _with_meta(d, lambda m: m.update(architecture="resnet-9000")), "unknown model"),
-    "negative temperature": (lambda d: _with_meta(d, lambda m: m["calibration"].update(temperature=-1)),
-                             "temperature"),
+    "negative temperature": (lambda d: _with_meta(d, lambda m: m["calibration"].update(temperature=-1)), "temperature"),
     "newer format": (lambda d: _with_meta(d, lambda m: m.update(format_version=99)), "newer foldercnn"),
     "class count differs": (lambda d: _with_meta(d, lambda m: m.update(classes=["a", "b"])), "needs [2, 192]"),
     "truncated": (lambda d: d[: len(d) // 2], "outside the file"),
     "swapped shapes": (lambda d: _with_header(d, _swap_shapes), "bytes for shape"),
-    "extra tensor": (lambda d: _with_header(d, lambda h: h.update(extra={"dtype": "F32", "shape": [0],
-                                                                          "data_offsets": [0, 0]})), "unexpected: extra"),
+    "extra tensor": (
+        lambda d: _with_header(d, lambda h: h.update(extra={"dtype": "F32", "shape": [0], "data_offsets": [0, 0]})),
+        "unexpected: extra",
+    ),
     "missing tensor": (lambda d: _with_header(d, lambda h: h.pop("0.0.weight")), "missing: 0.0.weight"),
     "huge declared tensor": (lambda d: _with_header(d, _huge_tensor), "bytes for shape"),
     "overlapping tensors": (lambda d: _with_header(d, _overlapping), "share bytes"),
-    "unfamiliar tensors without their section": (lambda d: _with_meta(d, lambda m: m.pop("unfamiliar")),
-                                                 "unexpected: unfamiliar."),
-    "unfamiliar tensor missing": (lambda d: _with_header(d, lambda h: h.pop("unfamiliar.means")),
-                                  "missing: unfamiliar.means"),
-    "unfamiliar rank differs": (lambda d: _with_meta(d, lambda m: m["unfamiliar"].update(rank=10, inv_rest=1.0)),
-                                "unfamiliar.basis has shape"),
-    "unfamiliar feature width": (lambda d: _with_meta(d, lambda m: m["unfamiliar"].update(feature_dim=100, rank=100)),
-                                 "differs from architecture"),
-    "unfamiliar threshold": (lambda d: _with_meta(d, lambda m: m["unfamiliar"].update(threshold=-1)),
-                             "unfamiliar threshold"),
+    "unfamiliar tensors without their section": (
+        lambda d: _with_meta(d, lambda m: m.pop("unfamiliar")),
+        "unexpected: unfamiliar.",
+    ),
+    "unfamiliar tensor missing": (
+        lambda d: _with_header(d, lambda h: h.pop("unfamiliar.means")),
+        "missing: unfamiliar.means",
+    ),
+    "unfamiliar rank differs": (
+        lambda d: _with_meta(d, lambda m: m["unfamiliar"].update(rank=10, inv_rest=1.0)),
+        "unfamiliar.basis has shape",
+    ),
+    "unfamiliar feature width": (
+        lambda d: _with_meta(d, lambda m: m["unfamiliar"].update(feature_dim=100, rank=100)),
+        "differs from architecture",
+    ),
+    "unfamiliar threshold": (
+        lambda d: _with_meta(d, lambda m: m["unfamiliar"].update(threshold=-1)),
+        "unfamiliar threshold",
+    ),
     "unfamiliar NaN": (_nan_in_unfamiliar, "NaN"),
     "NaN weight": (lambda d: _nan_in_tensor(d, "0.0.weight"), "weights hold NaN"),
-    "header length lies": (lambda d: (2 ** 40).to_bytes(8, "little") + d[8:], "header claims"),
-    "not json": (lambda d: d[:8] + b"\xff" * int.from_bytes(d[:8], "little") + d[8 + int.from_bytes(d[:8], "little"):],
-                 "unreadable header"),
+    "header length lies": (lambda d: (2**40).to_bytes(8, "little") + d[8:], "header claims"),
+    "not json": (
+        lambda d: d[:8] + b"\xff" * int.from_bytes(d[:8], "little") + d[8 + int.from_bytes(d[:8], "little") :],
+        "unreadable header",
+    ),
 }
 
 
@@ -204,8 +236,10 @@ print(json.dumps(out))
 def test_tampered_files_are_refused_quickly_without_allocating(tampered):
     import subprocess
     import sys
-    r = subprocess.run([sys.executable, "-c", LOAD_PROBE, *map(str, tampered.values())], capture_output=True,
-                       text=True, timeout=300)
+
+    r = subprocess.run(
+        [sys.executable, "-c", LOAD_PROBE, *map(str, tampered.values())], capture_output=True, text=True, timeout=300
+    )
     results = json.loads(r.stdout.strip().splitlines()[-1])
     for name, path in tampered.items():
         message, seconds, grew_kb = results[str(path)]
@@ -233,13 +267,22 @@ print(json.dumps(out))
 def test_every_command_that_loads_a_model_refuses_each_tampered_file(tampered, shapes_dirs, tmp_path):
     import subprocess
     import sys
+
     image = next(shapes_dirs[1].rglob("*.png"))
     argvs = []
     for path in tampered.values():
-        argvs += [["predict", str(path), str(image)], ["evaluate", str(path), str(shapes_dirs[1])],
-                  ["serve", str(path), "--port", "0"], ["report", str(tmp_path), "--model", str(path)]]
-    r = subprocess.run([sys.executable, "-c", MAIN_PROBE, json.dumps(argvs)], capture_output=True, text=True,
-                       timeout=600)
+        argvs += [
+            ["predict", str(path), str(image)],
+            ["evaluate", str(path), str(shapes_dirs[1])],
+            ["serve", str(path), "--port", "0"],
+            ["report", str(tmp_path), "--model", str(path)],
+        ]
+    r = subprocess.run(
+        [sys.executable, "-c", MAIN_PROBE, json.dumps(argvs)], capture_output=True, text=True, timeout=600
+    )
     for argv, code, err in json.loads(r.stdout.strip().splitlines()[-1]):
-        assert code == 2 and err.startswith("foldercnn: error: ") and len(err.strip().splitlines()) == 1, \
-            (argv, code, err)
+        assert code == 2 and err.startswith("foldercnn: error: ") and len(err.strip().splitlines()) == 1, (
+            argv,
+            code,
+            err,
+        )

@@ -1,9 +1,11 @@
 """Model registry and summaries."""
+
 import pytest
 import torch
 
 from foldercnn import FolderCNNError
-from foldercnn.models.registry import available_models, count_parameters, create_model, summary
+from foldercnn.models.registry import available_models, create_model
+from foldercnn.models.summary import count_parameters, summary
 
 
 def test_tutorial_cnn_has_exactly_the_keras_parameter_count():

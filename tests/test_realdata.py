@@ -4,6 +4,7 @@ Runs when $FOLDERCNN_RPS_DIR (train/, test/, validation/) and $FOLDERCNN_RPS_PHO
 point at the data; `.ci/run` sets both. A variable that is set but points at something unusable is a failure,
 not a skip, so CI cannot go green without the data it was told to use.
 """
+
 import json
 import os
 from pathlib import Path
@@ -42,9 +43,9 @@ def fast_run(rps, tmp_path_factory):
     full recipe's figure, ~96-98%, is printed by benchmarks/time_to_accuracy.py). Measured: 95.4% on test, 88 s on
     2 cores in fp32."""
     import foldercnn
+
     foldercnn.runtime.setup()
-    return foldercnn.train(rps / "train", tmp_path_factory.mktemp("rps") / "run", epochs=6, seed=0,
-                           log=lambda *a: None)
+    return foldercnn.train(rps / "train", tmp_path_factory.mktemp("rps") / "run", epochs=6, seed=0, log=lambda *a: None)
 
 
 @pytest.fixture(scope="module")
@@ -104,6 +105,7 @@ def test_real_photo_sets_are_evaluated_and_the_gap_is_visible(fast_run, photos):
     """A model trained on CGI hands is measured on real photos: every image read, accuracy reported
     (README: far below the CGI test figure; this is the gap the report must not hide)."""
     import foldercnn
+
     clf = foldercnn.load(fast_run.model_path)
     for name, count in (("sxsw", 1877), ("green-screen", 2188)):
         ev = foldercnn.evaluate(clf, photos / name)
@@ -118,14 +120,16 @@ def test_short_robust_training_beats_chance_on_real_photos(rps, photos, tmp_path
     real-photo table is lower than we want, but this guards what the recipe adds. (Measured with EfficientNet-Lite2:
     48.2% sxsw, 56.9% green-screen; the full recipe's means over 3 seeds are 49.3% and 65.1%.)"""
     import foldercnn
+
     foldercnn.runtime.setup()
     half = tmp_path / "half"
     for cls in sorted(p for p in (rps / "train").iterdir() if p.is_dir()):
         (half / cls.name).mkdir(parents=True)
         for f in sorted(cls.iterdir())[::2]:  # neighbouring renders are near-twins: every other one loses little
             (half / cls.name / f.name).symlink_to(f.resolve())
-    result = foldercnn.train(half, tmp_path / "robust", recipe="robust", image_size=112, probe_views=1,
-                             seed=0, log=lambda *a: None)
+    result = foldercnn.train(
+        half, tmp_path / "robust", recipe="robust", image_size=112, probe_views=1, seed=0, log=lambda *a: None
+    )
     clf = foldercnn.load(result.model_path)
     accuracy = {name: foldercnn.evaluate(clf, photos / name).accuracy for name in ("sxsw", "green-screen")}
     print(accuracy)
@@ -148,13 +152,17 @@ def test_hands_recipe_trained_on_cgi_is_right_on_real_photos(rps, photos, tmp_pa
     65.1% (found in 77.8%, right on 83.6% of those); a photo without a hand found counts as wrong."""
     import foldercnn
     from foldercnn.data import hands
+
     if not hands.available():
         pytest.fail("the real-data tier needs MediaPipe Hands (pip install -e '.[test]' installs it)")
     foldercnn.runtime.setup()
-    result = foldercnn.train(_every(rps / "train", tmp_path / "third", 3), tmp_path / "hands", recipe="hands", seed=0,
-                             log=lambda *a: None)
+    result = foldercnn.train(
+        _every(rps / "train", tmp_path / "third", 3), tmp_path / "hands", recipe="hands", seed=0, log=lambda *a: None
+    )
     clf = foldercnn.load(result.model_path)
-    got = {name: foldercnn.evaluate(clf, _every(photos / name, tmp_path / name, 5)) for name in ("green-screen", "sxsw")}
+    got = {
+        name: foldercnn.evaluate(clf, _every(photos / name, tmp_path / name, 5)) for name in ("green-screen", "sxsw")
+    }
     print({name: (ev.accuracy, ev.hands) for name, ev in got.items()})
     assert got["green-screen"].accuracy > 0.95 and got["green-screen"].hands["coverage"] > 0.95
     assert got["sxsw"].hands["coverage"] > 0.65 and got["sxsw"].hands["accuracy_where_found"] > 0.8
@@ -170,6 +178,7 @@ def test_the_cascade_finds_the_hands_of_the_tutorials_new_photos(rps):
     from foldercnn.data import hands
     from foldercnn.data.folders import load_folder, scan_folder
     from foldercnn.data.images import Letterbox
+
     data = load_folder(scan_folder(rps / "validation"), Letterbox(256))
     found = hands.find_hands(data.images.numpy())
     assert found.found.sum() >= 31, [p for p, f in zip(data.paths, found.found) if not f]
@@ -183,28 +192,46 @@ def test_teach_with_the_hands_recipe_through_the_api(photos, tmp_path):
     """`foldercnn teach` with --teach-recipe hands: 10 green-screen photos per class posted in two bursts, Train,
     and the served model answers with the hand it found (or says none was found) for photos it never saw."""
     import httpx
+
     from foldercnn.data import hands
     from test_teach import start_teach_server, stop, wait_job
+
     if not hands.available():
         pytest.fail("the real-data tier needs MediaPipe Hands (pip install -e '.[test]' installs it)")
-    server = start_teach_server("teach", tmp_path / "mine", "--teach-runs", tmp_path / "runs", "--teach-recipe",
-                                "hands", log=tmp_path / "teach.log")
+    server = start_teach_server(
+        "teach",
+        tmp_path / "mine",
+        "--teach-runs",
+        tmp_path / "runs",
+        "--teach-recipe",
+        "hands",
+        log=tmp_path / "teach.log",
+    )
     try:
         url, held_out = server.url, []
         for cls in ("paper", "rock", "scissors"):
             shots = sorted((photos / "green-screen" / cls).iterdir())
             assert httpx.post(url + "/teach/classes", json={"name": cls}).status_code == 201
             for burst, part in (("a", shots[:5]), ("b", shots[300:305])):
-                r = httpx.post(f"{url}/teach/classes/{cls}/images?burst={burst}",
-                               files=[("files", (p.name, p.read_bytes(), "image/jpeg")) for p in part])
+                r = httpx.post(
+                    f"{url}/teach/classes/{cls}/images?burst={burst}",
+                    files=[("files", (p.name, p.read_bytes(), "image/jpeg")) for p in part],
+                )
                 assert r.status_code == 201, r.text
             held_out += [(cls, p) for p in shots[600:603]]
         r = httpx.post(url + "/teach/train", headers={"Origin": url})
         assert r.status_code == 202, r.text
         done = wait_job(url, r.json()["id"], timeout=600)
         assert done["state"] == "done", done
-        answers = [(cls, httpx.post(url + "/predict", files=[("files", (p.name, p.read_bytes(), "image/jpeg"))],
-                                    timeout=60).json()[0]) for cls, p in held_out]
+        answers = [
+            (
+                cls,
+                httpx.post(
+                    url + "/predict", files=[("files", (p.name, p.read_bytes(), "image/jpeg"))], timeout=60
+                ).json()[0],
+            )
+            for cls, p in held_out
+        ]
         assert all("hand" in a for _, a in answers)
         right = sum(a["label"] == cls for cls, a in answers)
         assert right >= 7, answers  # of 9

@@ -1,12 +1,13 @@
 """evaluate --out, report.html and `foldercnn report`, end to end; the page checked in a real browser."""
+
 import json
 import shutil
 
 import pytest
+from PIL import Image
 
 import foldercnn
 from testkit import run_cli
-from PIL import Image
 
 FIGURES = ("confusion.png", "mistakes.png", "calibration.png")
 
@@ -33,9 +34,14 @@ def test_train_writes_a_report_without_test_figures(trained_model):
 def test_evaluate_json_carries_every_number(evaluated_run):
     run, d = evaluated_run
     from foldercnn.evaluation.calibration import wilson_interval
+
     assert d["n"] == 45 and d["accuracy"] == d["n_correct"] / 45
     assert d["accuracy_ci95"] == pytest.approx(list(wilson_interval(d["n_correct"], 45)))
-    assert set(d["per_class"]) == {"circle", "square", "triangle"} and set(d["macro_avg"]) == {"precision", "recall", "f1"}
+    assert set(d["per_class"]) == {"circle", "square", "triangle"} and set(d["macro_avg"]) == {
+        "precision",
+        "recall",
+        "f1",
+    }
     cal = d["calibration"]
     for part in ("uncalibrated", "calibrated"):
         assert {"ece", "nll", "mean_confidence", "reliability"} <= set(cal[part])
@@ -45,8 +51,15 @@ def test_evaluate_json_carries_every_number(evaluated_run):
     assert {"threshold", "count", "errors_flagged", "errors"} <= set(d["uncertain"])
     assert len(d["predictions"]) == 45 and len(d["mistakes"]) == 45 - d["n_correct"]
     f = d["flags"]
-    assert {"share_unfamiliar", "share_uncertain", "share_either", "errors_flagged", "selective_accuracy",
-            "auroc_unfamiliarity", "auroc_low_confidence"} <= set(f)
+    assert {
+        "share_unfamiliar",
+        "share_uncertain",
+        "share_either",
+        "errors_flagged",
+        "selective_accuracy",
+        "auroc_unfamiliarity",
+        "auroc_low_confidence",
+    } <= set(f)
     assert f["errors_flagged"]["uncertain"] == d["uncertain"]["errors_flagged"]
     assert all("unfamiliarity" in r for r in d["predictions"])
     assert json.loads((run / "evaluation.json").read_text())["accuracy"] == d["accuracy"]
@@ -99,9 +112,9 @@ def test_report_opens_in_a_browser_with_no_broken_image(evaluated_run, browser, 
     for width, name in ((1100, "report.png"), (390, "report-phone.png")):
         page = browser.new_page(viewport={"width": width, "height": 900})
         errors, failed = [], []
-        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-        page.on("pageerror", lambda e: errors.append(str(e)))
-        page.on("requestfailed", lambda req: failed.append(req.url))
+        page.on("console", lambda m, errors=errors: errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e, errors=errors: errors.append(str(e)))
+        page.on("requestfailed", lambda req, failed=failed: failed.append(req.url))
         page.goto((run / "report.html").as_uri())
         page.wait_for_load_state("load")
         sizes = page.evaluate("Array.from(document.images).map(i => [i.complete, i.naturalWidth])")

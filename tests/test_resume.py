@@ -1,5 +1,6 @@
 """Checkpoints and resume: a run killed with SIGKILL at a random moment continues from its last finished
 epoch and ends with the same weights and history, bit for bit, as a run never interrupted (fp32, CPU)."""
+
 import csv
 import json
 import random
@@ -20,8 +21,21 @@ EPOCHS = 6
 
 
 def train_args(data, out, *extra):
-    return ["train", str(data), "--out", str(out), "--epochs", str(EPOCHS), "--image-size", "24",
-            "--precision", "fp32", "--seed", "3", *extra]
+    return [
+        "train",
+        str(data),
+        "--out",
+        str(out),
+        "--epochs",
+        str(EPOCHS),
+        "--image-size",
+        "24",
+        "--precision",
+        "fp32",
+        "--seed",
+        "3",
+        *extra,
+    ]
 
 
 def history(run):
@@ -38,8 +52,11 @@ def finished_epochs(run):
 
 def kill_during_epoch(data, out, epoch, delay):
     """Start training and SIGKILL it `delay` seconds into epoch `epoch` (after epoch-1 finished)."""
-    proc = subprocess.Popen([sys.executable, "-m", "foldercnn.cli", *train_args(data, out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "foldercnn.cli", *train_args(data, out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 300
     while finished_epochs(out) < epoch - 1 and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
@@ -88,7 +105,7 @@ def test_a_checkpoint_holds_no_pickle_and_the_whole_state(interrupted):
     assert {"python", "numpy"} <= set(meta["rng"])
     data = (interrupted / "checkpoint.safetensors").read_bytes()
     n = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8:8 + n])
+    header = json.loads(data[8 : 8 + n])
     header.pop("__metadata__")
     assert 8 + n + max(e["data_offsets"][1] for e in header.values()) == len(data)  # nothing but tensors
 
@@ -102,11 +119,30 @@ def test_a_changed_recipe_or_folder_is_refused_unless_forced(interrupted, shapes
     assert r.returncode == 2 and "no checkpoint" in r.stderr
 
 
-def test_restart_ignores_a_checkpoint_and_old_run_folders_still_work(interrupted, trained_model, shapes_dirs,
-                                                                     tmp_path):
+def test_an_image_edited_in_place_between_a_kill_and_the_resume_is_named(shapes_dirs, tmp_path):
+    import shutil
+
+    from PIL import Image
+
+    data = tmp_path / "data"
+    shutil.copytree(shapes_dirs[0], data)
+    run = tmp_path / "run"
+    while not (run / "checkpoint.safetensors").is_file():
+        kill_during_epoch(data, run, 3, 0.1)
+    edited = sorted((data / "circle").glob("*.png"))[4]
+    image = Image.open(edited).convert("RGB")
+    image.putpixel((0, 0), (255, 0, 255))  # same name, same folder, other pixels
+    image.save(edited)
+    r = run_cli(*train_args(data, run))
+    assert r.returncode == 2 and "changed: data: 1 modified" in r.stderr and edited.name in r.stderr, r.stderr
+    assert (run / "checkpoint.safetensors").is_file()  # refused: the interrupted run is still there to continue
+
+
+def test_restart_ignores_a_checkpoint_and_old_run_folders_still_work(interrupted, trained_model, shapes_dirs, tmp_path):
     import shutil
 
     import foldercnn
+
     copy = tmp_path / "copy"
     shutil.copytree(interrupted, copy)
     r = run_cli(*train_args(shapes_dirs[0], copy, "--restart", "--epochs", "1"))

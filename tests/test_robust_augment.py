@@ -1,4 +1,5 @@
 """Background randomisation and capture augmentation (the `robust` recipe's)."""
+
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
@@ -92,15 +93,24 @@ def test_jpeg_recompression_is_seeded_and_loses_detail():
 
 
 def test_full_robust_config_runs_end_to_end():
-    cfg = AugmentConfig(rotation=180, zoom=0.3, horizontal_flip=True, backgrounds=0.8, colour_cast=0.2, grey=0.2,
-                        low_res=0.3, noise=0.05)
+    cfg = AugmentConfig(
+        rotation=180,
+        zoom=0.3,
+        horizontal_flip=True,
+        backgrounds=0.8,
+        colour_cast=0.2,
+        grey=0.2,
+        low_res=0.3,
+        noise=0.05,
+    )
     x = batch()
     a = augment_batch(x, cfg, torch.Generator().manual_seed(5))
     assert a.shape == x.shape and torch.equal(a, augment_batch(x, cfg, torch.Generator().manual_seed(5)))
 
 
 def test_weight_space_ensemble_mixes_floats_and_keeps_counters():
-    from foldercnn.training.job import weight_space_ensemble
+    from foldercnn.training.strategy import weight_space_ensemble
+
     probe = {"w": torch.zeros(3), "n": torch.tensor(5)}
     tuned = {"w": torch.full((3,), 2.0), "n": torch.tensor(9)}
     mixed = weight_space_ensemble(probe, tuned, 0.25)

@@ -1,4 +1,5 @@
 """`foldercnn serve`: the API in-process (FastAPI's TestClient) and as a real server subprocess on 127.0.0.1."""
+
 import asyncio
 import io
 import json
@@ -24,6 +25,7 @@ MB = 1024 * 1024
 
 
 # --- images made here -----------------------------------------------------------------------------------
+
 
 def encode(im, fmt, **kw):
     buf = io.BytesIO()
@@ -55,6 +57,7 @@ def files(*named):
 
 
 # --- in-process ----------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def model_path(trained_model):
@@ -103,8 +106,15 @@ def test_predict_gives_the_python_apis_answer_for_each_file_in_order(client, cla
     rows = r.json()
     assert [row["filename"] for row in rows] == [p.name for p in paths]
     for row, path in zip(rows, paths):
-        assert set(row) == {"filename", "label", "probability", "probabilities", "uncertain", "unfamiliar",
-                            "unfamiliarity"}
+        assert set(row) == {
+            "filename",
+            "label",
+            "probability",
+            "probabilities",
+            "uncertain",
+            "unfamiliar",
+            "unfamiliarity",
+        }
         expected = classifier.predict(path)
         assert row["label"] == expected.label and row["uncertain"] == expected.uncertain
         assert row["unfamiliar"] == expected.unfamiliar
@@ -118,37 +128,49 @@ def test_every_supported_format_is_read_and_the_type_comes_from_the_bytes(client
     im = draw_shape("square", 60, np.random.default_rng(3))
     rgba = im.convert("RGBA")
     rgba.putalpha(200)
-    named = [("a.png", encode(rgba, "PNG")), ("b.jpg", encode(im, "JPEG")), ("c.webp", encode(im, "WEBP")),
-             ("d.bmp", encode(im, "BMP")), ("e.gif", encode(im.convert("P"), "GIF")),
-             ("f.tif", encode(im, "TIFF")), ("g.png", encode(im.convert("L"), "PNG")),
-             ("really-a-jpeg.txt", encode(im, "JPEG"))]
+    named = [
+        ("a.png", encode(rgba, "PNG")),
+        ("b.jpg", encode(im, "JPEG")),
+        ("c.webp", encode(im, "WEBP")),
+        ("d.bmp", encode(im, "BMP")),
+        ("e.gif", encode(im.convert("P"), "GIF")),
+        ("f.tif", encode(im, "TIFF")),
+        ("g.png", encode(im.convert("L"), "PNG")),
+        ("really-a-jpeg.txt", encode(im, "JPEG")),
+    ]
     r = client.post("/predict", files=files(*named))
     assert r.status_code == 200, r.text
     assert [row["filename"] for row in r.json()] == [n for n, _ in named]
 
 
-@pytest.mark.parametrize("name,data", [
-    ("notes.png", b"just some text, not pixels\n" * 10),
-    ("drawing.svg", b'<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"></svg>'),
-    ("scan.jpg", b"%PDF-1.4\n1 0 obj << >> endobj\n"),
-    ("icon.png", encode(Image.new("RGB", (16, 16), "red"), "ICO")),  # Pillow reads ICO; foldercnn does not
-    ("photos.zip", b"PK\x03\x04" + bytes(100)),
-])
+@pytest.mark.parametrize(
+    "name,data",
+    [
+        ("notes.png", b"just some text, not pixels\n" * 10),
+        ("drawing.svg", b'<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"></svg>'),
+        ("scan.jpg", b"%PDF-1.4\n1 0 obj << >> endobj\n"),
+        ("icon.png", encode(Image.new("RGB", (16, 16), "red"), "ICO")),  # Pillow reads ICO; foldercnn does not
+        ("photos.zip", b"PK\x03\x04" + bytes(100)),
+    ],
+)
 def test_not_an_image_or_an_unsupported_type_is_415(client, name, data):
     r = client.post("/predict", files=files(("ok.png", shape_png()), (name, data)))
     assert r.status_code == 415
     assert r.json()["filename"] == name and "not an image" in r.json()["detail"]
 
 
-@pytest.mark.parametrize("name,data,reason", [
-    ("cut.png", shape_png(size=200)[:300], "truncated"),
-    ("cut.jpg", encode(draw_shape("circle", 200, np.random.default_rng(0)), "JPEG")[:-400], "truncated"),
-    ("garbage.jpg", b"\xff\xd8\xff\xe0" + bytes(range(256)) * 4, "corrupt|cannot decode"),
-    ("garbage.png", b"\x89PNG\r\n\x1a\n" + b"\x00" * 64, "corrupt|cannot decode"),
-    ("bomb.png", png_claiming_size(40000, 40000), "too many pixels"),           # Pillow's own bomb check
-    ("big.png", png_claiming_size(MAX_PIXELS // 9000 + 1, 9000), "too many pixels"),  # foldercnn's limit
-    ("empty.png", b"", "empty"),
-])
+@pytest.mark.parametrize(
+    "name,data,reason",
+    [
+        ("cut.png", shape_png(size=200)[:300], "truncated"),
+        ("cut.jpg", encode(draw_shape("circle", 200, np.random.default_rng(0)), "JPEG")[:-400], "truncated"),
+        ("garbage.jpg", b"\xff\xd8\xff\xe0" + bytes(range(256)) * 4, "corrupt|cannot decode"),
+        ("garbage.png", b"\x89PNG\r\n\x1a\n" + b"\x00" * 64, "corrupt|cannot decode"),
+        ("bomb.png", png_claiming_size(40000, 40000), "too many pixels"),  # Pillow's own bomb check
+        ("big.png", png_claiming_size(MAX_PIXELS // 9000 + 1, 9000), "too many pixels"),  # foldercnn's limit
+        ("empty.png", b"", "empty"),
+    ],
+)
 def test_corrupt_truncated_or_too_many_pixels_is_400(client, name, data, reason):
     r = client.post("/predict", files=files((name, data)))
     assert r.status_code == 400
@@ -182,8 +204,9 @@ def test_a_filename_is_only_echoed_never_opened(client, classifier, model_path, 
     """The name of a real file on disk with other bytes: the answer is about the bytes."""
     on_disk = sorted((shapes_dirs[1] / "square").glob("*.png"))[0]
     sent = sorted((shapes_dirs[1] / "circle").glob("*.png"))[0]
-    r = client.post("/predict", files=files((str(on_disk), sent.read_bytes()),
-                                            ("../../../etc/passwd", sent.read_bytes())))
+    r = client.post(
+        "/predict", files=files((str(on_disk), sent.read_bytes()), ("../../../etc/passwd", sent.read_bytes()))
+    )
     assert r.status_code == 200
     assert [row["filename"] for row in r.json()] == [str(on_disk), "../../../etc/passwd"]
     assert r.json()[0]["probabilities"] == pytest.approx(classifier.predict(sent).probabilities, abs=1e-5)
@@ -236,13 +259,23 @@ def test_bad_options_are_clear_errors(classifier):
 
 # --- a real server subprocess ------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def server(model_path, tmp_path_factory):
     """One server for the API tests, with small limits and an empty temp folder of its own."""
     base = tmp_path_factory.mktemp("server")
     (base / "temp").mkdir()
-    with running_server(model_path, "--max-upload-mb", 1, "--max-files", 4, "--workers", 2,
-                        log=base / "server.log", env={"TMPDIR": str(base / "temp")}) as s:
+    with running_server(
+        model_path,
+        "--max-upload-mb",
+        1,
+        "--max-files",
+        4,
+        "--workers",
+        2,
+        log=base / "server.log",
+        env={"TMPDIR": str(base / "temp")},
+    ) as s:
         s.temp = base / "temp"
         yield s
 
@@ -289,6 +322,7 @@ def test_server_refuses_every_bad_upload_with_its_status_and_stays_up(server):
             for _ in range(8):
                 yield b"\x89PNG" + bytes(MB)
             yield b"\r\n--b--\r\n"
+
         r = c.post("/predict", content=chunked_upload(), headers={"content-type": "multipart/form-data; boundary=b"})
         assert r.status_code == 413 and r.json()["filename"] == "stream.png"
         assert c.get("/healthz").status_code == 200

@@ -2,6 +2,7 @@
 
 Screenshots go to the test's tmp_path; with FOLDERCNN_SCREENSHOTS=DIR they are also copied there to look at.
 """
+
 import os
 import shutil
 from pathlib import Path
@@ -32,8 +33,7 @@ def server(trained_model, tmp_path_factory):
 
 
 @pytest.mark.parametrize("viewport", sorted(VIEWPORTS))
-def test_upload_through_the_page_shows_each_prediction(browser, server, trained_model, shapes_dirs, tmp_path,
-                                                       viewport):
+def test_upload_through_the_page_shows_each_prediction(browser, server, trained_model, shapes_dirs, tmp_path, viewport):
     model = foldercnn.load(trained_model.model_path)
     images = [sorted((shapes_dirs[1] / kind).glob("*.png"))[2] for kind in ("circle", "triangle")]
     not_an_image = tmp_path / "notes.png"
@@ -74,6 +74,7 @@ def test_unfamiliar_image_is_shown_as_a_guess(browser, server, trained_model, sh
     confident percentage; a familiar shape's card does not. (Pixel noise lands on either side of this tiny
     model's threshold depending on the validation split, so it makes no stable test.)"""
     from PIL import Image
+
     model = foldercnn.load(trained_model.model_path)
     noise = tmp_path / "noise.png"
     Image.new("RGB", (40, 40), "black").save(noise)
@@ -110,8 +111,10 @@ def test_camera_unavailable_is_said_plainly(browser, server):
 def test_camera_frames_are_classified_a_few_times_per_second(browser, server, trained_model, tmp_path):
     """Chromium's fake camera (a moving test pattern) stands in for a webcam."""
     camera_browser = browser.browser_type.launch(
-        executable_path=CHROMIUM, headless=True,
-        args=CHROMIUM_FLAGS + ["--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"])
+        executable_path=CHROMIUM,
+        headless=True,
+        args=CHROMIUM_FLAGS + ["--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"],
+    )
     try:
         context = camera_browser.new_context(viewport=VIEWPORTS["desktop"], permissions=["camera"])
         page = context.new_page()

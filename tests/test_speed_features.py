@@ -1,4 +1,5 @@
 """Decode cache, time budget, precision fallback, EMA and flip TTA."""
+
 import os
 import time
 
@@ -10,9 +11,9 @@ from PIL import Image
 import foldercnn
 from foldercnn import runtime
 from foldercnn.data.folders import decode_cached, scan_folder
-from foldercnn.models.registry import create_model, predict_logits
+from foldercnn.models.registry import create_model
+from foldercnn.models.tta import predict_logits
 from foldercnn.training.loop import WeightEMA, lr_factor
-
 from testkit import make_shapes
 
 
@@ -39,6 +40,7 @@ def test_readahead_of_a_cached_set_reads_the_same_pixels(tmp_path, cache_dir):
     pixels taken are those of the decode, by positions, slices and subsets alike."""
     from foldercnn.data import cache
     from foldercnn.data.folders import load_folder
+
     assert cache._runs([7, 3, 4, 5, 9, 8, 3]) == [(3, 3), (7, 3)] and cache._runs(range(2, 6)) == [(2, 4)]
     root = make_shapes(tmp_path / "d", per_class=6)
     load_folder(scan_folder(root), 16)  # fills the cache
@@ -55,7 +57,8 @@ def test_readahead_of_a_cached_set_reads_the_same_pixels(tmp_path, cache_dir):
 
 def test_unfamiliarity_is_fitted_on_a_stratified_sample_of_big_training_sets(tmp_path):
     from foldercnn.data.folders import load_folder
-    from foldercnn.training.job import unfamiliarity_sample
+    from foldercnn.training.finish import unfamiliarity_sample
+
     data = load_folder(scan_folder(make_shapes(tmp_path / "d", per_class=20)), 16)
     assert unfamiliarity_sample(data, 0, log=print, limit=100) is data
     sample = unfamiliarity_sample(data, 0, log=lambda *a: None, limit=30)
@@ -94,8 +97,9 @@ def test_broken_file_reported_from_cache_too(tmp_path, cache_dir):
 
 def test_time_budget_stops_training(shapes_dirs, tmp_path):
     t = time.perf_counter()
-    result = foldercnn.train(shapes_dirs[0], tmp_path / "run", epochs=10_000, image_size=24, time_budget=6,
-                             log=lambda *a: None)
+    result = foldercnn.train(
+        shapes_dirs[0], tmp_path / "run", epochs=10_000, image_size=24, time_budget=6, log=lambda *a: None
+    )
     elapsed = time.perf_counter() - t
     # stopped by the budget, not by the epoch count (the margin is for a loaded machine, not a speed claim)
     assert 1 <= len(result.history) < 10_000 and result.model_path.is_file()
@@ -118,8 +122,9 @@ def test_precision_auto_falls_back_to_fp32(monkeypatch):
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_training_in_each_precision(shapes_dirs, tmp_path, precision):
-    result = foldercnn.train(shapes_dirs[0], tmp_path / precision, epochs=1, image_size=24, precision=precision,
-                             log=lambda *a: None)
+    result = foldercnn.train(
+        shapes_dirs[0], tmp_path / precision, epochs=1, image_size=24, precision=precision, log=lambda *a: None
+    )
     meta = foldercnn.load(result.model_path).metadata
     assert meta["precision"] == precision
 

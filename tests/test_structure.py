@@ -1,5 +1,6 @@
 """The package's shape: imports flow one way (no cycles), the CLI starts light, importing or calling the
 library leaves the caller's process alone, and impossible recipe/model combinations are clear errors."""
+
 import ast
 import json
 import subprocess
@@ -12,9 +13,25 @@ import foldercnn
 
 PACKAGE = Path(foldercnn.__file__).parent
 # lower layers never import higher ones: base < data < models < evaluation < training < deploy < entry points
-LAYERS = {"version": 0, "errors": 0, "files": 0, "run_folder": 0, "runtime": 0, "plots": 0,
-          "data": 1, "models": 2, "evaluation": 3, "training": 4, "deploy": 5,
-          "cli": 6, "demo": 6, "__init__": 6, "__main__": 7}
+LAYERS = {
+    "version": 0,
+    "errors": 0,
+    "files": 0,
+    "run_folder": 0,
+    "runtime": 0,
+    "plots": 0,
+    "events": 0,
+    "data": 1,
+    "models": 2,
+    "evaluation": 3,
+    "training": 4,
+    "deploy": 5,
+    "cli": 6,
+    "cli_parser": 6,
+    "demo": 6,
+    "__init__": 6,
+    "__main__": 7,
+}
 
 
 def module_name(path):
@@ -39,8 +56,12 @@ def imports_of(path):
             if target.startswith("foldercnn"):
                 for a in node.names:  # `from . import runtime` imports the module foldercnn.runtime
                     sub = f"{target}.{a.name}"
-                    found.add(sub if (PACKAGE.parent / sub.replace(".", "/")).with_suffix(".py").exists()
-                              or (PACKAGE.parent / sub.replace(".", "/")).is_dir() else target)
+                    found.add(
+                        sub
+                        if (PACKAGE.parent / sub.replace(".", "/")).with_suffix(".py").exists()
+                        or (PACKAGE.parent / sub.replace(".", "/")).is_dir()
+                        else target
+                    )
     return found - {name}
 
 
@@ -50,6 +71,7 @@ def module_graph():
 
 def test_every_module_imports():
     import importlib
+
     for name in module_graph():
         if name != "foldercnn.__main__":
             importlib.import_module(name)
@@ -66,7 +88,7 @@ def test_no_import_cycles():
             if nxt not in graph:
                 continue
             if state.get(nxt) == "active":
-                cycle = stack[stack.index(nxt):] + [nxt]
+                cycle = stack[stack.index(nxt) :] + [nxt]
                 pytest.fail("import cycle: " + " -> ".join(cycle))
             if nxt not in state:
                 visit(nxt)
@@ -84,8 +106,12 @@ def layer(name):
 
 
 def test_imports_flow_one_way():
-    wrong = [f"{a} imports {b}" for a, targets in module_graph().items() for b in targets
-             if a != "foldercnn" and b != "foldercnn" and layer(b) > layer(a)]
+    wrong = [
+        f"{a} imports {b}"
+        for a, targets in module_graph().items()
+        for b in targets
+        if a != "foldercnn" and b != "foldercnn" and layer(b) > layer(a)
+    ]
     assert not wrong, wrong
 
 
@@ -124,8 +150,12 @@ print(json.dumps({"backend": matplotlib.get_backend(), "threads": torch.get_num_
 
 @pytest.mark.slow
 def test_importing_and_calling_the_library_changes_nothing_in_the_callers_process(shapes_dirs, tmp_path):
-    r = subprocess.run([sys.executable, "-c", LIBRARY_PROBE, str(shapes_dirs[0]), str(tmp_path)],
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-c", LIBRARY_PROBE, str(shapes_dirs[0]), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout.strip().splitlines()[-1]) == {"backend": "svg", "threads": 1, "pyplot": False}
 
@@ -140,7 +170,11 @@ COMBINATIONS = [
     (["--recipe", "fast", "--fine-tune"], "follows a linear probe"),
     (["--recipe", "seed", "--model", "effnet-lite0", "--fine-tune"], "follows a linear probe"),
     (["--recipe", "fast", "--model", "hand-landmarks"], "not trained on pixels"),
-    (["--model", "resnet-9000"], "unknown model 'resnet-9000' (available: effnet-lite0, effnet-lite1, effnet-lite2, fast-cnn, hand-landmarks, tutorial-cnn)"),
+    (
+        ["--model", "resnet-9000"],
+        "unknown model 'resnet-9000' (available: effnet-lite0, effnet-lite1, effnet-lite2, fast-cnn, hand-landmarks, "
+        "tutorial-cnn)",
+    ),
     (["--recipe", "turbo"], "unknown recipe 'turbo' (available: seed, fast, transfer, robust, hands)"),
 ]  # out-of-range numbers (--epochs 0, --uncertain-below 1.5) are the parser's: tests/test_hostile.py
 
@@ -164,8 +198,9 @@ def test_impossible_recipe_and_model_combinations_are_one_clear_line(shapes_dirs
     """Each refused with exit code 2 and one line naming the valid choices, before anything is written.
     (Run through cli.main in one process; test_cli runs the real command for such errors too.)"""
     argvs = [["train", str(shapes_dirs[0]), "--out", str(tmp_path / "run"), *options] for options, _ in COMBINATIONS]
-    r = subprocess.run([sys.executable, "-c", MAIN_PROBE, json.dumps(argvs)], capture_output=True, text=True,
-                       timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-c", MAIN_PROBE, json.dumps(argvs)], capture_output=True, text=True, timeout=300
+    )
     results = json.loads(r.stdout.strip().splitlines()[-1])
     for (options, message), (code, err) in zip(COMBINATIONS, results):
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (options, code, err)

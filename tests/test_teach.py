@@ -1,8 +1,11 @@
 """Teaching (`foldercnn serve --teach`, `foldercnn teach`): the /teach API in-process, then a real server that
 trains in a real subprocess and swaps its model while /predict is busy."""
+
 import io
 import json
 import os
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -16,10 +19,7 @@ from PIL import Image
 from foldercnn.data.captures import burst_group_ids, merge_groups, parse_capture
 from foldercnn.deploy.serve import create_app
 from foldercnn.deploy.teach import TeachConfig
-from testkit import draw_shape, free_port, run_cli, stop, wait_healthy, Server
-
-import subprocess
-import sys
+from testkit import Server, draw_shape, free_port, run_cli, stop, wait_healthy
 
 
 def png(kind="circle", seed=0, size=48):
@@ -44,19 +44,34 @@ def teach_dirs(tmp_path):
 @pytest.fixture
 def client(teach_dirs, trained_model):
     config = TeachConfig(*teach_dirs, max_per_class=6, max_images=10)
-    with TestClient(create_app(trained_model.model_path, max_upload_mb=0.5, max_files=4, workers=2,
-                               teach=config)) as c:
+    with TestClient(create_app(trained_model.model_path, max_upload_mb=0.5, max_files=4, workers=2, teach=config)) as c:
         yield c
 
 
 # --- the folder: classes, captures, limits ---------------------------------------------------------------
 
-@pytest.mark.parametrize("name, reason", [
-    ("CON", "reserved device name"), ("nul", "reserved device name"), ("COM1.txt", "reserved device name"),
-    ("rock.", "final dot"), ("cafe\u0301", "composed Unicode form"), ("\u202erock", "'\\u202e'"),
-    ("", "needs a name"), ("   ", "needs a name"), (" rock", "spaces"), ("a/b", "'/'"), ("..", "dot"),
-    (".hidden", "dot"), ("a\\b", "'\\\\'"), ("x" * 65, "at most 64"), ("a\x00b", "'\\x00'"), ("c:d", "':'"),
-])
+
+@pytest.mark.parametrize(
+    "name, reason",
+    [
+        ("CON", "reserved device name"),
+        ("nul", "reserved device name"),
+        ("COM1.txt", "reserved device name"),
+        ("rock.", "final dot"),
+        ("cafe\u0301", "composed Unicode form"),
+        ("\u202erock", "'\\u202e'"),
+        ("", "needs a name"),
+        ("   ", "needs a name"),
+        (" rock", "spaces"),
+        ("a/b", "'/'"),
+        ("..", "dot"),
+        (".hidden", "dot"),
+        ("a\\b", "'\\\\'"),
+        ("x" * 65, "at most 64"),
+        ("a\x00b", "'\\x00'"),
+        ("c:d", "':'"),
+    ],
+)
 def test_bad_class_names_are_refused_and_nothing_is_written(client, teach_dirs, name, reason):
     body = json.dumps({"name": name})  # ASCII-escaped: a lone surrogate travels as JSON sends it, \\ud800
     r = client.post("/teach/classes", content=body, headers={"Content-Type": "application/json"})
@@ -85,8 +100,9 @@ def test_captures_are_server_named_jpegs_without_metadata(client, teach_dirs):
     wide = Image.new("RGB", (60, 30), "red")
     buf = io.BytesIO()
     wide.save(buf, "JPEG", exif=exif)
-    r = client.post("/teach/classes/rock/images?burst=abc123",
-                    files=files(buf.getvalue(), png(), name="../../../etc/passwd.png"))
+    r = client.post(
+        "/teach/classes/rock/images?burst=abc123", files=files(buf.getvalue(), png(), name="../../../etc/passwd.png")
+    )
     assert r.status_code == 201, r.text
     body = r.json()
     assert body["burst"] == "abc123" and body["ids"] == ["cap-abc123-000001", "cap-abc123-000002"]
@@ -96,23 +112,30 @@ def test_captures_are_server_named_jpegs_without_metadata(client, teach_dirs):
         assert im.format == "JPEG" and im.size == (30, 60)  # stored upright
         assert not im.getexif()  # no camera metadata (or location) kept
     # the same burst continues its numbering; without a burst the server makes one
-    assert client.post("/teach/classes/rock/images?burst=abc123", files=files(png())).json()["ids"] == \
-        ["cap-abc123-000003"]
+    assert client.post("/teach/classes/rock/images?burst=abc123", files=files(png())).json()["ids"] == [
+        "cap-abc123-000003"
+    ]
     other = client.post("/teach/classes/rock/images", files=files(png())).json()
     assert other["burst"] != "abc123" and parse_capture(other["ids"][0] + ".jpg")[0] == other["burst"]
     listed = client.get("/teach/classes").json()["classes"][0]
     assert listed["images"] == 4 and listed["bursts"] == 2 and listed["captures"][0] == other["ids"][0]
     got = client.get(f"/teach/classes/rock/images/{other['ids'][0]}")
     assert got.status_code == 200 and got.headers["content-type"] == "image/jpeg"
-    assert listing(teach_dirs[0].parent) == sorted(["teach", "teach/rock", "runs", "runs/captures.json"] + [
-        f"teach/rock/{p.name}" for p in (teach_dirs[0] / "rock").iterdir()])
+    assert listing(teach_dirs[0].parent) == sorted(
+        ["teach", "teach/rock", "runs", "runs/captures.json"]
+        + [f"teach/rock/{p.name}" for p in (teach_dirs[0] / "rock").iterdir()]
+    )
 
 
 def test_bad_uploads_are_refused_as_predict_refuses_them(client, teach_dirs):
     client.post("/teach/classes", json={"name": "rock"})
-    cases = [(files(b"hello, not an image"), 415), (files(png()[:40]), 400), (files(b""), 400),
-             (files(png(), png(), png(), png(), png()), 413),  # more than --max-files (4)
-             (files(b"\x89PNG\r\n\x1a\n" + os.urandom(600_000)), 413)]  # over --max-upload-mb (0.5)
+    cases = [
+        (files(b"hello, not an image"), 415),
+        (files(png()[:40]), 400),
+        (files(b""), 400),
+        (files(png(), png(), png(), png(), png()), 413),  # more than --max-files (4)
+        (files(b"\x89PNG\r\n\x1a\n" + os.urandom(600_000)), 413),
+    ]  # over --max-upload-mb (0.5)
     for sent, status in cases:
         r = client.post("/teach/classes/rock/images", files=sent)
         assert r.status_code == status, (status, r.text)
@@ -142,8 +165,7 @@ def test_path_tricks_never_reach_outside_the_folder(client, teach_dirs, tmp_path
     outside = tmp_path / "outside"
     outside.mkdir()
     (teach_dirs[0] / "linked").symlink_to(outside)
-    for url in ("/teach/classes/..%2F..%2Foutside/images", "/teach/classes/.%2E/images",
-                "/teach/classes/nope/images"):
+    for url in ("/teach/classes/..%2F..%2Foutside/images", "/teach/classes/.%2E/images", "/teach/classes/nope/images"):
         r = client.post(url, files=files(png()))
         assert r.status_code in (400, 404), (url, r.status_code, r.text)
     r = client.post("/teach/classes/linked/images", files=files(png()))
@@ -178,8 +200,11 @@ def test_teaching_is_off_unless_asked(trained_model):
 
 
 def test_bursts_stay_on_one_side_of_the_split():
-    paths = [f"/d/rock/cap-aa-{i:06d}.jpg" for i in range(1, 4)] + ["/d/rock/photo.jpg", "/d/rock/cap-bb-000001.jpg",
-                                                                   "/d/paper/cap-aa-000001.jpg"]
+    paths = [f"/d/rock/cap-aa-{i:06d}.jpg" for i in range(1, 4)] + [
+        "/d/rock/photo.jpg",
+        "/d/rock/cap-bb-000001.jpg",
+        "/d/paper/cap-aa-000001.jpg",
+    ]
     ids = burst_group_ids(paths)
     assert ids[0] == ids[1] == ids[2] and len(set(ids[3:].tolist())) == 3 and ids[5] != ids[0]
     merged = merge_groups(ids, np.array([0, 1, 2, 4, 4, 5]))  # a near-duplicate pair joins photo.jpg and bb
@@ -188,12 +213,17 @@ def test_bursts_stay_on_one_side_of_the_split():
 
 # --- a real server -------------------------------------------------------------------------------------
 
+
 def start_teach_server(command, *args, log, cwd=None, env=None):
     port = free_port()
     out = open(log, "w")
-    proc = subprocess.Popen([sys.executable, "-m", "foldercnn.cli", command, *map(str, args), "--port", str(port)],
-                            stdout=out, stderr=subprocess.STDOUT, cwd=cwd,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "foldercnn.cli", command, *map(str, args), "--port", str(port)],
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        cwd=cwd,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+    )
     out.close()
     server = Server(proc, port, log)
     wait_healthy(server)
@@ -213,16 +243,27 @@ def wait_job(url, job_id, timeout=300):
 @pytest.mark.slow
 def test_teach_from_nothing_train_and_swap_while_predict_is_busy(tmp_path, trained_model):
     data, runs = tmp_path / "mine", tmp_path / "runs"
-    server = start_teach_server("serve", trained_model.model_path, "--teach", data, "--teach-runs", runs,
-                                "--teach-recipe", "fast", log=tmp_path / "serve.log")
+    server = start_teach_server(
+        "serve",
+        trained_model.model_path,
+        "--teach",
+        data,
+        "--teach-runs",
+        runs,
+        "--teach-recipe",
+        "fast",
+        log=tmp_path / "serve.log",
+    )
     try:
         url = server.url
         old_classes = httpx.get(url + "/model").json()["classes"]
         for name, kind in (("dots", "circle"), ("blocks", "square")):
             assert httpx.post(url + "/teach/classes", json={"name": name}).status_code == 201
             for burst in ("one", "two", "three"):  # three recordings per class
-                r = httpx.post(f"{url}/teach/classes/{name}/images?burst={burst}",
-                               files=files(*[png(kind, seed=hash((burst, i)) % 1000) for i in range(4)]))
+                r = httpx.post(
+                    f"{url}/teach/classes/{name}/images?burst={burst}",
+                    files=files(*[png(kind, seed=hash((burst, i)) % 1000) for i in range(4)]),
+                )
                 assert r.status_code == 201, r.text
         # cross-site requests and foreign host names are refused
         r = httpx.post(url + "/teach/train", headers={"Origin": "http://evil.example"})
@@ -264,8 +305,9 @@ def test_teach_from_nothing_train_and_swap_while_predict_is_busy(tmp_path, train
         assert httpx.get(url + "/teach/train").json()["id"] == job["id"]
         # files landed only in the teaching folder and the run folder
         run_dir = Path(done["run_dir"])
-        assert run_dir.parent == runs and (run_dir / "model.safetensors").is_file() and \
-            (run_dir / "report.html").is_file()
+        assert (
+            run_dir.parent == runs and (run_dir / "model.safetensors").is_file() and (run_dir / "report.html").is_file()
+        )
         assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "runs", "serve.log"]
         assert all(parse_capture(p.name) for p in data.rglob("*") if p.is_file())
     finally:
@@ -280,8 +322,17 @@ def test_a_failed_job_keeps_the_old_model_and_says_why(tmp_path, trained_model):
     for i in range(5):
         draw_shape("circle", 40, np.random.default_rng(i)).save(data / "dots" / f"{i}.png")
         (data / "blocks" / f"{i}.png").write_bytes(b"broken")  # counted as images, but none can be decoded
-    server = start_teach_server("serve", trained_model.model_path, "--teach", data, "--teach-runs",
-                                tmp_path / "runs", "--teach-recipe", "fast", log=tmp_path / "serve.log")
+    server = start_teach_server(
+        "serve",
+        trained_model.model_path,
+        "--teach",
+        data,
+        "--teach-runs",
+        tmp_path / "runs",
+        "--teach-recipe",
+        "fast",
+        log=tmp_path / "serve.log",
+    )
     try:
         url = server.url
         r = httpx.post(url + "/teach/train")
@@ -295,8 +346,9 @@ def test_a_failed_job_keeps_the_old_model_and_says_why(tmp_path, trained_model):
 
 
 def test_remote_teaching_needs_its_own_flag(tmp_path, trained_model):
-    r = run_cli("serve", trained_model.model_path, "--teach", tmp_path / "mine", "--host", "0.0.0.0",
-                "--port", free_port())
+    r = run_cli(
+        "serve", trained_model.model_path, "--teach", tmp_path / "mine", "--host", "0.0.0.0", "--port", free_port()
+    )
     assert r.returncode == 2 and "--allow-remote-teach" in r.stderr and "Traceback" not in r.stderr
     r = run_cli("teach", tmp_path / "mine", "--teach-runs", tmp_path / "mine" / "runs", "--port", free_port())
     assert r.returncode == 2 and "inside the data folder" in r.stderr
@@ -362,9 +414,18 @@ def test_a_named_pipe_in_the_teaching_folder_does_not_stall_a_job(tmp_path, trai
             draw_shape(kind, 40, np.random.default_rng(i)).save(data / name / f"{i}.png")
     os.mkfifo(data / "dots" / "pipe.png")
     cache = tmp_path / "cache"
-    server = start_teach_server("serve", trained_model.model_path, "--teach", data, "--teach-runs",
-                                tmp_path / "runs", "--teach-recipe", "fast", log=tmp_path / "serve.log",
-                                env={"FOLDERCNN_CACHE": str(cache)})
+    server = start_teach_server(
+        "serve",
+        trained_model.model_path,
+        "--teach",
+        data,
+        "--teach-runs",
+        tmp_path / "runs",
+        "--teach-recipe",
+        "fast",
+        log=tmp_path / "serve.log",
+        env={"FOLDERCNN_CACHE": str(cache)},
+    )
     try:
         r = httpx.post(server.url + "/teach/train")
         assert r.status_code == 202, r.text

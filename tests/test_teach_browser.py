@@ -1,5 +1,6 @@
 """The Teach panel in a real browser: `foldercnn teach` from an empty folder, Chromium's fake camera recording
 frames into two classes, training, and the page predicting with the new model."""
+
 import re
 
 import pytest
@@ -31,11 +32,14 @@ def test_record_two_classes_train_and_predict_with_the_new_model(browser, tmp_pa
     """At desktop width; the last screenshot again at phone width."""
     viewport = "desktop"
     data = tmp_path / "mine"
-    server = start_teach_server("teach", data, "--teach-runs", tmp_path / "runs", "--teach-recipe", "fast",
-                                log=tmp_path / "teach.log")
+    server = start_teach_server(
+        "teach", data, "--teach-runs", tmp_path / "runs", "--teach-recipe", "fast", log=tmp_path / "teach.log"
+    )
     camera_browser = browser.browser_type.launch(
-        executable_path=CHROMIUM, headless=True,
-        args=CHROMIUM_FLAGS + ["--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"])
+        executable_path=CHROMIUM,
+        headless=True,
+        args=CHROMIUM_FLAGS + ["--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"],
+    )
     try:
         page = camera_browser.new_context(viewport=VIEWPORTS[viewport], permissions=["camera"]).new_page()
         page.goto(server.url + "/")

@@ -1,6 +1,7 @@
 """Training features observed in what they do, not in a flag that echoes an argument: bf16 autocast really
 computes in bfloat16, the saved model is the chosen epoch's, flip TTA averages an image with its mirror, and
 the temperature is fitted on the validation split only."""
+
 import copy
 
 import pytest
@@ -11,9 +12,11 @@ from foldercnn.data.folders import load_folder, scan_folder, stratified_split
 from foldercnn.evaluation.calibration import choose_temperature
 from foldercnn.models.inference import batched_logits
 from foldercnn.models.registry import create_model
-from foldercnn.training.job import prepare_data
 from foldercnn.training.loop import fit
+from foldercnn.training.options import TrainOptions
+from foldercnn.training.prepare import prepare_data
 from foldercnn.training.recipes import get_recipe
+from foldercnn.training.run import RunContext, RunWriter
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +33,7 @@ def test_precision_is_what_the_convolutions_compute_in(tiny_split, precision, dt
     model = create_model("fast-cnn", 3)
     seen = set()
     model[0][0].register_forward_hook(lambda m, i, o: seen.add((m.training, o.dtype)))
-    fit(model, train, val, recipe, device=torch.device("cpu"), precision=precision, seed=0, log=lambda *a: None)
+    fit(model, train, val, recipe, RunContext(precision=precision))
     assert (True, dtype) in seen  # training steps ran in the requested precision
     assert (True, torch.bfloat16 if dtype == torch.float32 else torch.float32) not in seen
 
@@ -46,8 +49,12 @@ def test_the_kept_weights_are_the_best_epochs(tiny_split):
     torch.manual_seed(0)  # the initial weights must not depend on which tests ran before in this process
     model = create_model("fast-cnn", 3)
     states = []
-    result = fit(model, train, noisy, recipe, device=torch.device("cpu"), precision="fp32", seed=0,
-                 log=lambda *a: None, on_epoch=lambda r: states.append(copy.deepcopy(model.state_dict())))
+
+    class EveryEpoch(RunWriter):  # the writer is told after every epoch: keep that epoch's weights
+        def history(self, rows):
+            states.append(copy.deepcopy(model.state_dict()))
+
+    result = fit(model, train, noisy, recipe, RunContext(precision="fp32", writer=EveryEpoch()))
     accuracies = [h["val_accuracy"] for h in result.history]
     best = max(range(len(accuracies)), key=lambda i: (accuracies[i], i)) + 1
     assert best != len(accuracies), f"precondition: the last epoch must not be the best here ({accuracies})"
@@ -63,6 +70,7 @@ def test_flip_tta_averages_the_image_and_its_mirror(trained_model, shapes_dirs, 
     model = clf.model.eval()
     with torch.no_grad():
         from foldercnn.models.preprocess import preprocess
+
         plain = model(preprocess(x, clf.mean, clf.std)).float()
         mirrored = model(preprocess(x.flip(2), clf.mean, clf.std)).float()  # NHWC: width is dim 2
     expected = torch.softmax((plain + mirrored) / 2 / clf.temperature, 1)
@@ -71,6 +79,7 @@ def test_flip_tta_averages_the_image_and_its_mirror(trained_model, shapes_dirs, 
     assert torch.allclose(torch.tensor(ev.probabilities), expected, atol=1e-4)
     # the command line's --tta reaches the same numbers
     import json
+
     r = cli("evaluate", trained_model.model_path, shapes_dirs[1], "--tta", "--json")
     rows = json.loads(r.stdout)["predictions"]
     got = torch.tensor([row["probability"] for row in rows])
@@ -82,7 +91,7 @@ def test_temperature_is_fitted_on_the_validation_split(trained_model, shapes_dir
     """Recompute the validation split the job used and the temperature the rule gives on it: the stored one."""
     clf = foldercnn.load(trained_model.model_path)
     recipe = get_recipe("fast", epochs=8, image_size=32)
-    _, val, _ = prepare_data(shapes_dirs[0], recipe, seed=0, log=lambda *a: None)
+    _, val, _ = prepare_data(shapes_dirs[0], recipe, TrainOptions(seed=0), events=lambda *a: None)
     logits = batched_logits(clf.model, val.take(slice(None)), clf.mean, clf.std)
     t, rule = choose_temperature(logits, val.labels)
     cal = clf.metadata["calibration"]

@@ -1,5 +1,6 @@
 """The unfamiliarity score: the Gaussians, the threshold (validation only), the model file, and the fields
 every interface shows."""
+
 import json
 import shutil
 
@@ -63,7 +64,9 @@ def test_the_chunked_fit_of_a_subset_is_the_fit_of_those_rows(monkeypatch):
     monkeypatch.setattr(unfamiliar, "CHUNK", 7)
     chunked = unfamiliar._fit_gaussians(x, y, 3, 12, idx)
     centred = x[idx].double() - whole.means.double()[y[idx]]
-    assert chunked.shrinkage == pytest.approx(unfamiliar.ledoit_wolf_shrinkage(centred), rel=1e-6)  # means in float32 here
+    assert chunked.shrinkage == pytest.approx(
+        unfamiliar.ledoit_wolf_shrinkage(centred), rel=1e-6
+    )  # means in float32 here
     assert chunked.shrinkage == pytest.approx(whole.shrinkage, rel=1e-9)
     torch.testing.assert_close(chunked.means, whole.means)
     probe = torch.randn(50, 12, generator=torch.Generator().manual_seed(3)) * 4
@@ -106,6 +109,7 @@ def test_model_file_section_and_one_pass(trained_model, shapes_dirs):
 def _strip_unfamiliar(src, dst):
     """The same model as an older foldercnn wrote it: no section, no extra tensors."""
     from safetensors.torch import load_file, save_file
+
     meta, _ = read_header(src)
     del meta["unfamiliar"]
     tensors = {k: v for k, v in load_file(str(src)).items() if not k.startswith("unfamiliar.")}
@@ -130,13 +134,21 @@ def test_old_model_files_load_and_give_null(trained_model, shapes_dirs, tmp_path
 def test_evaluate_flags(trained_model, shapes_dirs, tmp_path):
     ev = foldercnn.evaluate(foldercnn.load(trained_model.model_path), shapes_dirs[1])
     f = ev.to_dict()["flags"]
-    assert set(f) >= {"share_uncertain", "share_unfamiliar", "share_either", "errors_flagged",
-                      "selective_accuracy", "auroc_unfamiliarity", "auroc_low_confidence"}
+    assert set(f) >= {
+        "share_uncertain",
+        "share_unfamiliar",
+        "share_either",
+        "errors_flagged",
+        "selective_accuracy",
+        "auroc_unfamiliarity",
+        "auroc_low_confidence",
+    }
     assert max(f["share_uncertain"], f["share_unfamiliar"]) <= f["share_either"] <= 1
     assert f["errors_flagged"]["either"] <= f["errors"]
     rows = ev.to_dict()["predictions"]
     assert all(isinstance(r["unfamiliarity"], float) and r["unfamiliar"] == (r["unfamiliarity"] > 1) for r in rows)
     from foldercnn.evaluation.metrics import flag_summary
+
     same = flag_summary([[0.9, 0.1], [0.2, 0.8]], [0, 1], 0.8, [0.5, 2.0])
     assert same["auroc_low_confidence"] is None and same["errors"] == 0  # one outcome only: no AUROC
     assert same["share_unfamiliar"] == 0.5 and same["selective_accuracy"] == 1.0
@@ -144,6 +156,7 @@ def test_evaluate_flags(trained_model, shapes_dirs, tmp_path):
 
 def test_serve_fields_and_headline(trained_model, shapes_dirs, tmp_path):
     from foldercnn.deploy.serve import create_app
+
     run = tmp_path / "run"
     run.mkdir()
     shutil.copy(trained_model.model_path, run / "model.safetensors")
@@ -151,6 +164,7 @@ def test_serve_fields_and_headline(trained_model, shapes_dirs, tmp_path):
     # of the threshold of a model this small depending on the seed, so they make no stable test.
     noise = Image.new("RGB", (40, 40), "black")
     import io
+
     buf = io.BytesIO()
     noise.save(buf, "PNG")
     with TestClient(create_app(str(run / "model.safetensors"), workers=1)) as client:

@@ -1,6 +1,7 @@
 """Helpers shared by the test modules (importable because pyproject's pytest `pythonpath` names tests/):
 generated images, the real `foldercnn` command in a subprocess, a real `foldercnn serve` on 127.0.0.1, and
 where the browser is."""
+
 import contextlib
 import os
 import shutil
@@ -46,8 +47,13 @@ def make_shapes(root, per_class=24, size=40, seed=0, classes=SHAPES, fmt="png"):
 def run_cli(*args, env=None, timeout=300):
     """Run the real `foldercnn` command in a subprocess."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "foldercnn.cli", *map(str, args)], capture_output=True,
-                          text=True, env=full_env, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "foldercnn.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=timeout,
+    )
 
 
 def free_port():
@@ -68,9 +74,12 @@ class Server:
 def start_server(model_path, *options, log, env=None, port=None):
     port = port or free_port()
     out = open(log, "w")
-    proc = subprocess.Popen([sys.executable, "-m", "foldercnn.cli", "serve", str(model_path), "--port", str(port),
-                             *map(str, options)], stdout=out, stderr=subprocess.STDOUT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "foldercnn.cli", "serve", str(model_path), "--port", str(port), *map(str, options)],
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+    )
     out.close()
     return Server(proc, port, log)
 
@@ -111,7 +120,11 @@ def running_server(model_path, *options, log, env=None):
 
 # found on PATH, exactly as .ci/run looks for it (`command -v chromium`); None when not installed
 CHROMIUM = shutil.which("chromium")
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--no-first-run"]
-
-
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+]

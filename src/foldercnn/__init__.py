@@ -9,6 +9,7 @@
 Importing the package imports nothing heavy and changes nothing in the caller's process: each name below is
 loaded on first use (so `foldercnn --version` does not import PyTorch).
 """
+
 import importlib
 
 from .errors import FolderCNNError
@@ -19,7 +20,7 @@ _API = {
     "train": ("foldercnn.training.job", "train_folder"),
     "evaluate": ("foldercnn.evaluation.metrics", "evaluate_folder"),
     "inspect": ("foldercnn.data.inspect", "inspect_folder"),
-    "load": ("foldercnn.models.inference", "load"),
+    "load": ("foldercnn.models.load", "load"),
     "Classifier": ("foldercnn.models.inference", "Classifier"),
     "Prediction": ("foldercnn.models.inference", "Prediction"),
     "predict_paths": ("foldercnn.deploy.predict", "predict_paths"),

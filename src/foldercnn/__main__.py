@@ -1,4 +1,5 @@
 """`python -m foldercnn ...` (and `torchrun -m foldercnn ...`) is the `foldercnn` command."""
+
 import sys
 
 from .cli import main

@@ -1,10 +1,11 @@
 """Atomic file writes: a reader never sees a half-written file, a crash never leaves one."""
+
 import contextlib
 import os
 import tempfile
 from pathlib import Path
 
-from .errors import FolderCNNError
+from .errors import FolderCNNError, OptionError
 
 
 @contextlib.contextmanager
@@ -37,7 +38,9 @@ def check_out_dir(out_dir, data_dirs):
         if d is not None:
             d = Path(d).resolve()
             if out == d or d in out.parents:
-                raise FolderCNNError(f"the output folder {out_dir} is inside the data folder {d}; "
-                                     "foldercnn never writes into your data. Choose another --out")
+                raise FolderCNNError(
+                    f"the output folder {out_dir} is inside the data folder {d}; "
+                    "foldercnn never writes into your data. Choose another --out"
+                )
     if out.exists() and not out.is_dir():
-        raise FolderCNNError(f"--out {out_dir} exists and is not a folder")
+        raise OptionError("out", f"{out_dir} exists and is not a folder")

@@ -4,6 +4,7 @@ atomically.
 Figures are plain `matplotlib.figure.Figure` objects rendered by the Agg canvas: pyplot is never imported, so
 drawing a figure neither needs a display nor switches the plotting backend of a caller's notebook.
 """
+
 import torch
 from matplotlib.figure import Figure
 
@@ -30,8 +31,11 @@ def sample_grid(images, labels, classes, path, per_class=6, title="Samples"):
     for r, name in enumerate(classes):
         members = (labels == r).nonzero().flatten()
         # evenly spaced through the class: neighbouring files are often near-duplicates
-        idx = members[torch.linspace(0, len(members) - 1, min(per_class, len(members))).long()].tolist() \
-            if len(members) else []
+        idx = (
+            members[torch.linspace(0, len(members) - 1, min(per_class, len(members))).long()].tolist()
+            if len(members)
+            else []
+        )
         for c in range(per_class):
             ax = axes[r][c]
             ax.set_xticks([])
@@ -86,6 +90,7 @@ def training_curves(history, path, title="Training curves"):
 def confusion_matrix_plot(confusion, classes, path, title="Confusion matrix"):
     """Counts per (true, predicted) pair; cell colour is the share of the true class (row)."""
     import numpy as np
+
     cm = np.asarray(confusion, float)
     share = cm / np.maximum(cm.sum(1, keepdims=True), 1)
     k = len(classes)
@@ -95,8 +100,15 @@ def confusion_matrix_plot(confusion, classes, path, title="Confusion matrix"):
     if k <= 30:
         for i in range(k):
             for j in range(k):
-                ax.text(j, i, f"{int(cm[i, j])}", ha="center", va="center", fontsize=11 if k <= 10 else 7,
-                        color="white" if share[i, j] > 0.6 else "black")
+                ax.text(
+                    j,
+                    i,
+                    f"{int(cm[i, j])}",
+                    ha="center",
+                    va="center",
+                    fontsize=11 if k <= 10 else 7,
+                    color="white" if share[i, j] > 0.6 else "black",
+                )
     ax.set_xticks(range(k), classes, rotation=45 if k > 4 else 0, ha="right" if k > 4 else "center")
     ax.set_yticks(range(k), classes)
     ax.set_xlabel("predicted class")
@@ -111,8 +123,14 @@ def mistakes_gallery(images, mistakes, path, n_total, columns=4):
     if not mistakes:
         fig, ax = _figure(figsize=(6, 1.2))
         ax.axis("off")
-        ax.text(0.5, 0.5, f"No mistakes: all {n_total} images were classified correctly.", ha="center",
-                va="center", fontsize=12)
+        ax.text(
+            0.5,
+            0.5,
+            f"No mistakes: all {n_total} images were classified correctly.",
+            ha="center",
+            va="center",
+            fontsize=12,
+        )
         return _save(fig, path)
     rows = (len(mistakes) + columns - 1) // columns
     fig, axes = _figure(rows, columns, figsize=(2.8 * columns, 3.2 * rows), squeeze=False)
@@ -121,8 +139,11 @@ def mistakes_gallery(images, mistakes, path, n_total, columns=4):
     for ax, image, m in zip(axes.flat, images, mistakes):
         ax.imshow(image)
         name = m["path"].replace("\\", "/").split("/")[-1]
-        ax.set_title(f"true: {m['true']}\npredicted: {m['predicted']} ({m['probability']:.0%})\n{name[:28]}",
-                     fontsize=9, color="#a00000")
+        ax.set_title(
+            f"true: {m['true']}\npredicted: {m['predicted']} ({m['probability']:.0%})\n{name[:28]}",
+            fontsize=9,
+            color="#a00000",
+        )
     fig.suptitle(f"The {len(mistakes)} most confident mistakes (of {n_total} images)", fontsize=12)
     return _save(fig, path)
 
@@ -130,8 +151,10 @@ def mistakes_gallery(images, mistakes, path, n_total, columns=4):
 def reliability_diagram(calibration, path, title="Calibration"):
     """Accuracy vs confidence per bin, raw softmax and temperature-scaled, with the share of images per bin."""
     fig, axes = _figure(2, 2, figsize=(10, 6.5), gridspec_kw={"height_ratios": [3, 1]}, sharex=True)
-    runs = (("uncalibrated", "raw softmax (T = 1)"),
-            ("calibrated", f"temperature scaled (T = {calibration['temperature']:.2f})"))
+    runs = (
+        ("uncalibrated", "raw softmax (T = 1)"),
+        ("calibrated", f"temperature scaled (T = {calibration['temperature']:.2f})"),
+    )
     for col, (key, label) in enumerate(runs):
         part = calibration[key]
         bins = part["reliability"]
@@ -139,13 +162,31 @@ def reliability_diagram(calibration, path, title="Calibration"):
         width = bins[0]["hi"] - bins[0]["lo"]
         centres = [(b["lo"] + b["hi"]) / 2 for b in bins]
         used = [b for b in bins if b["count"]]
-        top.bar([(b["lo"] + b["hi"]) / 2 for b in used], [b["accuracy"] for b in used], width=width * 0.9,
-                color="#4c72b0", label="accuracy of the images in the bin")
-        top.plot([(b["lo"] + b["hi"]) / 2 for b in used], [b["confidence"] for b in used], "D", color="#dd5522",
-                 label="their mean confidence")
+        top.bar(
+            [(b["lo"] + b["hi"]) / 2 for b in used],
+            [b["accuracy"] for b in used],
+            width=width * 0.9,
+            color="#4c72b0",
+            label="accuracy of the images in the bin",
+        )
+        top.plot(
+            [(b["lo"] + b["hi"]) / 2 for b in used],
+            [b["confidence"] for b in used],
+            "D",
+            color="#dd5522",
+            label="their mean confidence",
+        )
         for b in used:  # how many images each bar stands for: a bar of 2 images says little
-            top.text((b["lo"] + b["hi"]) / 2, 0.02, f"n={b['count']}", ha="center", fontsize=7, rotation=90,
-                     va="bottom", color="white" if b["accuracy"] > 0.15 else "black")
+            top.text(
+                (b["lo"] + b["hi"]) / 2,
+                0.02,
+                f"n={b['count']}",
+                ha="center",
+                fontsize=7,
+                rotation=90,
+                va="bottom",
+                color="white" if b["accuracy"] > 0.15 else "black",
+            )
         top.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
         top.set_xlim(0, 1)
         top.set_ylim(0, 1.05)
@@ -157,7 +198,10 @@ def reliability_diagram(calibration, path, title="Calibration"):
         bottom.set_ylim(0, 1)
         bottom.set_xlabel("confidence (top probability)")
         bottom.set_ylabel("share of images")
-    fig.suptitle(f"{title}\nA bar below its diamond: the model was more sure than right (over-confident); "
-                 "above: less sure than right.", fontsize=10)
+    fig.suptitle(
+        f"{title}\nA bar below its diamond: the model was more sure than right (over-confident); "
+        "above: less sure than right.",
+        fontsize=10,
+    )
     fig.tight_layout()
     return _save(fig, path)

@@ -1,12 +1,14 @@
 """The run folder: the one place that names its files, and the training history's CSV format.
 
-    RUN_DIR/model.safetensors   the model file (weights + metadata)
-    RUN_DIR/history.csv         one row per epoch
-    RUN_DIR/evaluation.json     the last `evaluate --out RUN_DIR` (its first folder: the test folder)
-    RUN_DIR/other_folders.json  that evaluation's further folders, one summary row each
-    RUN_DIR/report.html         the self-contained report
-    RUN_DIR/*.png               the figures
+RUN_DIR/model.safetensors   the model file (weights + metadata)
+RUN_DIR/history.csv         one row per epoch
+RUN_DIR/options.json        the run's options (training/options.py)
+RUN_DIR/evaluation.json     the last `evaluate --out RUN_DIR` (its first folder: the test folder)
+RUN_DIR/other_folders.json  that evaluation's further folders, one summary row each
+RUN_DIR/report.html         the self-contained report
+RUN_DIR/*.png               the figures
 """
+
 import csv
 import io
 from pathlib import Path
@@ -15,6 +17,7 @@ from .files import write_text
 
 MODEL = "model.safetensors"
 HISTORY = "history.csv"
+OPTIONS = "options.json"
 EVALUATION = "evaluation.json"
 OTHER_FOLDERS = "other_folders.json"
 REPORT = "report.html"

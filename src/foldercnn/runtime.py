@@ -1,11 +1,12 @@
 """Where and how tensors run: device, threads, allocator, precision. Chosen here and only here."""
+
 import contextlib
 import ctypes
 import os
 
 import torch
 
-from .errors import FolderCNNError
+from .errors import OptionError
 
 
 def choose_device(requested="auto"):
@@ -14,17 +15,11 @@ def choose_device(requested="auto"):
     device = torch.device(requested)
     if device.type == "cuda" and not torch.cuda.is_available():
         build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
-        raise FolderCNNError(f"--device cuda: PyTorch sees no CUDA GPU here (torch {torch.__version__}, {build}); "
-                             "use --device cpu or auto")
+        raise OptionError(
+            "device",
+            f"cuda: PyTorch sees no CUDA GPU here (torch {torch.__version__}, {build}); use device cpu or auto",
+        )
     return device
-
-
-def to_device(batch, device):
-    """A CPU batch on `device`. To a GPU through pinned (page-locked) memory without blocking, so the copy
-    overlaps the work already queued on the GPU; on the CPU, the same tensor."""
-    if device.type != "cuda":
-        return batch
-    return batch.pin_memory().to(device, non_blocking=True)
 
 
 def physical_cores():
@@ -97,7 +92,7 @@ def resolve_precision(precision, device):
     if precision == "auto":
         return "bf16" if bf16_supported(device) else "fp32"
     if precision not in ("bf16", "fp32"):
-        raise ValueError(f"unknown precision {precision!r}")
+        raise OptionError("precision", f"must be auto, bf16 or fp32, got {precision!r}")
     return precision
 
 

@@ -20,6 +20,7 @@ or bound, applied after the geometry in this order:
                one capture effect that is not a tensor operation)
 The transform maps output pixel coordinates to input ones, like Keras/scipy, and samples bilinearly.
 """
+
 import io
 from dataclasses import asdict, dataclass
 
@@ -49,9 +50,23 @@ class AugmentConfig:
 
     def is_identity(self):
         return not self.horizontal_flip and not any(
-            (self.rotation, self.width_shift, self.height_shift, self.shear, self.zoom, self.brightness,
-             self.contrast, self.saturation, self.backgrounds, self.colour_cast, self.grey, self.low_res,
-             self.noise, self.jpeg))
+            (
+                self.rotation,
+                self.width_shift,
+                self.height_shift,
+                self.shear,
+                self.zoom,
+                self.brightness,
+                self.contrast,
+                self.saturation,
+                self.backgrounds,
+                self.colour_cast,
+                self.grey,
+                self.low_res,
+                self.noise,
+                self.jpeg,
+            )
+        )
 
     def to_dict(self):
         return asdict(self)
@@ -81,15 +96,23 @@ def random_affine_matrices(n, cfg: AugmentConfig, generator=None):
     # Keras composes rotation @ shift @ shear @ zoom in (row, col) order; written here in (x, y) order,
     # then a horizontal flip of the output (x -> -x) applied last, as Keras flips after transforming.
     zero, one = torch.zeros(n, dtype=torch.float64), torch.ones(n, dtype=torch.float64)
-    rot = torch.stack([torch.stack([cos, sin, zero], -1), torch.stack([-sin, cos, zero], -1),
-                       torch.stack([zero, zero, one], -1)], -2)
-    shift = torch.stack([torch.stack([one, zero, tx], -1), torch.stack([zero, one, ty], -1),
-                         torch.stack([zero, zero, one], -1)], -2)
-    shr = torch.stack([torch.stack([torch.cos(shear), zero, zero], -1),
-                       torch.stack([-torch.sin(shear), one, zero], -1),
-                       torch.stack([zero, zero, one], -1)], -2)
-    zoom = torch.stack([torch.stack([zx, zero, zero], -1), torch.stack([zero, zy, zero], -1),
-                        torch.stack([zero, zero, one], -1)], -2)
+    rot = torch.stack(
+        [torch.stack([cos, sin, zero], -1), torch.stack([-sin, cos, zero], -1), torch.stack([zero, zero, one], -1)], -2
+    )
+    shift = torch.stack(
+        [torch.stack([one, zero, tx], -1), torch.stack([zero, one, ty], -1), torch.stack([zero, zero, one], -1)], -2
+    )
+    shr = torch.stack(
+        [
+            torch.stack([torch.cos(shear), zero, zero], -1),
+            torch.stack([-torch.sin(shear), one, zero], -1),
+            torch.stack([zero, zero, one], -1),
+        ],
+        -2,
+    )
+    zoom = torch.stack(
+        [torch.stack([zx, zero, zero], -1), torch.stack([zero, zy, zero], -1), torch.stack([zero, zero, one], -1)], -2
+    )
     flip_m = torch.diag_embed(torch.stack([flip, one, one], -1))
     m = rot @ shift @ shr @ zoom @ flip_m
     return m[:, :2, :].float()
@@ -107,6 +130,7 @@ def jitter_colour(x, cfg: AugmentConfig, generator=None):
 
     def factors(bound):
         return (1 + _uniform(n, bound, generator)).float().view(n, 1, 1, 1).to(x.device)
+
     if cfg.saturation:
         grey = x.mean(1, keepdim=True)
         x = grey + (x - grey) * factors(cfg.saturation)
@@ -167,6 +191,7 @@ def augment_batch(x, cfg: AugmentConfig, generator=None):
         return x
     if cfg.backgrounds:  # before the geometry: the border must still be the photo's border
         from .backgrounds import replace_backgrounds
+
         x = replace_backgrounds(x, cfg.backgrounds, generator)
     geometric = any((cfg.rotation, cfg.width_shift, cfg.height_shift, cfg.shear, cfg.zoom))
     if geometric:

@@ -9,6 +9,7 @@ colour noise, gradients, stripes, flat colours). Images with busy borders are le
 Everything works on NCHW float batches in [0, 1] and draws from the caller's torch.Generator, so a seed
 repeats it exactly.
 """
+
 import importlib.util
 from functools import lru_cache
 from pathlib import Path
@@ -24,9 +25,22 @@ PLAIN_SHARE = 0.6  # ... and a border is plain when this share of it is (the sub
 SUBJECT_DISTANCE = (0.06, 0.16)  # colour distance from the border's colour: below: background, above: subject
 BANK_SIZE = 96
 # scikit-image's sample photos that make plausible backgrounds (people, animals, rooms, textures, streets)
-SKIMAGE_PHOTOS = ("astronaut.png", "brick.png", "chelsea.png", "coffee.png", "grass.png", "gravel.png",
-                  "rocket.jpg", "motorcycle_left.png", "hubble_deep_field.jpg", "camera.png", "page.png",
-                  "color.png", "logo.png", "horse.png")
+SKIMAGE_PHOTOS = (
+    "astronaut.png",
+    "brick.png",
+    "chelsea.png",
+    "coffee.png",
+    "grass.png",
+    "gravel.png",
+    "rocket.jpg",
+    "motorcycle_left.png",
+    "hubble_deep_field.jpg",
+    "camera.png",
+    "page.png",
+    "color.png",
+    "logo.png",
+    "horse.png",
+)
 
 
 def _border_pixels(x):
@@ -34,7 +48,7 @@ def _border_pixels(x):
     n, c, h, w = x.shape
     b = max(1, int(round(BORDER * min(h, w))))
     frame = torch.ones(h, w, dtype=torch.bool, device=x.device)
-    frame[b:h - b, b:w - b] = False
+    frame[b : h - b, b : w - b] = False
     return x[:, :, frame]
 
 
@@ -64,6 +78,7 @@ def _skimage_data_dir():
 def _photos():
     """Real photos shipped inside installed packages, as uint8 HxWx3 arrays."""
     from sklearn.datasets import load_sample_images
+
     photos = list(load_sample_images().images)  # china.jpg, flower.jpg
     folder = _skimage_data_dir()
     for name in SKIMAGE_PHOTOS:
@@ -77,7 +92,7 @@ def _random_crop(photo, size, rng):
     h, w = photo.shape[:2]
     side = int(min(h, w) * rng.uniform(0.3, 1.0))
     y, x = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
-    im = Image.fromarray(photo[y:y + side, x:x + side]).resize((size, size), Image.BILINEAR)
+    im = Image.fromarray(photo[y : y + side, x : x + side]).resize((size, size), Image.BILINEAR)
     return np.asarray(im, dtype=np.float32) / 255
 
 
@@ -87,8 +102,10 @@ def _procedural(size, rng):
     if kind == 0:
         cells = rng.integers(2, 9)
         noise = rng.random((cells, cells, 3)).astype(np.float32)
-        return np.asarray(Image.fromarray((noise * 255).astype(np.uint8)).resize((size, size), Image.BICUBIC),
-                          np.float32) / 255
+        return (
+            np.asarray(Image.fromarray((noise * 255).astype(np.uint8)).resize((size, size), Image.BICUBIC), np.float32)
+            / 255
+        )
     if kind == 1:
         a, b = rng.random(3), rng.random(3)
         t = np.linspace(0, 1, size)[:, None, None] * np.ones((1, size, 1))
@@ -108,8 +125,10 @@ def background_bank(size, n=BANK_SIZE, seed=0):
     """(n, 3, size, size) float backgrounds: half crops of real photos, half procedural. Built once per size."""
     rng = np.random.default_rng(seed)
     photos = _photos()
-    bank = [_random_crop(photos[rng.integers(len(photos))], size, rng) if k % 2 == 0 else _procedural(size, rng)
-            for k in range(n)]
+    bank = [
+        _random_crop(photos[rng.integers(len(photos))], size, rng) if k % 2 == 0 else _procedural(size, rng)
+        for k in range(n)
+    ]
     return torch.from_numpy(np.stack(bank)).permute(0, 3, 1, 2).contiguous()
 
 

@@ -5,6 +5,7 @@ time, so a changed, added or removed image gives a new key: a stale entry is nev
 for the same folder and size replaces the old one. Reading memory-maps the file, so a data set larger
 than RAM is streamed from disk (the page cache keeps the hot part).
 """
+
 import hashlib
 import json
 import mmap
@@ -30,15 +31,23 @@ def enabled():
     return os.environ.get("FOLDERCNN_NO_CACHE", "") in ("", "0")
 
 
-def folder_key(files, size):
-    mode = getattr(size, "mode", "squash")
-    h = hashlib.sha256(f"foldercnn-decode-v{DECODER_VERSION}|{size}{'' if mode == 'squash' else mode}\n".encode())
+def file_stamps(files):
+    """Each file's size and modification time ("size:mtime_ns"; "missing" for one that cannot be stat'ed, e.g.
+    a broken link, which decoding reports as skipped): read once per run, for this key and the checkpoint's."""
+    out = []
     for f in files:
         try:
             st = os.stat(f)
-            stamp = f"{st.st_size}\0{st.st_mtime_ns}"
-        except OSError:  # e.g. a broken symlink: decoding reports it as skipped
-            stamp = "missing"
+            out.append(f"{st.st_size}:{st.st_mtime_ns}")
+        except OSError:
+            out.append("missing")
+    return out
+
+
+def folder_key(files, size, stamps=None):
+    mode = getattr(size, "mode", "squash")
+    h = hashlib.sha256(f"foldercnn-decode-v{DECODER_VERSION}|{size}{'' if mode == 'squash' else mode}\n".encode())
+    for f, stamp in zip(files, file_stamps(files) if stamps is None else stamps):
         h.update(f"{os.path.abspath(f)}\0{stamp}\n".encode())
     return h.hexdigest()[:32]
 
@@ -93,8 +102,9 @@ class Readahead:
             return
         try:
             for first, count in runs:
-                os.posix_fadvise(fd, self.offset + first * self.row_bytes, count * self.row_bytes,
-                                 os.POSIX_FADV_WILLNEED)
+                os.posix_fadvise(
+                    fd, self.offset + first * self.row_bytes, count * self.row_bytes, os.POSIX_FADV_WILLNEED
+                )
         except OSError:  # only a hint
             pass
         finally:
@@ -128,8 +138,16 @@ def commit(key, array, tmp, good, bad, root, size):
     del array
     os.replace(tmp, npy)
     with atomic_path(meta) as t:  # written last: its presence marks a complete entry
-        Path(t).write_text(json.dumps({"root": str(Path(root).resolve()), "size": f"{size}{getattr(size, 'mode', '')}", "good": good,
-                                       "bad": [list(b) for b in bad]}))
+        Path(t).write_text(
+            json.dumps(
+                {
+                    "root": str(Path(root).resolve()),
+                    "size": f"{size}{getattr(size, 'mode', '')}",
+                    "good": good,
+                    "bad": [list(b) for b in bad],
+                }
+            )
+        )
     _drop_older_entries(key, root, size)
 
 

@@ -1,6 +1,7 @@
 """Files to pixels, with numpy and Pillow only (no PyTorch): list the image files under a folder in natural
 order, and decode many of them at once into one uint8 array. Used by training's folder scan and by the
 torch-free ONNX predictor alike."""
+
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -60,8 +61,9 @@ def decode_images(paths, size, workers=None, desc="decoding", out=None):
     good, bad = [], []
     with ThreadPoolExecutor(workers) as pool:
         results = pool.map(_decode_one, ((p, size) for p in paths), chunksize=16)
-        for i, (arr, reason) in enumerate(tqdm(results, total=len(paths), desc=desc, unit="img",
-                                               leave=False, disable=None)):
+        for i, (arr, reason) in enumerate(
+            tqdm(results, total=len(paths), desc=desc, unit="img", leave=False, disable=None)
+        ):
             if arr is None:
                 bad.append((i, reason))
             else:

@@ -1,4 +1,5 @@
 """Fetch and unpack the tutorial's zip files: progress bar, size check, safe extraction."""
+
 import os
 import shutil
 import stat
@@ -38,8 +39,13 @@ def download(url, dest, timeout=30, progress=True):
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
     received = 0
     try:
-        with os.fdopen(fd, "wb") as f, response, tqdm(total=expected, unit="B", unit_scale=True,
-                                                       desc=f"downloading {dest.name}", disable=not progress) as bar:
+        with (
+            os.fdopen(fd, "wb") as f,
+            response,
+            tqdm(
+                total=expected, unit="B", unit_scale=True, desc=f"downloading {dest.name}", disable=not progress
+            ) as bar,
+        ):
             while True:
                 try:
                     chunk = response.read(1 << 20)

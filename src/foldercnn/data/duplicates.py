@@ -14,6 +14,7 @@ validation split keeps them on one side so validation accuracy does not flatter.
 Pairing is a chunked matrix product (O(N^2)); the crop-aware step costs most where many images are alike (CGI
 renders of one hand: about 500 images/s on 2 cores; real photos: several thousand).
 """
+
 import hashlib
 
 import numpy as np
@@ -44,7 +45,7 @@ def descriptors(images):
     images = torch.as_tensor(images)
     out = torch.empty(len(images), 3 * THUMB * THUMB)
     for start in range(0, len(images), _CHUNK):
-        out[start:start + _CHUNK] = _unit(_small(images[start:start + _CHUNK]))
+        out[start : start + _CHUNK] = _unit(_small(images[start : start + _CHUNK]))
     return out
 
 
@@ -53,13 +54,13 @@ def crop_descriptors(images, side=48):
     images = torch.as_tensor(images)
     out = torch.empty(len(images), 9 * len(CROP_SCALES), 3 * THUMB * THUMB)
     for start in range(0, len(images), _CHUNK):
-        x = _small(images[start:start + _CHUNK], side)
+        x = _small(images[start : start + _CHUNK], side)
         crops = []
         for scale in CROP_SCALES:
             c = int(round(side * scale))
             offsets = (0, (side - c) // 2, side - c)
-            crops += [_unit(x[:, :, y:y + c, x0:x0 + c]) for y in offsets for x0 in offsets]
-        out[start:start + len(x)] = torch.stack(crops, 1)
+            crops += [_unit(x[:, :, y : y + c, x0 : x0 + c]) for y in offsets for x0 in offsets]
+        out[start : start + len(x)] = torch.stack(crops, 1)
     return out
 
 
@@ -87,8 +88,9 @@ def refine_pairs(pairs, a_images, a, b_images=None, b=None):
     a_crops = crop_descriptors(torch.as_tensor(a_images)[used_a])
     b_crops = crop_descriptors(torch.as_tensor(b_images)[used_b])
     whole = (a[i] * b[j]).sum(-1)
-    return torch.maximum(whole, torch.maximum(_best_crop_match(i_local, a_crops, j, b),
-                                              _best_crop_match(j_local, b_crops, i, a)))
+    return torch.maximum(
+        whole, torch.maximum(_best_crop_match(i_local, a_crops, j, b), _best_crop_match(j_local, b_crops, i, a))
+    )
 
 
 def near_duplicate_pairs(images, threshold=THRESHOLD):
@@ -121,7 +123,7 @@ def similar_pairs(a, b=None, threshold=THRESHOLD):
     pairs = []
     other = a if b is None else b
     for start in range(0, len(a), _CHUNK):
-        sim = a[start:start + _CHUNK] @ other.T
+        sim = a[start : start + _CHUNK] @ other.T
         if b is None:  # each pair once, never an image with itself
             sim = torch.triu(sim, diagonal=start + 1)
         i, j = (sim >= threshold).nonzero(as_tuple=True)
@@ -148,6 +150,7 @@ def group_ids(n, pairs):
     """Connected components of the pair graph: an int64 array, one group id per image (singletons included)."""
     from scipy.sparse import coo_matrix  # scipy comes with scikit-learn
     from scipy.sparse.csgraph import connected_components
+
     i = np.array([p[0] for p in pairs], dtype=np.int64)
     j = np.array([p[1] for p in pairs], dtype=np.int64)
     graph = coo_matrix((np.ones(len(i)), (i, j)), shape=(n, n))

@@ -2,13 +2,14 @@
 
 Layout: DATA_DIR/<class name>/<images, sub-folders allowed>. Nothing is ever written here.
 """
+
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from ..errors import FolderCNNError
+from ..errors import FolderCNNError, OptionError
 from . import cache
 from .decode import decode_images, natural_key, walk_images  # noqa: F401 (part of this module's API)
 from .images import IMAGE_EXTENSIONS, is_candidate
@@ -17,6 +18,7 @@ from .images import IMAGE_EXTENSIONS, is_candidate
 @dataclass
 class ImageFolder:
     """What a scan of a labelled folder found (nothing decoded yet)."""
+
     root: Path
     classes: list
     files: list  # Paths, sorted by class then natural name order
@@ -48,19 +50,24 @@ def scan_folder(root, classes=None, min_classes=2):
     class_dirs = list_class_dirs(root)
     if not class_dirs:
         stray = [p.name for p in root.iterdir() if p.is_file() and is_candidate(p)][:3]
-        hint = f" (found loose images such as {', '.join(stray)}; put each class in its own sub-folder)" if stray else ""
+        hint = (
+            f" (found loose images such as {', '.join(stray)}; put each class in its own sub-folder)" if stray else ""
+        )
         raise FolderCNNError(f"no class folders in {root}: expected one sub-folder per class{hint}")
     names = [p.name for p in class_dirs]
     if classes is None:
         if len(names) < min_classes:
-            raise FolderCNNError(f"{root} has {len(names)} class folder ({names[0]}); a classifier needs at least {min_classes}")
+            raise FolderCNNError(
+                f"{root} has {len(names)} class folder ({names[0]}); a classifier needs at least {min_classes}"
+            )
         classes = names
     else:
         unknown = [n for n in names if n not in classes]
         if unknown:
             raise FolderCNNError(
                 f"{root} has class folders the model does not know: {', '.join(unknown)} "
-                f"(model classes: {', '.join(classes)})")
+                f"(model classes: {', '.join(classes)})"
+            )
     skipped, files, labels = [], [], []
     for d in class_dirs:
         found = walk_images(d, skipped)
@@ -75,10 +82,13 @@ def check_same_classes(train_classes, val_root, val_classes):
     if list(val_classes) != list(train_classes):
         missing = [c for c in train_classes if c not in val_classes]
         extra = [c for c in val_classes if c not in train_classes]
-        parts = ([f"missing {', '.join(missing)}"] if missing else []) + ([f"extra {', '.join(extra)}"] if extra else [])
+        parts = ([f"missing {', '.join(missing)}"] if missing else []) + (
+            [f"extra {', '.join(extra)}"] if extra else []
+        )
         raise FolderCNNError(
             f"validation classes in {val_root} do not match the training classes: {'; '.join(parts)} "
-            f"(training classes: {', '.join(train_classes)})")
+            f"(training classes: {', '.join(train_classes)})"
+        )
 
 
 @dataclass
@@ -87,13 +97,15 @@ class DecodedImages:
 
     A subset keeps the parent's tensor and a row index, so splitting never copies the pixels.
     """
+
     images: torch.Tensor  # (M, S, S, 3) uint8
     labels: torch.Tensor  # (N,) int64
     paths: list
     classes: list
     skipped: list  # (path, reason): everything that could not be used, with the scan's skips
-    rows: torch.Tensor = None  # which rows of `images` belong to this set; None: all
-    readahead: object = None  # cache.Readahead when `images` is memory-mapped from the decode cache
+    rows: torch.Tensor | None = None  # which rows of `images` belong to this set; None: all
+    readahead: object | None = None  # cache.Readahead when `images` is memory-mapped from the decode cache
+    stamps: list | None = None  # each path's "size:mtime_ns" as read when decoding (cache.file_stamps); None: unknown
 
     def prefetch(self, index):
         """Start reading the images of `index` (positions or a slice) from disk, for memory-mapped sets; `take`
@@ -119,15 +131,24 @@ class DecodedImages:
     def subset(self, index):
         index = torch.as_tensor(index, dtype=torch.long)
         rows = index if self.rows is None else self.rows[index]
-        return DecodedImages(self.images, self.labels[index], [self.paths[i] for i in index.tolist()],
-                             self.classes, [], rows, self.readahead)
+        picked = index.tolist()
+        return DecodedImages(
+            self.images,
+            self.labels[index],
+            [self.paths[i] for i in picked],
+            self.classes,
+            [],
+            rows,
+            self.readahead,
+            None if self.stamps is None else [self.stamps[i] for i in picked],
+        )
 
 
-def decode_cached(files, size, root, desc="decoding"):
+def decode_cached(files, size, root, desc="decoding", stamps=None):
     """decode_images through the on-disk decode cache (see cache.py); returns the same triple + hit flag."""
     if not cache.enabled() or not files:
         return (*decode_images(files, size, desc=desc), False)
-    key = cache.folder_key(files, size)
+    key = cache.folder_key(files, size, stamps)
     hit = cache.load(key)
     if hit is not None:
         return (*hit, True)
@@ -146,25 +167,35 @@ def decode_cached(files, size, root, desc="decoding"):
 
 def load_folder(folder: ImageFolder, size, require_every_class=True):
     """Decode every image of a scanned folder at `size`; unusable files are skipped and reported."""
-    array, good, bad, _ = decode_cached(folder.files, size, folder.root, desc=f"decoding {folder.root.name}")
+    stamps = cache.file_stamps(folder.files)
+    array, good, bad, _ = decode_cached(folder.files, size, folder.root, f"decoding {folder.root.name}", stamps)
     labels = torch.tensor([folder.labels[i] for i in good], dtype=torch.long)
     skipped = folder.skipped + [(folder.files[i], reason) for i, reason in bad]
     if require_every_class:
         present = set(labels.tolist())
         for i, name in enumerate(folder.classes):
             if i in set(folder.labels) and i not in present:
-                raise FolderCNNError(f"class '{name}' in {folder.root} has no usable images "
-                                     f"(all {folder.labels.count(i)} failed to decode)")
+                raise FolderCNNError(
+                    f"class '{name}' in {folder.root} has no usable images "
+                    f"(all {folder.labels.count(i)} failed to decode)"
+                )
     if len(good) == 0:
         raise FolderCNNError(f"no usable images in {folder.root}")
-    return DecodedImages(torch.from_numpy(array), labels, [folder.files[i] for i in good],
-                         folder.classes, skipped, readahead=cache.Readahead.of(array))
+    return DecodedImages(
+        torch.from_numpy(array),
+        labels,
+        [folder.files[i] for i in good],
+        folder.classes,
+        skipped,
+        readahead=cache.Readahead.of(array),
+        stamps=[stamps[i] for i in good],
+    )
 
 
 def stratified_split(labels, fraction, seed):
     """Seeded split keeping class proportions; every class keeps >= 1 training image."""
     if not 0.0 < fraction < 1.0:
-        raise FolderCNNError(f"--val-fraction must be between 0 and 1, got {fraction}")
+        raise OptionError("val_fraction", f"must be between 0 and 1, got {fraction}")
     g = torch.Generator().manual_seed(seed)
     labels = torch.as_tensor(labels)
     train_idx, val_idx = [], []
@@ -189,7 +220,7 @@ def group_split(labels, groups, fraction, seed):
     across the split. Returns (train positions, validation positions, classes whose groups were cut into runs).
     """
     if not 0.0 < fraction < 1.0:
-        raise FolderCNNError(f"--val-fraction must be between 0 and 1, got {fraction}")
+        raise OptionError("val_fraction", f"must be between 0 and 1, got {fraction}")
     g = torch.Generator().manual_seed(seed)
     labels = torch.as_tensor(labels)
     whole = {}
@@ -206,7 +237,7 @@ def group_split(labels, groups, fraction, seed):
         units = []
         for m in by_class[c]:
             if len(m) > limit:
-                units += [m[k:k + run] for k in range(0, len(m), run)]
+                units += [m[k : k + run] for k in range(0, len(m), run)]
                 cut.append(c)
             else:
                 units.append(m)

@@ -5,24 +5,20 @@ The landmark model needs a hand the palm detector has found and aligned (run on 
 mostly wrong), so every retry changes what the detector sees: a border around a tight crop, a quarter turn,
 a lower confidence. Points always come back in the original image's coordinates.
 """
+
 import contextlib
-import hashlib
 import os
 import threading
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from ..errors import FolderCNNError
-from ..files import atomic_path
+from .hands_cache import CACHE_VERSION, POINTS, HandCache, _from_record, _record, image_key
+from .skeleton import SKELETON, draw_skeleton  # noqa: F401 (moved there; imported from here too)
 
-POINTS = 21
 INSTALL_HINT = "pip install 'foldercnn[hands]'"
-# MediaPipe's hand skeleton: (from, to) landmark indices, for drawing
-SKELETON = ((0, 1), (1, 2), (2, 3), (3, 4), (0, 5), (5, 6), (6, 7), (7, 8), (5, 9), (9, 10), (10, 11), (11, 12),
-            (9, 13), (13, 14), (14, 15), (15, 16), (13, 17), (0, 17), (17, 18), (18, 19), (19, 20))
 MAX_SIDE = 640  # longer photos are shrunk first: the detector sees 192 px, the landmark model 224 px
 # MediaPipe's lite models: faster than the full ones (48 vs 64 ms per image) and they found more hands in real
 # photos (sxsw 78.9% vs 74.6%) at the same accuracy (benchmarks/hands.py)
@@ -53,6 +49,7 @@ class Hand:
     """One hand: `points` (21, 3) are x, y as fractions of the image's width and height and MediaPipe's relative
     depth z; `world` (21, 3) the same joints in metres about the hand's centre (rotation and scale of the photo
     do not change them); `right` MediaPipe's handedness; `score` its confidence; `stage` the cascade stage."""
+
     points: np.ndarray
     world: np.ndarray
     right: bool
@@ -60,15 +57,23 @@ class Hand:
     stage: str
 
     def to_dict(self):
-        return {"found": True, "points": np.round(self.points[:, :2], 4).tolist(),
-                "handedness": "right" if self.right else "left", "score": round(float(self.score), 4),
-                "stage": self.stage}
+        return {
+            "found": True,
+            "points": np.round(self.points[:, :2], 4).tolist(),
+            "handedness": "right" if self.right else "left",
+            "score": round(float(self.score), 4),
+            "stage": self.stage,
+        }
 
 
 def describe_finder():
     """What the model file records about how its hands are found."""
-    return {"finder": "MediaPipe Hands (solutions.hands, static images, one hand)", "model_complexity": MODEL_COMPLEXITY,
-            "cascade": [s.name for s in CASCADE], "version": CACHE_VERSION}
+    return {
+        "finder": "MediaPipe Hands (solutions.hands, static images, one hand)",
+        "model_complexity": MODEL_COMPLEXITY,
+        "cascade": [s.name for s in CASCADE],
+        "version": CACHE_VERSION,
+    }
 
 
 def available():
@@ -103,8 +108,12 @@ class HandFinder:
     def _graph(self, confidence):
         if confidence not in self._graphs:
             with quiet_stderr():  # MediaPipe's C++ start-up lines ("Created TensorFlow Lite XNNPACK delegate", ...)
-                graph = self._hands.Hands(static_image_mode=True, max_num_hands=1,
-                                          min_detection_confidence=confidence, model_complexity=self._complexity)
+                graph = self._hands.Hands(
+                    static_image_mode=True,
+                    max_num_hands=1,
+                    min_detection_confidence=confidence,
+                    model_complexity=self._complexity,
+                )
                 graph.process(np.zeros((64, 64, 3), np.uint8))  # the first image logs more of them
             self._graphs[confidence] = graph
         return self._graphs[confidence]
@@ -143,6 +152,7 @@ class HandFinder:
 def quiet_stderr():
     """File descriptor 2 to /dev/null for a moment: C++ libraries log there past Python's reach."""
     import sys
+
     try:
         sys.stderr.flush()
         saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
@@ -163,9 +173,9 @@ def shrink(rgb, max_side=MAX_SIDE):
     if max(h, w) <= max_side:
         return rgb
     from PIL import Image
+
     scale = max_side / max(h, w)
-    return np.asarray(Image.fromarray(rgb).resize((max(1, round(w * scale)), max(1, round(h * scale))),
-                                                  Image.BILINEAR))
+    return np.asarray(Image.fromarray(rgb).resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BILINEAR))
 
 
 def transformed(rgb, stage):
@@ -177,7 +187,7 @@ def transformed(rgb, stage):
         mean = rgb.reshape(-1, 3).mean(0).astype(np.uint8)
         image = np.empty((h + 2 * pad, w + 2 * pad, 3), np.uint8)
         image[:] = mean
-        image[pad:pad + h, pad:pad + w] = rgb
+        image[pad : pad + h, pad : pad + w] = rgb
     ph, pw = image.shape[:2]
     if stage.turns:
         image = np.ascontiguousarray(np.rot90(image, stage.turns))
@@ -207,6 +217,7 @@ def shared_finder():
 @dataclass
 class FoundHands:
     """The hands of many images, as arrays (rows of images without a hand are zeros, `stage` -1)."""
+
     points: np.ndarray  # (N, 21, 3) float32
     world: np.ndarray  # (N, 21, 3) float32
     right: np.ndarray  # (N,) bool
@@ -219,12 +230,18 @@ class FoundHands:
 
     @classmethod
     def empty(cls, n):
-        return cls(np.zeros((n, POINTS, 3), np.float32), np.zeros((n, POINTS, 3), np.float32), np.zeros(n, bool),
-                   np.zeros(n, np.float32), np.full(n, -1, np.int8))
+        return cls(
+            np.zeros((n, POINTS, 3), np.float32),
+            np.zeros((n, POINTS, 3), np.float32),
+            np.zeros(n, bool),
+            np.zeros(n, np.float32),
+            np.full(n, -1, np.int8),
+        )
 
     def put(self, i, hand, cascade=CASCADE):
         if hand is not None:
-            self.points[i], self.world[i], self.right[i], self.score[i] = hand.points, hand.world, hand.right, hand.score
+            self.points[i], self.world[i] = hand.points, hand.world
+            self.right[i], self.score[i] = hand.right, hand.score
             self.stage[i] = [s.name for s in cascade].index(hand.stage)
 
     def take(self, index):
@@ -233,12 +250,18 @@ class FoundHands:
     def hand(self, i, cascade=CASCADE):
         if self.stage[i] < 0:
             return None
-        return Hand(self.points[i], self.world[i], bool(self.right[i]), float(self.score[i]),
-                    cascade[self.stage[i]].name)
+        return Hand(
+            self.points[i], self.world[i], bool(self.right[i]), float(self.score[i]), cascade[self.stage[i]].name
+        )
 
     def arrays(self):
-        return {"points": self.points, "world": self.world, "right": self.right, "score": self.score,
-                "stage": self.stage}
+        return {
+            "points": self.points,
+            "world": self.world,
+            "right": self.right,
+            "score": self.score,
+            "stage": self.stage,
+        }
 
 
 def _fresh_finder():
@@ -250,60 +273,6 @@ def _find_one(rgb):
     return shared_finder().find(rgb)
 
 
-RECORD = 4 + 2 * POINTS * 3  # stage, right, score, spare; points; world
-CACHE_VERSION = 2  # bump when the cascade or the finder's settings change what is found
-
-
-def _record(found, i):
-    r = np.zeros(RECORD, np.float32)
-    r[:4] = found.stage[i], found.right[i], found.score[i], 0
-    r[4:4 + POINTS * 3] = found.points[i].ravel()
-    r[4 + POINTS * 3:] = found.world[i].ravel()
-    return r
-
-
-def _from_record(found, i, r):
-    found.stage[i], found.right[i], found.score[i] = int(r[0]), bool(r[1]), r[2]
-    found.points[i] = r[4:4 + POINTS * 3].reshape(POINTS, 3)
-    found.world[i] = r[4 + POINTS * 3:].reshape(POINTS, 3)
-
-
-def image_key(rgb):
-    """The cache key of one decoded image: its pixels and the finder's version (never its file name)."""
-    h = hashlib.sha256(f"foldercnn-hands-v{CACHE_VERSION}|{rgb.shape}\n".encode())
-    h.update(np.ascontiguousarray(rgb).data)
-    return h.hexdigest()[:32]
-
-
-class HandCache:
-    """Hands found per decoded image, one small .npy per image, named by its pixels' hash: a renamed, moved
-    or re-captured image is found again for free, a changed one is looked at anew."""
-
-    def __init__(self, root=None):
-        from .cache import enabled, user_cache_dir
-        self.root = None if not enabled() else Path(root or user_cache_dir() / "hands" / f"v{CACHE_VERSION}")
-
-    def _path(self, key):
-        return self.root / key[:2] / f"{key}.npy"
-
-    def get(self, key):
-        if self.root is None:
-            return None
-        try:
-            r = np.load(self._path(key))
-        except (OSError, ValueError):
-            return None
-        return r if r.shape == (RECORD,) and r.dtype == np.float32 and np.isfinite(r).all() else None
-
-    def put(self, key, record):
-        if self.root is None:
-            return
-        with contextlib.suppress(OSError):  # a read-only cache only costs the search again
-            with atomic_path(self._path(key)) as tmp:
-                with open(tmp, "wb") as f:
-                    np.save(f, record)
-
-
 def find_hands(images, workers=None, cache=None, desc="finding hands", pool_from=32):
     """FoundHands of (N, H, W, 3) uint8 images (a tensor or an array), through the content-keyed cache; when at
     least `pool_from` images were not seen before, they are searched in `workers` forked processes.
@@ -311,6 +280,7 @@ def find_hands(images, workers=None, cache=None, desc="finding hands", pool_from
     A process that has run MediaPipe itself never forks again: a child forked while MediaPipe's threads were
     alive crashed in malloc ("unaligned tcache chunk"). So such a process searches in-process from then on."""
     from tqdm import tqdm
+
     cache = HandCache() if cache is None else cache
     n = len(images)
     found, todo = FoundHands.empty(n), []
@@ -328,13 +298,19 @@ def find_hands(images, workers=None, cache=None, desc="finding hands", pool_from
     if len(todo) >= pool_from and _FINDER is None and hasattr(os, "fork"):
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
+
         pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"), initializer=_fresh_finder)
         results = pool.map(_find_one, (np.asarray(images[i]) for i in todo), chunksize=8)
     else:
         results = (_find_one(np.asarray(images[i])) for i in todo)
     try:
-        for i, hand in zip(todo, tqdm(results, total=len(todo), desc=desc, unit="img", leave=False,
-                                      disable=None if len(todo) >= 32 else True)):
+        for i, hand in zip(
+            todo,
+            tqdm(
+                results, total=len(todo), desc=desc, unit="img", leave=False, disable=None if len(todo) >= 32 else True
+            ),
+            strict=False,
+        ):
             found.put(i, hand)
             cache.put(keys[i], _record(found, i))
     finally:
@@ -348,21 +324,4 @@ def hands_of(data, log=print, chunk=1024):
     parts = [find_hands(np.asarray(data.take(slice(k, k + chunk)))) for k in range(0, len(data), chunk)]
     if not parts:
         return FoundHands.empty(0)
-    return FoundHands(*(np.concatenate(a) for a in zip(*(p.arrays().values() for p in parts))))
-
-
-def draw_skeleton(rgb, hand, colour=(34, 197, 94)):
-    """A copy of an (H, W, 3) uint8 image with the hand's 21 points and bones drawn on it (for previews)."""
-    from PIL import Image, ImageDraw
-    im = Image.fromarray(np.ascontiguousarray(rgb))
-    if hand is None:
-        return np.asarray(im).copy()
-    draw = ImageDraw.Draw(im)
-    h, w = rgb.shape[:2]
-    xy = [(float(x) * w, float(y) * h) for x, y in hand.points[:, :2]]
-    width = max(1, round(max(h, w) / 100))
-    for a, b in SKELETON:
-        draw.line([xy[a], xy[b]], fill=colour, width=width)
-    for x, y in xy:
-        draw.ellipse([x - width, y - width, x + width, y + width], fill=(248, 250, 252), outline=(21, 128, 61))
-    return np.asarray(im).copy()
+    return FoundHands(*(np.concatenate(a) for a in zip(*(p.arrays().values() for p in parts), strict=False)))

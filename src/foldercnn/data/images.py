@@ -3,6 +3,7 @@
 Every image the tool touches (training, evaluation, prediction) goes through `decode`,
 so a model sees exactly the pixels at prediction time that it saw in training.
 """
+
 import contextlib
 import io
 import os
@@ -66,9 +67,11 @@ def to_rgb(im):
         grey = Image.fromarray(_deep_to_uint8(im), "L")
         factor = -(-max(grey.size) // MAX_DEEP_SIDE)
         return (grey.reduce(factor) if factor > 1 else grey).convert("RGB")  # shrunk before tripling its bytes
-    has_alpha = im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
-        im.mode == "P" and "transparency" in im.info
-    ) or (im.mode in ("L", "RGB") and "transparency" in im.info)
+    has_alpha = (
+        im.mode in ("RGBA", "LA", "PA", "RGBa", "La")
+        or (im.mode == "P" and "transparency" in im.info)
+        or (im.mode in ("L", "RGB") and "transparency" in im.info)
+    )
     if has_alpha:
         rgba = im.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -83,7 +86,7 @@ def _deep_to_uint8(im, rows=256):
     scale = 257.0 if im.mode != "F" and a.max(initial=0) > 255 else 1.0
     out = np.empty(a.shape, np.uint8)
     for r in range(0, a.shape[0], rows):
-        out[r:r + rows] = np.clip(np.rint(a[r:r + rows].astype(np.float64) / scale), 0, 255)
+        out[r : r + rows] = np.clip(np.rint(a[r : r + rows].astype(np.float64) / scale), 0, 255)
     return out
 
 
@@ -131,6 +134,7 @@ class Letterbox(int):
     """An image size whose images keep their shape: shrunk (or grown) to fit size x size and centred on a square
     of their mean colour, where a plain size squashes them. Hand landmarks need it: a 3:2 photo squashed square
     lost 12 points of accuracy on green-screen (benchmarks/README.md). It is an int everywhere else."""
+
     mode = "letterbox"  # (it prints as the plain number, as an int does)
 
 
@@ -157,7 +161,7 @@ def letterbox(im, size):
     out = np.empty((size, size, 3), np.uint8)
     out[:] = a.reshape(-1, 3).mean(0).astype(np.uint8)
     top, left = (size - h) // 2, (size - w) // 2
-    out[top:top + h, left:left + w] = a
+    out[top : top + h, left : left + w] = a
     return out
 
 

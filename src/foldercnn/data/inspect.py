@@ -1,15 +1,16 @@
 """`foldercnn inspect`: what is in a labelled folder, what is unusable and why, and a sample grid."""
+
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
 
-from . import duplicates as dup
-from .folders import load_folder, scan_folder
 from .. import run_folder as rf
 from ..files import check_out_dir
 from ..plots import sample_grid
+from . import duplicates as dup
+from .folders import load_folder, scan_folder
 
 THUMB = 96
 
@@ -23,10 +24,10 @@ class FolderReport:
     modes: Counter  # Pillow mode -> count
     formats: Counter
     skipped: list
-    duplicate_groups: list = None  # lists of paths of near-identical images, largest first
-    leaks: list = None  # (image of the --against folder, its near-duplicate here, score)
-    against: Path = None
-    samples_path: Path = None
+    duplicate_groups: list | None = None  # lists of paths of near-identical images, largest first
+    leaks: list | None = None  # (image of the --against folder, its near-duplicate here, score)
+    against: Path | None = None
+    samples_path: Path | None = None
 
 
 def _header(path):
@@ -56,17 +57,31 @@ def inspect_folder(data_dir, out_dir=None, per_class=6, against=None):
             formats[h[2]] += 1
     counts = {c: int((data.labels == i).sum()) for i, c in enumerate(folder.classes)}
     groups = dup.groups_of(dup.near_duplicate_groups(data.images, data.paths))
-    report = FolderReport(Path(data_dir), folder.classes, counts, sizes, modes, formats, data.skipped,
-                          [[data.paths[i] for i in g] for g in groups])
+    report = FolderReport(
+        Path(data_dir),
+        folder.classes,
+        counts,
+        sizes,
+        modes,
+        formats,
+        data.skipped,
+        [[data.paths[i] for i in g] for g in groups],
+    )
     if against is not None:
         other = load_folder(scan_folder(against, min_classes=1), THUMB, require_every_class=False)
         report.against = Path(against)
-        report.leaks = [(other.paths[i], data.paths[j], s)
-                        for i, j, s in dup.matches_against(other.images, data.images)]
+        report.leaks = [
+            (other.paths[i], data.paths[j], s) for i, j, s in dup.matches_against(other.images, data.images)
+        ]
     if out_dir is not None:
-        report.samples_path = sample_grid(data.images, data.labels, folder.classes,
-                                          Path(out_dir) / rf.SAMPLES, per_class=per_class,
-                                          title=f"{Path(data_dir).name}: {per_class} images per class")
+        report.samples_path = sample_grid(
+            data.images,
+            data.labels,
+            folder.classes,
+            Path(out_dir) / rf.SAMPLES,
+            per_class=per_class,
+            title=f"{Path(data_dir).name}: {per_class} images per class",
+        )
     return report
 
 
@@ -95,8 +110,10 @@ def format_report(r):
 
 def format_duplicates(r, listed=5):
     groups = r.duplicate_groups or []
-    lines = [f"near-duplicates: {len(groups)} groups, {sum(map(len, groups))} images "
-             f"(resized, re-compressed, slightly cropped copies, burst frames, neighbouring renders)"]
+    lines = [
+        f"near-duplicates: {len(groups)} groups, {sum(map(len, groups))} images "
+        f"(resized, re-compressed, slightly cropped copies, burst frames, neighbouring renders)"
+    ]
     for g in groups[:listed]:
         lines.append(f"  {len(g)} images: {g[0].name}, {g[1].name}" + (", ..." if len(g) > 2 else ""))
     if len(groups) > listed:
@@ -104,8 +121,10 @@ def format_duplicates(r, listed=5):
     if groups:
         lines.append("  `foldercnn train` keeps each group on one side of its validation split")
     if r.against is not None:
-        lines.append(f"leaks: {len(r.leaks)} image(s) of {r.against} nearly duplicate training images"
-                     + (" (test figures on them flatter the model)" if r.leaks else ""))
+        lines.append(
+            f"leaks: {len(r.leaks)} image(s) of {r.against} nearly duplicate training images"
+            + (" (test figures on them flatter the model)" if r.leaks else "")
+        )
         lines += [f"  {a} ~ {b} ({s:.3f})" for a, b, s in r.leaks[:20]]
         if len(r.leaks) > 20:
             lines.append(f"  ... and {len(r.leaks) - 20} more")

@@ -5,7 +5,7 @@ decoder gives). Inside the graph, exactly `Classifier.probabilities`: rescale 1/
 NHWC -> NCHW, the network, flip test-time augmentation when the model file asks for it, division by the
 calibration temperature, softmax. Outputs `probabilities` (N x classes) and `logits` (before temperature).
 Class names, image size, the decode/resize rule, temperature, uncertain threshold and foldercnn's version
-are in the ONNX `metadata_props`, so `onnx_predict.OnnxClassifier` needs only the file.
+are in the ONNX `metadata_props`, so `models.onnx_model.OnnxClassifier` needs only the file.
 
 Exporter: the torch.export-based one (`dynamo=True`). Only the batch is dynamic, so EfficientNet's
 TensorFlow-style padding (computed from the input shape) becomes constants, and the exporter's optimiser folds
@@ -20,9 +20,9 @@ softmax stay float32. Measured choices (2-core AMD EPYC, AVX2 without VNNI; benc
 - depthwise convolutions stay float: quantised, they flipped 10% of EfficientNet-Lite0's predictions.
 - QDQ format (onnxruntime's recommended one; QOperator gave the same numbers and speed).
 """
+
 import contextlib
 import copy
-import json
 import logging
 import os
 import tempfile
@@ -32,75 +32,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 from ..data.decode import decode_images, walk_images
-from ..errors import FolderCNNError
-from ..files import check_out_dir
-from ..models.registry import get_spec
-from ..files import atomic_path
+from ..errors import FolderCNNError, OptionError
+from ..files import atomic_path, check_out_dir
 from ..models.inference import load
-from ..models.prediction import DEFAULT_UNCERTAIN_BELOW
+from ..models.registry import get_spec
 from ..version import __version__
+from .deployable import Deployable, metadata_props  # noqa: F401 (moved there; imported from here too)
 
 INPUT = "images"
 OUTPUTS = ("probabilities", "logits")
 DEFAULT_OPSET = 18  # the torch.export-based exporter's lowest opset
 QUANTIZED_OPS = ("Conv", "Gemm", "MatMul", "Add", "MaxPool", "GlobalAveragePool", "Relu", "Clip")
-
-
-class Deployable(nn.Module):
-    """(N, S, S, 3) uint8 RGB -> (calibrated probabilities, logits[, unfamiliarity]): the whole of
-    Classifier.predictions, features then the head, as models.registry.predict_logits_and_features."""
-
-    def __init__(self, net, metadata, unfamiliarity=None):
-        super().__init__()
-        self.net = net
-        pre = metadata["preprocessing"]
-        self.register_buffer("mean", torch.tensor(pre["mean"], dtype=torch.float32).view(1, 1, 1, 3))
-        self.register_buffer("std", torch.tensor(pre["std"], dtype=torch.float32).view(1, 1, 1, 3))
-        self.tta = bool(metadata.get("tta", False))
-        self.temperature = float((metadata.get("calibration") or {}).get("temperature", 1.0))
-        self.unfamiliar = unfamiliarity is not None
-        if self.unfamiliar:  # Mahalanobis score (models.unfamiliar.Unfamiliarity.score), divided by its threshold
-            u = unfamiliarity
-            self.register_buffer("class_means", u.means.float())
-            self.register_buffer("basis", u.basis.float())
-            self.register_buffer("weights", u.weights.float())
-            self.inv_rest, self.threshold = float(u.inv_rest), float(u.threshold)
-
-    def forward(self, images):
-        x = ((images.float() * (1.0 / 255.0) - self.mean) / self.std).permute(0, 3, 1, 2)
-        if self.tta:  # the image and its mirror in one batch: one network call
-            n = x.shape[0]
-            both = self.net.features(torch.cat([x, x.flip(-1)])).float()
-            features = (both[:n] + both[n:]) / 2
-        else:
-            features = self.net.features(x).float()
-        logits = nn.functional.linear(features, self.net.head.weight.float(), self.net.head.bias.float())
-        probabilities = torch.softmax(logits / self.temperature, dim=1)
-        if not self.unfamiliar:
-            return probabilities, logits
-        diff = (features @ self.basis)[:, None, :] - (self.class_means @ self.basis)[None]
-        d = (diff.square() * self.weights).sum(-1)
-        if self.inv_rest:
-            d = d + self.inv_rest * (features[:, None, :] - self.class_means[None]).square().sum(-1)
-        return probabilities, logits, d.min(1).values / self.threshold
-
-
-def metadata_props(metadata):
-    calibration = metadata.get("calibration") or {}
-    return {
-        "foldercnn_version": __version__,
-        "architecture": metadata["architecture"],
-        "classes": json.dumps(list(metadata["classes"])),
-        "image_size": str(int(metadata["image_size"])),
-        "preprocessing": json.dumps(metadata["preprocessing"]),
-        "tta": json.dumps(bool(metadata.get("tta", False))),
-        "temperature": repr(float(calibration.get("temperature", 1.0))),
-        "uncertain_below": repr(float(calibration.get("uncertain_below", DEFAULT_UNCERTAIN_BELOW))),
-        "input": "images: uint8 RGB, N x image_size x image_size x 3, decoded and resized as 'preprocessing' says",
-    }
 
 
 @contextlib.contextmanager
@@ -111,12 +55,11 @@ def _quiet():
     for lg in loggers:
         lg.setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings(), open(os.devnull, "w") as devnull, \
-                contextlib.redirect_stdout(devnull):
+        with warnings.catch_warnings(), open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
             warnings.simplefilter("ignore")
             yield
     finally:
-        for lg, level in zip(loggers, levels):
+        for lg, level in zip(loggers, levels, strict=True):
             lg.setLevel(level)
 
 
@@ -137,9 +80,16 @@ def export_onnx(model, metadata, out_path, opset=DEFAULT_OPSET, unfamiliarity=No
     example = torch.zeros(2, size, size, 3, dtype=torch.uint8)
     outputs = list(OUTPUTS) + (["unfamiliarity"] if unfamiliarity is not None else [])
     with _quiet():
-        program = torch.onnx.export(wrapper, (example,), dynamo=True, opset_version=opset, verbose=False,
-                                    input_names=[INPUT], output_names=outputs,
-                                    dynamic_shapes={INPUT: {0: torch.export.Dim("batch")}})
+        program = torch.onnx.export(
+            wrapper,
+            (example,),
+            dynamo=True,
+            opset_version=opset,
+            verbose=False,
+            input_names=[INPUT],
+            output_names=outputs,
+            dynamic_shapes={INPUT: {0: torch.export.Dim("batch")}},
+        )
     proto = program.model_proto  # weights inline: export(f=...) would write a separate .data file
     onnx.helper.set_model_props(proto, metadata_props(metadata))
     proto.producer_name, proto.producer_version = "foldercnn", __version__
@@ -154,11 +104,15 @@ def _network_nodes(model):
     An ONNX graph's nodes are stored in topological order, so a slice of the list is a slice of the network."""
     nodes = list(model.graph.node)
     first = next(i for i, n in enumerate(nodes) if n.op_type == "Conv")
-    last = next(i for i, n in enumerate(nodes) if n.op_type in ("Gemm", "MatMul") and i > first
-                and n.name in _classifier_nodes(model))
+    last = next(
+        i
+        for i, n in enumerate(nodes)
+        if n.op_type in ("Gemm", "MatMul") and i > first and n.name in _classifier_nodes(model)
+    )
     groups = lambda n: next((a.i for a in n.attribute if a.name == "group"), 1)  # noqa: E731
-    return [n.name for n in nodes[first:last] if n.op_type in QUANTIZED_OPS
-            and not (n.op_type == "Conv" and groups(n) > 1)]
+    return [
+        n.name for n in nodes[first:last] if n.op_type in QUANTIZED_OPS and not (n.op_type == "Conv" and groups(n) > 1)
+    ]
 
 
 def _classifier_nodes(model):
@@ -179,7 +133,7 @@ def _classifier_nodes(model):
 def quantize_int8(fp32_path, out_path, calibration_images, batch_size=20):
     """An int8 copy of an exported file, calibrated on (N, S, S, 3) uint8 images (static, QDQ, per channel)."""
     onnx = _needs("onnx")
-    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType, quantize_static)
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     class Batches(CalibrationDataReader):
@@ -190,7 +144,7 @@ def quantize_int8(fp32_path, out_path, calibration_images, batch_size=20):
             if self.start >= len(calibration_images):
                 return None
             self.start += batch_size
-            return {INPUT: np.ascontiguousarray(calibration_images[self.start - batch_size:self.start])}
+            return {INPUT: np.ascontiguousarray(calibration_images[self.start - batch_size : self.start])}
 
         def rewind(self):
             self.start = 0
@@ -201,9 +155,17 @@ def quantize_int8(fp32_path, out_path, calibration_images, batch_size=20):
         quant_pre_process(source, prepared)  # shape inference + constant folding, as quantize_static wants
         model = onnx.load(prepared)
         quantized = os.path.join(tmp, "int8.onnx")
-        quantize_static(model, quantized, Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        reduce_range=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        nodes_to_quantize=_network_nodes(model))
+        quantize_static(
+            model,
+            quantized,
+            Batches(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            reduce_range=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            nodes_to_quantize=_network_nodes(model),
+        )
         out = onnx.load(quantized)
     props = {p.key: p.value for p in source.metadata_props}
     onnx.helper.set_model_props(out, {**props, "quantization": "int8 static QDQ, per-channel, reduce_range"})
@@ -238,73 +200,122 @@ def median_seconds(run, x, repeats=30):
     return float(np.median(times))
 
 
-def export_model(model_path, out=None, fmt="onnx", int8=False, calibration_dir=None, opset=DEFAULT_OPSET,
-                 log=print):
+def export_model(model_path, out=None, fmt="onnx", int8=False, calibration_dir=None, opset=DEFAULT_OPSET, log=print):
     """Export a model file; check the ONNX file against PyTorch; with int8 also quantise and report what it
     costs and gains. Returns the path(s) written."""
-    from .onnx_predict import OnnxClassifier
     if fmt != "onnx":
         raise FolderCNNError(f"unknown export format '{fmt}' (available: onnx)")
     if not 18 <= opset <= 23:
-        raise FolderCNNError(f"--opset must be between 18 and 23, got {opset}")
+        raise OptionError("opset", f"must be between 18 and 23, got {opset}")
     classifier = load(model_path)
     meta = classifier.metadata
+    _check_exportable(model_path, meta)
+    out = _output_path(model_path, out, meta)
+    if int8 and calibration_dir is None:
+        calibration_dir = _training_folder(meta)
+    export_onnx(classifier.model, meta, out, opset, classifier.unfamiliarity)
+    log(
+        f"wrote {out} ({out.stat().st_size / 2**20:.1f} MB, opset {opset}, {meta['architecture']}, "
+        f"{len(meta['classes'])} classes, input uint8 N x {meta['image_size']} x {meta['image_size']} x 3)"
+    )
+    images, labels = _parity_images(classifier, calibration_dir)
+    onnx_fp32, got = _check_parity(classifier, out, images, log)
+    if not int8:
+        return [out]
+    return [out, _export_int8(classifier, out, opset, images, labels, onnx_fp32, got, log)]
+
+
+def _check_exportable(model_path, meta):
+    """Refuse a model whose input is not an image (a hand-landmarks model needs MediaPipe's detector first)."""
     if get_spec(meta["architecture"]).input != "image":
         raise FolderCNNError(
             f"{model_path} is a {meta['architecture']} model: its input is the hand MediaPipe Hands finds in a photo, "
             "and that detector (a TFLite graph with its own cropping and rotation steps) has no ONNX form here, so "
-            "an ONNX file could not classify a photo on its own; use the model file with foldercnn predict / serve")
+            "an ONNX file could not classify a photo on its own; use the model file with foldercnn predict / serve"
+        )
+
+
+def _output_path(model_path, out, meta):
+    """The .onnx path to write (default: beside the model file), in a folder that exists outside the data."""
     out = Path(out) if out else Path(model_path).with_suffix(".onnx")
     if out.suffix.lower() != ".onnx":
-        raise FolderCNNError(f"--out must end in .onnx, got {out}")
+        raise OptionError("out", f"must end in .onnx, got {out}")
     if not out.parent.is_dir():
         raise FolderCNNError(f"the folder {out.parent} does not exist; create it first (export makes no folders)")
     check_out_dir(out.parent, [(meta.get("data") or {}).get("train_dir")])
-    if int8 and calibration_dir is None:
-        train_dir = (meta.get("data") or {}).get("train_dir")
-        if not train_dir or not Path(train_dir).is_dir():
-            raise FolderCNNError("--int8 needs --calibration-dir (a folder of training images; the model's own "
-                                 "training folder was not found)")
-        calibration_dir = train_dir
-    export_onnx(classifier.model, meta, out, opset, classifier.unfamiliarity)
-    log(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MB, opset {opset}, {meta['architecture']}, "
-        f"{len(meta['classes'])} classes, input uint8 N x {meta['image_size']} x {meta['image_size']} x 3)")
+    return out
 
-    # parity on images like the user's: the calibration sample, or generated noise when there is none
+
+def _training_folder(meta):
+    """The model's own training folder, for int8 calibration when none was given."""
+    train_dir = (meta.get("data") or {}).get("train_dir")
+    if not train_dir or not Path(train_dir).is_dir():
+        raise OptionError(
+            "int8",
+            "needs a calibration folder (calibration_dir: training images; the model's own "
+            "training folder was not found)",
+        )
+    return train_dir
+
+
+def _parity_images(classifier, calibration_dir):
+    """(images, labels or None): the calibration sample, or generated noise when there is none."""
     if calibration_dir is not None:
-        images, labels = calibration_sample(Path(calibration_dir), classifier.image_size)
-    else:
-        images = np.random.default_rng(0).integers(0, 256, (16, classifier.image_size, classifier.image_size, 3),
-                                                   dtype=np.uint8)
-        labels = None
-    reference = classifier.probabilities(torch.from_numpy(images)).numpy()
+        return calibration_sample(Path(calibration_dir), classifier.image_size)
+    images = np.random.default_rng(0).integers(
+        0, 256, (16, classifier.image_size, classifier.image_size, 3), dtype=np.uint8
+    )
+    return images, None
+
+
+def _check_parity(classifier, out, images, log):
+    """Log how closely the ONNX file's probabilities (and unfamiliarity) match PyTorch's on images like the user's;
+    returns (the fp32 OnnxClassifier, its probabilities)."""
+    from ..models.onnx_model import OnnxClassifier
+
+    reference = classifier.probabilities(images)
     onnx_fp32 = OnnxClassifier(out)
     got = onnx_fp32.probabilities(images)
-    check = (f"check: {len(images)} images, max |probability difference| vs PyTorch {np.abs(got - reference).max():.2e}, "
-             f"same top-1 for {(got.argmax(1) == reference.argmax(1)).sum()} of {len(images)}")
+    check = (
+        f"check: {len(images)} images, max |probability difference| vs PyTorch "
+        f"{np.abs(got - reference).max():.2e}, same top-1 for {(got.argmax(1) == reference.argmax(1)).sum()} "
+        f"of {len(images)}"
+    )
     if onnx_fp32.has_unfamiliarity:
         u_onnx = onnx_fp32.outputs(images)[1]
         u_torch = classifier.logits_and_unfamiliarity(torch.from_numpy(images))[1].numpy()
-        check += (f"; unfamiliarity max relative difference {np.abs(u_onnx - u_torch).max() / max(1e-9, np.abs(u_torch).max()):.1e}, "
-                  f"same flag for {((u_onnx > 1) == (u_torch > 1)).sum()} of {len(images)}")
+        check += (
+            f"; unfamiliarity max relative difference "
+            f"{np.abs(u_onnx - u_torch).max() / max(1e-9, np.abs(u_torch).max()):.1e}, "
+            f"same flag for {((u_onnx > 1) == (u_torch > 1)).sum()} of {len(images)}"
+        )
     log(check)
-    if not int8:
-        return [out]
+    return onnx_fp32, got
+
+
+def _export_int8(classifier, out, opset, images, labels, onnx_fp32, got, log):
+    """Write and measure the int8 copy beside OUT; returns its path."""
+    from ..models.onnx_model import OnnxClassifier
 
     # calibrate on every other sampled image; measure what int8 costs on the rest (not seen by the calibrator)
     out8 = out.with_name(out.stem + ".int8.onnx")
     with tempfile.TemporaryDirectory() as tmp:
         # onnxruntime's quantiser cannot prepare the unfamiliarity branch's graph: the int8 file carries
         # probabilities and logits only (the fp32 file has the score)
-        plain = export_onnx(classifier.model, meta, Path(tmp) / "plain.onnx", opset) \
-            if classifier.unfamiliarity is not None else out
+        plain = (
+            export_onnx(classifier.model, classifier.metadata, Path(tmp) / "plain.onnx", opset)
+            if classifier.unfamiliarity is not None
+            else out
+        )
         quantize_int8(plain, out8, images[::2])
     onnx_int8 = OnnxClassifier(out8)
     held_out, fp32_probs = images[1::2], got[1::2]
     got8 = onnx_int8.probabilities(held_out)
     agree = float((got8.argmax(1) == fp32_probs.argmax(1)).mean())
-    msg = (f"wrote {out8} ({out8.stat().st_size / 2**20:.1f} MB), calibrated on {len(images[::2])} images; on "
-           f"{len(held_out)} others: top-1 agrees with fp32 on {agree:.1%}")
+    msg = (
+        f"wrote {out8} ({out8.stat().st_size / 2**20:.1f} MB), calibrated on {len(images[::2])} images; on "
+        f"{len(held_out)} others: top-1 agrees with fp32 on {agree:.1%}"
+    )
     if labels is not None and set(labels) <= set(classifier.classes):
         truth = np.array([classifier.classes.index(c) for c in labels[1::2]])
         acc32, acc8 = float((fp32_probs.argmax(1) == truth).mean()), float((got8.argmax(1) == truth).mean())
@@ -313,4 +324,4 @@ def export_model(model_path, out=None, fmt="onnx", int8=False, calibration_dir=N
     ms32 = 1000 * median_seconds(onnx_fp32.probabilities, one)
     ms8 = 1000 * median_seconds(onnx_int8.probabilities, one)
     log(msg + f"; one image {ms32:.2f} ms (fp32) -> {ms8:.2f} ms (int8), {ms32 / ms8:.2f}x faster")
-    return [out, out8]
+    return out8

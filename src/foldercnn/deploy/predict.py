@@ -1,4 +1,5 @@
 """`foldercnn predict`: classify image files and whole folders with a model file."""
+
 from pathlib import Path
 
 from ..data.decode import decode_images, walk_images

@@ -6,6 +6,7 @@ limits are checked while the bytes arrive. Inference runs in a fixed pool of thr
 `2 * workers` requests hold an upload in memory at a time, up to `max_waiting` more wait their turn, and
 any beyond that get 503 at once, so a burst queues instead of exhausting memory.
 """
+
 import asyncio
 import contextlib
 import json
@@ -23,13 +24,14 @@ from pydantic import BaseModel
 from starlette.requests import ClientDisconnect
 
 from .. import runtime
-from ..errors import FolderCNNError
+from ..errors import FolderCNNError, OptionError
 from ..evaluation.headline import headline
 from ..models.inference import Classifier
-from .onnx_predict import OnnxClassifier, load_any
-from .teach_routes import add_teach_routes
-from .uploads import MB, Limits, UploadError, decode_upload, read_uploads
+from ..models.load import load
+from ..models.onnx_model import OnnxClassifier
 from ..version import __version__
+from .teach_routes import add_teach_routes
+from .uploads import MB, Limits, RequestRefused, decode_upload, read_uploads
 
 DEFAULT_MAX_WAITING = 256
 log = logging.getLogger("foldercnn.serve")
@@ -56,7 +58,7 @@ class Service:
 
     def swap(self, model_path):
         """Load a new model file and serve it from the next request on (one reference assignment: atomic)."""
-        self.classifier = load_any(model_path, threads=1)
+        self.classifier = load(model_path, threads=1)
         log.info("now serving %s", model_path)
 
     async def run(self, function, *args):
@@ -67,26 +69,26 @@ class Service:
         if self.pool is None:
             raise RuntimeError("the app has not started: run it under uvicorn, or as `with TestClient(app)`")
         if self.classifier is None:
-            return JSONResponse({"detail": NO_MODEL}, status_code=409)
+            raise RequestRefused(409, NO_MODEL)
         if self.pending >= self.max_pending:
-            return JSONResponse({"detail": f"server busy: {self.pending} requests in progress; retry shortly"},
-                                status_code=503, headers={"Retry-After": "1"})
+            raise RequestRefused(
+                503, f"server busy: {self.pending} requests in progress; retry shortly", headers={"Retry-After": "1"}
+            )
         self.pending += 1
         try:
             async with self.slots:
                 uploads = await read_uploads(request, self.limits)
                 results = await self.run(self.classify, uploads)
             return JSONResponse(results)
-        except UploadError as e:
-            return e.response()
         except ClientDisconnect:  # nobody is left to read an answer
-            return JSONResponse({"detail": "client disconnected"}, status_code=400)
+            raise RequestRefused(400, "client disconnected") from None
         finally:
             self.pending -= 1
 
 
 class PredictionOut(BaseModel):
     """One row of POST /predict's answer (documentation for /docs)."""
+
     filename: str
     label: str
     probability: float
@@ -99,10 +101,21 @@ class PredictionOut(BaseModel):
 PREDICT_DOCS = {
     "summary": "Classify one or more images",
     "description": "multipart/form-data with one or more files in the field `files`, e.g. "
-                   "`curl -F files=@hand.png http://127.0.0.1:8000/predict`. Answers one row per file, in order.",
-    "openapi_extra": {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
-        "type": "object", "required": ["files"],
-        "properties": {"files": {"type": "array", "items": {"type": "string", "format": "binary"}}}}}}}},
+    "`curl -F files=@hand.png http://127.0.0.1:8000/predict`. Answers one row per file, in order.",
+    "openapi_extra": {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["files"],
+                        "properties": {"files": {"type": "array", "items": {"type": "string", "format": "binary"}}},
+                    }
+                }
+            },
+        }
+    },
     "response_model": list[PredictionOut],
     "responses": {
         400: {"description": "corrupt or truncated image, too many pixels, empty file, no file, malformed body"},
@@ -115,8 +128,8 @@ PREDICT_DOCS = {
 # The page loads nothing from elsewhere; the policy makes the browser hold it to that.
 PAGE_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
-                               "img-src 'self' blob: data:; media-src 'self' blob:; connect-src 'self'; "
-                               "base-uri 'none'; form-action 'none'",
+    "img-src 'self' blob: data:; media-src 'self' blob:; connect-src 'self'; "
+    "base-uri 'none'; form-action 'none'",
     "X-Content-Type-Options": "nosniff",
     "Cache-Control": "no-cache",
 }
@@ -124,37 +137,42 @@ PAGE_HEADERS = {
 
 def page_html(limits, teach):
     html = files("foldercnn.deploy").joinpath("static/index.html").read_text(encoding="utf-8")
-    return (html.replace("__MAX_UPLOAD_MB__", f"{limits.max_file_bytes / MB:g}")
-                .replace("__MAX_FILES__", str(limits.max_files))
-                .replace("__TEACH__", "on" if teach else "off"))
+    return (
+        html.replace("__MAX_UPLOAD_MB__", f"{limits.max_file_bytes / MB:g}")
+        .replace("__MAX_FILES__", str(limits.max_files))
+        .replace("__TEACH__", "on" if teach else "off")
+    )
 
 
-def create_app(classifier_or_model_path, max_upload_mb=10.0, max_files=16, workers=None,
-               max_waiting=DEFAULT_MAX_WAITING, teach=None, teach_loopback_only=False):
+def create_app(
+    classifier_or_model_path,
+    max_upload_mb=10.0,
+    max_files=16,
+    workers=None,
+    max_waiting=DEFAULT_MAX_WAITING,
+    teach=None,
+    teach_loopback_only=False,
+):
     """The FastAPI app for one model (a Classifier or a model file path). Use it with uvicorn or TestClient;
     the inference pool exists while the app runs (between its startup and shutdown).
 
     teach: a TeachConfig (deploy/teach.py) adds the Teach panel and the /teach routes; then the model may be None
     (nothing to predict with until the first training job). teach_loopback_only: the /teach routes answer only
     requests addressed to 127.0.0.1, localhost or [::1]."""
-    if max_upload_mb is None or max_upload_mb <= 0:
-        raise FolderCNNError("--max-upload-mb must be positive")
-    if max_files is None or max_files < 1:
-        raise FolderCNNError("--max-files must be at least 1")
-    workers = runtime.physical_cores() if workers is None else workers
-    if workers < 1:
-        raise FolderCNNError("--workers must be at least 1")
+    workers = check_limits(max_upload_mb, max_files, workers)
     if classifier_or_model_path is None and teach is None:
         raise FolderCNNError("a model file is needed (or --teach DATA_DIR, to teach one)")
-    classifier = (classifier_or_model_path
-                  if classifier_or_model_path is None or isinstance(classifier_or_model_path, (Classifier, OnnxClassifier))
-                  else load_any(classifier_or_model_path, threads=1))
+    classifier = (
+        classifier_or_model_path
+        if classifier_or_model_path is None or isinstance(classifier_or_model_path, (Classifier, OnnxClassifier))
+        else load(classifier_or_model_path, threads=1)
+    )
     limits = Limits(int(max_upload_mb * MB), int(max_files))
     service = Service(classifier, limits, workers, max_waiting)
-    page = page_html(limits, teach)
     teacher = None
     if teach is not None:
         from .teach import Teacher
+
         teacher = Teacher(teach, swap=service.swap)
 
     @contextlib.asynccontextmanager
@@ -167,21 +185,58 @@ def create_app(classifier_or_model_path, max_upload_mb=10.0, max_files=16, worke
                 teacher.stop()
             service.pool.shutdown(wait=True, cancel_futures=True)
 
-    app = FastAPI(title="foldercnn", version=__version__, lifespan=lifespan,
-                  description="Classify images with a foldercnn model file.")
+    app = FastAPI(
+        title="foldercnn",
+        version=__version__,
+        lifespan=lifespan,
+        description="Classify images with a foldercnn model file.",
+    )
     app.state.service = service
+    add_error_handlers(app)
+    add_model_routes(app, service, page_html(limits, teach))
+    if teacher is not None:
+        add_teach_routes(app, service, teacher, teach_loopback_only)
+        app.state.teacher = teacher
+    return app
+
+
+def check_limits(max_upload_mb, max_files, workers):
+    """The number of inference threads, once the limits are checked."""
+    if max_upload_mb is None or max_upload_mb <= 0:
+        raise OptionError("max_upload_mb", "must be positive")
+    if max_files is None or max_files < 1:
+        raise OptionError("max_files", "must be at least 1")
+    workers = runtime.physical_cores() if workers is None else workers
+    if workers < 1:
+        raise OptionError("workers", "must be at least 1")
+    return workers
+
+
+def add_error_handlers(app):
+    """Every refusal answers {"detail": ...}: RequestRefused, invalid requests, and unexpected errors (logged)."""
+
+    @app.exception_handler(RequestRefused)
+    async def refused(request, exc):
+        return exc.response()
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request, exc):
         # FastAPI's own answer echoes the input, and a lone surrogate in it cannot be encoded (a 500): ASCII JSON
         errors = [{k: v for k, v in e.items() if k in ("type", "loc", "msg")} for e in exc.errors()]
-        return Response(json.dumps({"detail": errors}, ensure_ascii=True, default=str), status_code=422,
-                        media_type="application/json")
+        return Response(
+            json.dumps({"detail": errors}, ensure_ascii=True, default=str),
+            status_code=422,
+            media_type="application/json",
+        )
 
     @app.exception_handler(Exception)
     async def unexpected_error(request, exc):
         log.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
         return JSONResponse({"detail": "internal error"}, status_code=500)
+
+
+def add_model_routes(app, service, page):
+    """The page, /predict, /model and /healthz."""
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index():
@@ -191,23 +246,21 @@ def create_app(classifier_or_model_path, max_upload_mb=10.0, max_files=16, worke
     async def predict(request: Request):
         return await service.predict(request)
 
-    @app.get("/model", summary="The model file's metadata: classes, image size, metrics, ..., and `headline`: "
-                               "the test accuracy from evaluation.json beside the model file, else the "
-                               "(optimistic) validation accuracy")
+    @app.get(
+        "/model",
+        summary="The model file's metadata: classes, image size, metrics, ..., and `headline`: "
+        "the test accuracy from evaluation.json beside the model file, else the "
+        "(optimistic) validation accuracy",
+    )
     async def model():
         current = service.classifier
         if current is None:
-            return JSONResponse({"detail": NO_MODEL}, status_code=404)
+            raise RequestRefused(404, NO_MODEL)
         return {**current.metadata, "headline": headline(current.metadata, current.path)}
 
     @app.get("/healthz", summary="Liveness: 200 while the server runs")
     async def healthz():
         return {"status": "ok", "in_progress": service.pending, "model": service.classifier is not None}
-
-    if teacher is not None:
-        add_teach_routes(app, service, teacher, teach_loopback_only)
-        app.state.teacher = teacher
-    return app
 
 
 def listen(host, port):
@@ -229,34 +282,57 @@ def listen(host, port):
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
-def run_server(model_path, host="127.0.0.1", port=8000, max_upload_mb=10.0, max_files=16, workers=None,
-               teach=None, allow_remote_teach=False):
+def run_server(
+    model_path,
+    host="127.0.0.1",
+    port=8000,
+    max_upload_mb=10.0,
+    max_files=16,
+    workers=None,
+    teach=None,
+    allow_remote_teach=False,
+):
     """`foldercnn serve` (and `foldercnn teach`, model_path None): load the model, then serve until Ctrl-C or
     SIGTERM (graceful shutdown). teach: a TeachConfig for the Teach panel."""
     import uvicorn
+
     if teach is not None and host not in LOOPBACK and not allow_remote_teach:
-        raise FolderCNNError(f"teaching writes into {teach.data_dir}: it listens on this computer only "
-                             f"(--host 127.0.0.1); add --allow-remote-teach to let other machines teach too")
+        raise FolderCNNError(
+            f"teaching writes into {teach.data_dir}: it listens on this computer only "
+            f"(--host 127.0.0.1); add --allow-remote-teach to let other machines teach too"
+        )
     # a missing or bad file is a FolderCNNError before anything listens; .onnx files run on onnxruntime
-    classifier = None if model_path is None else load_any(model_path, threads=1)
+    classifier = None if model_path is None else load(model_path, threads=1)
     # many small requests: each inference on one thread, `workers` of them side by side
     torch.set_num_threads(1)
-    app = create_app(classifier, max_upload_mb=max_upload_mb, max_files=max_files, workers=workers, teach=teach,
-                     teach_loopback_only=not allow_remote_teach)
+    app = create_app(
+        classifier,
+        max_upload_mb=max_upload_mb,
+        max_files=max_files,
+        workers=workers,
+        teach=teach,
+        teach_loopback_only=not allow_remote_teach,
+    )
     sock = listen(host, port)
     bound_port = sock.getsockname()[1]
     shown = f"[{host}]" if ":" in host else host
     what = "no model yet" if classifier is None else f"{model_path} ({', '.join(classifier.classes)})"
-    print(f"foldercnn: serving {what} at http://{shown}:{bound_port}/ - API docs at /docs; Ctrl-C stops",
-          flush=True)
+    print(f"foldercnn: serving {what} at http://{shown}:{bound_port}/ - API docs at /docs; Ctrl-C stops", flush=True)
     if teach is not None:
-        print(f"foldercnn: teaching on: captures go to {teach.data_dir}, training runs to {teach.runs_dir} "
-              f"(recipe '{teach.recipe}')", flush=True)
+        print(
+            f"foldercnn: teaching on: captures go to {teach.data_dir}, training runs to {teach.runs_dir} "
+            f"(recipe '{teach.recipe}')",
+            flush=True,
+        )
     if host not in LOOPBACK:
-        print("foldercnn: browsers allow the camera only on localhost or https; uploads work everywhere",
-              flush=True)
+        print("foldercnn: browsers allow the camera only on localhost or https; uploads work everywhere", flush=True)
     service = app.state.service
     # uvicorn's own bound on open connections: a backstop behind the request queue (answers a plain 503)
-    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5,
-                            limit_concurrency=service.max_pending + 256)
+    config = uvicorn.Config(
+        app,
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=5,
+        limit_concurrency=service.max_pending + 256,
+    )
     uvicorn.Server(config).run(sockets=[sock])

@@ -1,13 +1,14 @@
 """Image uploads for the server: multipart bodies read from the request stream into memory, every limit checked
 as the bytes arrive, and each file checked to be an image by its bytes (never its name or declared type)."""
+
 import asyncio
 import contextlib
 from dataclasses import dataclass
 
+from fastapi.responses import JSONResponse
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect
-from fastapi.responses import JSONResponse
 
 from ..data.images import ImageDecodeError, decode
 
@@ -22,8 +23,15 @@ READ_SECONDS, MIN_RATE, STALL_SECONDS, GRACE_SECONDS = 10.0, 32 * 1024, 5.0, 2.0
 
 # The formats foldercnn reads, recognised by their first bytes: a file's name or declared type is not trusted.
 SIGNATURES = (
-    (b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"GIF87a", "GIF"), (b"GIF89a", "GIF"),
-    (b"BM", "BMP"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"), (b"II+\x00", "TIFF"), (b"MM\x00+", "TIFF"),
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"BM", "BMP"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+    (b"II+\x00", "TIFF"),
+    (b"MM\x00+", "TIFF"),
 )
 SUPPORTED = "PNG, JPEG, WebP, BMP, GIF or TIFF"
 
@@ -35,18 +43,22 @@ def sniff_format(data):
     return next((fmt for magic, fmt in SIGNATURES if data.startswith(magic)), None)
 
 
-class UploadError(Exception):
-    """A request the server refuses: HTTP status, a reason for people, and the file it concerns."""
+class RequestRefused(Exception):
+    """A request the server refuses: HTTP status, a reason for people, and the file it concerns. The one error
+    type of serve and teach (teach_folder.TeachError is this), answered as {"detail": reason[, "filename"]}."""
 
-    def __init__(self, status, reason, filename=None):
+    def __init__(self, status, reason, filename=None, headers=None):
         super().__init__(reason)
-        self.status, self.reason, self.filename = status, reason, filename
+        self.status, self.reason, self.filename, self.headers = status, reason, filename, headers
 
     def response(self):
         body = {"detail": self.reason}
         if self.filename is not None:
             body["filename"] = self.filename
-        return JSONResponse(body, status_code=self.status)
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
+
+
+UploadError = RequestRefused
 
 
 @dataclass
@@ -97,10 +109,15 @@ class FormReader:
         self._filename, self._data = None, bytearray()
 
     def callbacks(self):
-        return {"on_part_begin": self._start_part, "on_header_field": self.on_header_field,
-                "on_header_value": self.on_header_value, "on_header_end": self.on_header_end,
-                "on_headers_finished": self.on_headers_finished, "on_part_data": self.on_part_data,
-                "on_part_end": self.on_part_end}
+        return {
+            "on_part_begin": self._start_part,
+            "on_header_field": self.on_header_field,
+            "on_header_value": self.on_header_value,
+            "on_header_end": self.on_header_end,
+            "on_headers_finished": self.on_headers_finished,
+            "on_part_data": self.on_part_data,
+            "on_part_end": self.on_part_end,
+        }
 
     def on_header_field(self, data, start, end):
         self._field += data[start:end]
@@ -119,15 +136,15 @@ class FormReader:
             return  # a plain form field: ignored (its bytes still count towards the request size)
         self._filename = options[b"filename"].decode("utf-8", "replace")
         if len(self.uploads) >= self.limits.max_files:
-            raise UploadError(413, f"too many files: at most {self.limits.max_files} per request",
-                              self._filename)
+            raise UploadError(413, f"too many files: at most {self.limits.max_files} per request", self._filename)
 
     def on_part_data(self, data, start, end):
         if self._filename is None:
             return
         if len(self._data) + (end - start) > self.limits.max_file_bytes:
-            raise UploadError(413, f"file too large: at most {self.limits.describe_file_limit()} per file",
-                              self._filename)
+            raise UploadError(
+                413, f"file too large: at most {self.limits.describe_file_limit()} per file", self._filename
+            )
         self._data += data[start:end]
 
     def on_part_end(self):
@@ -138,8 +155,9 @@ class FormReader:
 async def read_uploads(request, limits):
     """The request's files, read from its stream with every limit checked as the bytes arrive."""
     stream = request.stream()
-    too_large = UploadError(413, f"request too large: at most {limits.max_files} files of "
-                                 f"{limits.describe_file_limit()} each")
+    too_large = UploadError(
+        413, f"request too large: at most {limits.max_files} files of {limits.describe_file_limit()} each"
+    )
     drain_budget = max(DRAIN_BYTES, limits.max_request_bytes)
     declared = request.headers.get("content-length", "")
     declared = int(declared) if declared.isdigit() else None
@@ -189,8 +207,11 @@ async def timed(stream, seconds):
         except StopAsyncIteration:
             return
         except asyncio.TimeoutError:
-            raise UploadError(408, f"the upload was too slow: at least {MIN_RATE // 1024} KB/s, no pause over "
-                                   f"{STALL_SECONDS:g} s, all of it within {seconds:.0f} s") from None
+            raise UploadError(
+                408,
+                f"the upload was too slow: at least {MIN_RATE // 1024} KB/s, no pause over "
+                f"{STALL_SECONDS:g} s, all of it within {seconds:.0f} s",
+            ) from None
         received += len(chunk)
         yield chunk
 
@@ -198,11 +219,13 @@ async def timed(stream, seconds):
 async def drain(stream, budget_bytes, budget_seconds=DRAIN_SECONDS):
     """Read and drop what the client still sends (bounded), like a web server's lingering close: closing a
     socket with unread data resets it, and the client would see a broken connection instead of our answer."""
+
     async def read():
         left = budget_bytes
         async for chunk in stream:
             left -= len(chunk)
             if left < 0:
                 break
+
     with contextlib.suppress(ClientDisconnect, asyncio.TimeoutError):
         await asyncio.wait_for(read(), budget_seconds)

@@ -3,6 +3,7 @@
 Temperature scaling (Guo et al., 2017) divides the logits by one number T fitted on held-out data so the
 softmax probabilities match how often the model is right. It never changes which class wins.
 """
+
 import math
 
 import numpy as np
@@ -93,9 +94,15 @@ def reliability_bins(confidences, correct, n_bins=10):
     bins = []
     for b in range(n_bins):
         m = which == b
-        bins.append({"lo": float(edges[b]), "hi": float(edges[b + 1]), "count": int(m.sum()),
-                     "confidence": float(conf[m].mean()) if m.any() else None,
-                     "accuracy": float(correct[m].mean()) if m.any() else None})
+        bins.append(
+            {
+                "lo": float(edges[b]),
+                "hi": float(edges[b + 1]),
+                "count": int(m.sum()),
+                "confidence": float(conf[m].mean()) if m.any() else None,
+                "accuracy": float(correct[m].mean()) if m.any() else None,
+            }
+        )
     return bins
 
 
@@ -104,8 +111,13 @@ def expected_calibration_error(confidences, correct, n_bins=10):
     n = len(confidences)
     if n == 0:
         return float("nan")
-    return float(sum(b["count"] / n * abs(b["accuracy"] - b["confidence"])
-                     for b in reliability_bins(confidences, correct, n_bins) if b["count"]))
+    return float(
+        sum(
+            b["count"] / n * abs(b["accuracy"] - b["confidence"])
+            for b in reliability_bins(confidences, correct, n_bins)
+            if b["count"]
+        )
+    )
 
 
 def wilson_interval(successes, n, z=1.959964):

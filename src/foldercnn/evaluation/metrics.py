@@ -1,5 +1,6 @@
 """Measure a model file on a labelled folder, honestly: accuracy with its 95% interval, per-class metrics,
 confusion matrix, the worst mistakes, and how far the model's confidence can be trusted (calibration)."""
+
 import time
 from dataclasses import dataclass, field
 
@@ -10,6 +11,16 @@ from sklearn.metrics import confusion_matrix, precision_recall_fscore_support, r
 from ..data.folders import load_folder, scan_folder
 from ..models.inference import DEFAULT_UNCERTAIN_BELOW
 from .calibration import expected_calibration_error, nll, reliability_bins, wilson_interval
+from .formatting import (  # noqa: F401 (moved there; imported from here too)
+    FOLDER_TABLE_HEADER,
+    _fmt,
+    folder_row,
+    folder_table_cells,
+    format_evaluation,
+    format_flags,
+    format_folder_table,
+    table_header,
+)
 
 
 @dataclass
@@ -27,42 +38,63 @@ class Evaluation:
     macro: dict = field(default_factory=dict)  # unweighted mean precision/recall/f1 over classes
     calibration: dict = field(default_factory=dict)  # temperature, ECE/NLL before and after, bins
     uncertain: dict = field(default_factory=dict)  # threshold, how many flagged, accuracy of each group
-    unfamiliarity: list = None  # score / threshold per image (None: the model file has no unfamiliarity score)
+    unfamiliarity: list | None = None  # score / threshold per image (None: the model file has no unfamiliarity score)
     flags: dict = field(default_factory=dict)  # uncertain / unfamiliar / either: shares, errors caught, AUROCs
-    data_dir: str = None
-    model_path: str = None
+    data_dir: str | None = None
+    model_path: str | None = None
     tta: bool = False
     seconds: float = 0.0
-    answered: list = None  # landmark models: whether a hand was found in each image (None: every image answered)
-    hands: dict = None  # landmark models: coverage and accuracy where a hand was found
+    answered: list | None = None  # landmark models: whether a hand was found in each image (None: every image answered)
+    hands: dict | None = None  # landmark models: coverage and accuracy where a hand was found
 
     def rows(self):
         """One dict per image: path, true and predicted class, the top and the true class's probability."""
         unf = self.unfamiliarity if self.unfamiliarity is not None else [None] * len(self.y_true)
         answered = self.answered if self.answered is not None else [True] * len(self.y_true)
-        return [{"path": str(p), "true": self.classes[t],
-                 "predicted": self.classes[int(np.argmax(pr))] if a else None,
-                 "probability": float(max(pr)) if a else 0.0, "true_probability": float(pr[t]) if a else 0.0,
-                 "unfamiliar": True if not a else (None if u is None else bool(u > 1)),
-                 "unfamiliarity": u if a else None}
-                for p, t, pr, u, a in zip(self.paths, self.y_true, self.probabilities, unf, answered)]
+        return [
+            {
+                "path": str(p),
+                "true": self.classes[t],
+                "predicted": self.classes[int(np.argmax(pr))] if a else None,
+                "probability": float(max(pr)) if a else 0.0,
+                "true_probability": float(pr[t]) if a else 0.0,
+                "unfamiliar": True if not a else (None if u is None else bool(u > 1)),
+                "unfamiliarity": u if a else None,
+            }
+            for p, t, pr, u, a in zip(self.paths, self.y_true, self.probabilities, unf, answered)
+        ]
 
     def mistakes(self, limit=None):
         """Wrong predictions, most confident first: the ones that most mislead a user."""
-        rows = sorted((r for r in self.rows() if r["predicted"] is not None and r["true"] != r["predicted"]),
-                      key=lambda r: -r["probability"])
+        rows = sorted(
+            (r for r in self.rows() if r["predicted"] is not None and r["true"] != r["predicted"]),
+            key=lambda r: -r["probability"],
+        )
         return rows[:limit]
 
     def to_dict(self):
-        return {"accuracy": self.accuracy, "accuracy_ci95": list(self.accuracy_ci), "n": self.n,
-                "n_correct": int(round(self.accuracy * self.n)), "n_skipped": len(self.skipped),
-                "classes": self.classes, "per_class": self.per_class, "macro_avg": self.macro,
-                "confusion": self.confusion, "calibration": self.calibration, "uncertain": self.uncertain,
-                "flags": self.flags, "mistakes": self.mistakes(),
-                "predictions": self.rows(),
-                "skipped": [{"path": str(p), "reason": r} for p, r in self.skipped],
-                "data_dir": self.data_dir, "model": self.model_path, "tta": self.tta, "seconds": self.seconds,
-                **({"hands": self.hands} if self.hands is not None else {})}
+        return {
+            "accuracy": self.accuracy,
+            "accuracy_ci95": list(self.accuracy_ci),
+            "n": self.n,
+            "n_correct": int(round(self.accuracy * self.n)),
+            "n_skipped": len(self.skipped),
+            "classes": self.classes,
+            "per_class": self.per_class,
+            "macro_avg": self.macro,
+            "confusion": self.confusion,
+            "calibration": self.calibration,
+            "uncertain": self.uncertain,
+            "flags": self.flags,
+            "mistakes": self.mistakes(),
+            "predictions": self.rows(),
+            "skipped": [{"path": str(p), "reason": r} for p, r in self.skipped],
+            "data_dir": self.data_dir,
+            "model": self.model_path,
+            "tta": self.tta,
+            "seconds": self.seconds,
+            **({"hands": self.hands} if self.hands is not None else {}),
+        }
 
 
 def metrics_from_predictions(y_true, y_pred, classes):
@@ -72,8 +104,10 @@ def metrics_from_predictions(y_true, y_pred, classes):
     """
     labels = list(range(len(classes)))
     p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
-    per_class = {c: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
-                 for i, c in enumerate(classes)}
+    per_class = {
+        c: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
+        for i, c in enumerate(classes)
+    }
     cm = confusion_matrix(y_true, y_pred, labels=labels).tolist()
     accuracy = float(np.mean(np.asarray(y_true) == np.asarray(y_pred))) if len(y_true) else 0.0
     return accuracy, per_class, cm
@@ -93,9 +127,12 @@ def calibration_summary(logits, labels, temperature, n_bins=10):
         probs = torch.softmax(logits / t, dim=1)
         conf, pred = probs.max(1)
         correct = (pred == labels).numpy()
-        out[name] = {"ece": expected_calibration_error(conf.numpy(), correct, n_bins),
-                     "nll": nll(logits, labels, t), "mean_confidence": float(conf.mean()) if len(conf) else None,
-                     "reliability": reliability_bins(conf.numpy(), correct, n_bins)}
+        out[name] = {
+            "ece": expected_calibration_error(conf.numpy(), correct, n_bins),
+            "nll": nll(logits, labels, t),
+            "mean_confidence": float(conf.mean()) if len(conf) else None,
+            "reliability": reliability_bins(conf.numpy(), correct, n_bins),
+        }
     return out
 
 
@@ -107,9 +144,14 @@ def uncertain_summary(probabilities, y_true, threshold, answered=None):
     conf, correct = np.where(answered, probs.max(1), 0.0), (probs.argmax(1) == np.asarray(y_true)) & answered
     flagged = conf < threshold
     acc = lambda m: float(correct[m].mean()) if m.any() else None  # noqa: E731
-    return {"threshold": float(threshold), "count": int(flagged.sum()),
-            "accuracy_confident": acc(~flagged), "accuracy_uncertain": acc(flagged),
-            "errors_flagged": int((flagged & ~correct).sum()), "errors": int((~correct).sum())}
+    return {
+        "threshold": float(threshold),
+        "count": int(flagged.sum()),
+        "accuracy_confident": acc(~flagged),
+        "accuracy_uncertain": acc(flagged),
+        "errors_flagged": int((flagged & ~correct).sum()),
+        "errors": int((~correct).sum()),
+    }
 
 
 def _auroc(wrong, score):
@@ -135,12 +177,16 @@ def flag_summary(probabilities, y_true, threshold, unfamiliarity=None, answered=
     either = uncertain | unf
     share = lambda m: float(m.mean()) if len(m) else None  # noqa: E731
     return {
-        "n": int(len(wrong)), "errors": int(wrong.sum()),
-        "share_uncertain": share(uncertain), "share_unfamiliar": share(unf) if known else None,
+        "n": int(len(wrong)),
+        "errors": int(wrong.sum()),
+        "share_uncertain": share(uncertain),
+        "share_unfamiliar": share(unf) if known else None,
         "share_either": share(either),
-        "errors_flagged": {"uncertain": int((wrong & uncertain).sum()),
-                           "unfamiliar": int((wrong & unf).sum()) if known else None,
-                           "either": int((wrong & either).sum())},
+        "errors_flagged": {
+            "uncertain": int((wrong & uncertain).sum()),
+            "unfamiliar": int((wrong & unf).sum()) if known else None,
+            "either": int((wrong & either).sum()),
+        },
         "selective_accuracy": float(1 - wrong[~either].mean()) if (~either).any() else None,
         "n_not_flagged": int((~either).sum()),
         "auroc_unfamiliarity": _auroc(wrong, np.asarray(unfamiliarity, float)) if known else None,
@@ -148,14 +194,24 @@ def flag_summary(probabilities, y_true, threshold, unfamiliarity=None, answered=
     }
 
 
-def evaluation_from_logits(logits, y_true, classes, temperature=1.0, uncertain_below=DEFAULT_UNCERTAIN_BELOW,
-                           unfamiliarity=None, answered=None, **info):
+def evaluation_from_logits(
+    logits,
+    y_true,
+    classes,
+    temperature=1.0,
+    uncertain_below=DEFAULT_UNCERTAIN_BELOW,
+    unfamiliarity=None,
+    answered=None,
+    **info,
+):
     """An Evaluation from logits. answered: for landmark models, which images had a hand; the others count as
     wrong (no answer) and are left out of the calibration figures, which are about the answers given."""
     logits = torch.as_tensor(logits, dtype=torch.float32)
     probs = torch.softmax(logits / temperature, dim=1)
     y_true = [int(y) for y in y_true]
-    mask = torch.ones(len(y_true), dtype=torch.bool) if answered is None else torch.as_tensor(answered, dtype=torch.bool)
+    mask = (
+        torch.ones(len(y_true), dtype=torch.bool) if answered is None else torch.as_tensor(answered, dtype=torch.bool)
+    )
     probs[~mask] = 0.0  # no answer: no probability for any class
     y_pred = torch.where(mask, probs.argmax(1), -1).tolist() if len(y_true) else []
     accuracy, per_class, cm = metrics_from_predictions(y_true, y_pred, classes)
@@ -163,20 +219,34 @@ def evaluation_from_logits(logits, y_true, classes, temperature=1.0, uncertain_b
     given = mask.nonzero().flatten()
     y_given = [y_true[i] for i in given.tolist()]
     hands = None if answered is None else hand_summary(mask.numpy(), np.asarray(y_true), np.asarray(y_pred))
-    return Evaluation(classes, accuracy, len(y_true), per_class, cm, probabilities=probs.tolist(), y_true=y_true,
-                      accuracy_ci=wilson_interval(correct, len(y_true)), macro=macro_average(per_class),
-                      calibration=calibration_summary(logits[given], y_given, temperature),
-                      uncertain=uncertain_summary(probs.numpy(), y_true, uncertain_below, answered),
-                      unfamiliarity=None if unfamiliarity is None else [float(u) for u in unfamiliarity],
-                      flags=flag_summary(probs.numpy(), y_true, uncertain_below, unfamiliarity, answered),
-                      answered=None if answered is None else mask.tolist(), hands=hands, **info)
+    return Evaluation(
+        classes,
+        accuracy,
+        len(y_true),
+        per_class,
+        cm,
+        probabilities=probs.tolist(),
+        y_true=y_true,
+        accuracy_ci=wilson_interval(correct, len(y_true)),
+        macro=macro_average(per_class),
+        calibration=calibration_summary(logits[given], y_given, temperature),
+        uncertain=uncertain_summary(probs.numpy(), y_true, uncertain_below, answered),
+        unfamiliarity=None if unfamiliarity is None else [float(u) for u in unfamiliarity],
+        flags=flag_summary(probs.numpy(), y_true, uncertain_below, unfamiliarity, answered),
+        answered=None if answered is None else mask.tolist(),
+        hands=hands,
+        **info,
+    )
 
 
 def hand_summary(found, y_true, y_pred):
     """Coverage (images with a hand found) and the accuracy on those, for landmark models."""
     n_found = int(found.sum())
-    return {"n_found": n_found, "coverage": float(found.mean()) if len(found) else None,
-            "accuracy_where_found": float((y_pred[found] == y_true[found]).mean()) if n_found else None}
+    return {
+        "n_found": n_found,
+        "coverage": float(found.mean()) if len(found) else None,
+        "accuracy_where_found": float((y_pred[found] == y_true[found]).mean()) if n_found else None,
+    }
 
 
 def evaluate_folder(classifier, data_dir, tta=None):
@@ -195,106 +265,17 @@ def evaluate_folder(classifier, data_dir, tta=None):
     else:  # an exported model: every image is answered
         (logits, unfamiliarity), found = classifier.logits_and_unfamiliarity(data.images, tta=used_tta), None
     return evaluation_from_logits(
-        logits, data.labels.tolist(), classifier.classes, classifier.temperature, classifier.uncertain_below,
+        logits,
+        data.labels.tolist(),
+        classifier.classes,
+        classifier.temperature,
+        classifier.uncertain_below,
         unfamiliarity=None if unfamiliarity is None else unfamiliarity.tolist(),
         answered=None if found is None else found.found.tolist(),
-        skipped=data.skipped, paths=[str(p) for p in data.paths], data_dir=str(data_dir),
-        model_path=getattr(classifier, "path", None), tta=used_tta, seconds=time.perf_counter() - start)
-
-
-def format_evaluation(ev):
-    w = max(len(c) for c in ev.classes + ["class"]) + 2
-    lo, hi = ev.accuracy_ci
-    lines = [f"accuracy {ev.accuracy:.4f} on {ev.n} images ({ev.accuracy * ev.n:.0f} correct), "
-             f"95% interval {lo:.4f}-{hi:.4f}; {len(ev.skipped)} skipped", "",
-             f"{'class':<{w}}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>10}"]
-    for c, m in ev.per_class.items():
-        lines.append(f"{c:<{w}}{m['precision']:>10.4f}{m['recall']:>10.4f}{m['f1']:>10.4f}{m['support']:>10}")
-    if ev.macro:
-        m = ev.macro
-        lines.append(f"{'macro avg':<{w}}{m['precision']:>10.4f}{m['recall']:>10.4f}{m['f1']:>10.4f}{ev.n:>10}")
-    lines += ["", "confusion matrix (rows: true class, columns: predicted class)",
-              " " * w + "".join(f"{c[:9]:>10}" for c in ev.classes)]
-    for c, row in zip(ev.classes, ev.confusion):
-        lines.append(f"{c:<{w}}" + "".join(f"{v:>10}" for v in row))
-    cal = ev.calibration
-    if cal:
-        lines += ["", f"calibration: temperature {cal['temperature']:.3f}; expected calibration error "
-                      f"{cal['uncalibrated']['ece']:.4f} raw -> {cal['calibrated']['ece']:.4f} calibrated "
-                      f"(NLL {cal['uncalibrated']['nll']:.4f} -> {cal['calibrated']['nll']:.4f})"]
-    u = ev.uncertain
-    if u:
-        lines.append(f"uncertain (top probability < {u['threshold']:.2f}): {u['count']} of {ev.n}, "
-                     f"holding {u['errors_flagged']} of the {u['errors']} mistakes")
-    lines += format_flags(ev.flags)
-    wrong = ev.mistakes(5)
-    if wrong:
-        lines.append("most confident mistakes:")
-        lines += [f"  {r['path']}: {r['true']} called {r['predicted']} ({r['probability']:.1%})" for r in wrong]
-    for p, r in ev.skipped[:10]:
-        lines.append(f"skipped {p}: {r}")
-    if len(ev.skipped) > 10:
-        lines.append(f"... and {len(ev.skipped) - 10} more skipped")
-    return "\n".join(lines)
-
-
-def _fmt(x, pct=True):
-    return "n/a" if x is None else (f"{100 * x:.1f}%" if pct else f"{x:.3f}")
-
-
-def format_flags(f):
-    """The warnings' text lines for `evaluate` (empty without flags)."""
-    if not f:
-        return []
-    e = f["errors_flagged"]
-    if f["share_unfamiliar"] is None:
-        unf = "unfamiliar: not available (the model file has no unfamiliarity score; retrain to get one)"
-    else:
-        unf = (f"unfamiliar (does not look like the training images): {_fmt(f['share_unfamiliar'])} of images, "
-               f"holding {e['unfamiliar']} of the {f['errors']} mistakes")
-    return [unf,
-            f"flagged uncertain or unfamiliar: {_fmt(f['share_either'])} of images, holding {e['either']} of the "
-            f"{f['errors']} mistakes; accuracy on the {f['n_not_flagged']} images not flagged: "
-            f"{_fmt(f['selective_accuracy'])}",
-            f"telling wrong from right (AUROC, 0.5 = chance): low confidence {_fmt(f['auroc_low_confidence'], False)}, "
-            f"unfamiliarity {_fmt(f['auroc_unfamiliarity'], False)}"]
-
-
-def folder_row(ev):
-    """One line of figures for a folder, from Evaluation.to_dict() (or evaluation.json): what `evaluate MODEL
-    DIR1 DIR2 ...` prints and the report's "other photos" table shows."""
-    f = ev.get("flags") or {}
-    return {"data_dir": ev.get("data_dir"), "n": ev["n"], "accuracy": ev["accuracy"],
-            "accuracy_ci95": ev["accuracy_ci95"],
-            "ece": ((ev.get("calibration") or {}).get("calibrated") or {}).get("ece"),
-            "share_flagged": f.get("share_either"), "share_unfamiliar": f.get("share_unfamiliar"),
-            "errors": f.get("errors"), "errors_flagged": (f.get("errors_flagged") or {}).get("either"),
-            "selective_accuracy": f.get("selective_accuracy"), "n_not_flagged": f.get("n_not_flagged"),
-            "auroc_low_confidence": f.get("auroc_low_confidence"), "auroc_unfamiliarity": f.get("auroc_unfamiliarity"),
-            "hand_coverage": (ev.get("hands") or {}).get("coverage")}
-
-
-FOLDER_TABLE_HEADER = ["folder", "images", "accuracy", "95% interval", "ECE", "flagged", "mistakes flagged",
-                       "accuracy not flagged"]
-
-
-def table_header(rows):
-    """The folder table's columns; "hand found" only for landmark models' rows."""
-    return FOLDER_TABLE_HEADER + (["hand found"] if any(r.get("hand_coverage") is not None for r in rows) else [])
-
-
-def folder_table_cells(row, hands=False):
-    lo, hi = row["accuracy_ci95"]
-    caught = "n/a" if row["errors_flagged"] is None else f"{row['errors_flagged']} of {row['errors']}"
-    return [row["data_dir"], str(row["n"]), _fmt(row["accuracy"]), f"{_fmt(lo)}-{_fmt(hi)}",
-            _fmt(row["ece"], False), _fmt(row["share_flagged"]), caught, _fmt(row["selective_accuracy"])] + \
-        ([_fmt(row.get("hand_coverage"))] if hands else [])
-
-
-def format_folder_table(rows):
-    """Plain-text table, one row per evaluated folder."""
-    header = table_header(rows)
-    cells = [header] + [folder_table_cells(r, len(header) > len(FOLDER_TABLE_HEADER)) for r in rows]
-    widths = [max(len(c[i]) for c in cells) for i in range(len(header))]
-    return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))
-                     for line in cells)
+        skipped=data.skipped,
+        paths=[str(p) for p in data.paths],
+        data_dir=str(data_dir),
+        model_path=getattr(classifier, "path", None),
+        tta=used_tta,
+        seconds=time.perf_counter() - start,
+    )

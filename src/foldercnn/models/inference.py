@@ -1,12 +1,14 @@
 """A loaded model file, ready to classify: the one batched-inference path used by predict, evaluate, serve
 and training's calibration."""
+
 import numpy as np
 import torch
 
 from .file import load_model_file
 from .prediction import DEFAULT_UNCERTAIN_BELOW, ImagePredictor, Prediction  # noqa: F401 (re-exported)
-from .preprocess import decode_size, preprocess
-from .registry import inference_batch, predict_logits_and_features
+from .preprocess import decode_size, eval_batches
+from .registry import inference_batch
+from .tta import predict_logits_and_features
 
 
 def takes_hands(model):
@@ -19,13 +21,15 @@ def hand_pass(model, images_uint8_nhwc):
     are zeros (FoundHands.found says which)."""
     from ..data.hands import find_hands
     from .landmarks import hand_features
+
     found = find_hands(np.asarray(images_uint8_nhwc))
     keep = torch.from_numpy(found.found)
     logits = torch.zeros(len(keep), model.head.out_features)
     feats = torch.zeros(len(keep), model.head.in_features)
     if keep.any():
-        feats[keep] = model.features(torch.from_numpy(hand_features(found.points[found.found],
-                                                                    found.world[found.found]))).float()
+        feats[keep] = model.features(
+            torch.from_numpy(hand_features(found.points[found.found], found.world[found.found]))
+        ).float()
         logits[keep] = model.head(feats[keep]).float()
     return logits, feats, found
 
@@ -42,9 +46,8 @@ def batched_logits(model, images_uint8_nhwc, mean, std, device="cpu", tta=False,
     was_training = model.training
     model.eval()
     logits, feats = [], []
-    for start in range(0, len(images_uint8_nhwc), batch_size):
-        x = preprocess(images_uint8_nhwc[start:start + batch_size].to(device), mean, std)
-        lg, ft = predict_logits_and_features(model, x.contiguous(memory_format=torch.channels_last), tta)
+    for x in eval_batches(images_uint8_nhwc, mean, std, device, batch_size):
+        lg, ft = predict_logits_and_features(model, x, tta)
         logits.append(lg.cpu())
         if features:
             feats.append(ft.cpu())
@@ -81,8 +84,9 @@ class Classifier(ImagePredictor):
         tta: None uses the model file's setting; True/False forces flip test-time augmentation on/off.
         """
         tta = self.tta if tta is None else tta
-        return batched_logits(self.model, images_uint8_nhwc, self.mean, self.std, self.device, tta,
-                              min(batch_size, self.max_batch))
+        return batched_logits(
+            self.model, images_uint8_nhwc, self.mean, self.std, self.device, tta, min(batch_size, self.max_batch)
+        )
 
     def answers(self, images_uint8_nhwc, batch_size=64, tta=None):
         """(logits, (N,) unfamiliarity or None, FoundHands or None) from one pass. A landmark model answers only
@@ -100,20 +104,32 @@ class Classifier(ImagePredictor):
         tta = self.tta if tta is None else tta
         if self.unfamiliarity is None:
             return self.logits(images_uint8_nhwc, batch_size, tta), None
-        logits, features = batched_logits(self.model, images_uint8_nhwc, self.mean, self.std, self.device, tta,
-                                          min(batch_size, self.max_batch), features=True)
+        logits, features = batched_logits(
+            self.model,
+            images_uint8_nhwc,
+            self.mean,
+            self.std,
+            self.device,
+            tta,
+            min(batch_size, self.max_batch),
+            features=True,
+        )
         return logits, self.unfamiliarity.unfamiliarity(features)
 
     def probabilities(self, images_uint8_nhwc, batch_size=64):
-        """(N, S, S, 3) uint8 tensor -> (N, classes) calibrated probabilities."""
-        return torch.softmax(self.logits(images_uint8_nhwc, batch_size) / self.temperature, dim=1)
+        """(N, S, S, 3) uint8 images (a numpy array or a tensor) -> (N, classes) float32 numpy calibrated
+        probabilities, as OnnxClassifier.probabilities gives them."""
+        if isinstance(images_uint8_nhwc, np.ndarray):
+            images_uint8_nhwc = torch.from_numpy(np.ascontiguousarray(images_uint8_nhwc))
+        return torch.softmax(self.logits(images_uint8_nhwc, batch_size) / self.temperature, dim=1).numpy()
 
     def predictions(self, images_uint8_nhwc, paths=None, batch_size=64):
         """(N, S, S, 3) uint8 tensor -> N Predictions (probabilities and unfamiliarity from one pass)."""
         logits, unfamiliarity, found = self.answers(images_uint8_nhwc, batch_size)
         probs = torch.softmax(logits / self.temperature, dim=1)
-        predictions = self.make_predictions(probs.tolist(), None if unfamiliarity is None else unfamiliarity.tolist(),
-                                            paths)
+        predictions = self.make_predictions(
+            probs.tolist(), None if unfamiliarity is None else unfamiliarity.tolist(), paths
+        )
         if found is not None:
             for i, p in enumerate(predictions):
                 p.set_hand(found.hand(i))

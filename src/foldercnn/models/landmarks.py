@@ -4,9 +4,12 @@ size, in-plane rotation or side (left/right, palm/back) -> a standardised linear
 The network's input is the feature vector (`hand_features`), so the model file holds a tiny network (feature
 mean/std buffers and the head); finding the hand is data/hands.py's job.
 """
+
 import numpy as np
 import torch
 from torch import nn
+
+from ..errors import FolderCNNError
 
 WRIST, THUMB_TIP, INDEX_MCP, MIDDLE_MCP, PINKY_MCP = 0, 4, 5, 9, 17
 TIPS = (4, 8, 12, 16, 20)
@@ -22,7 +25,7 @@ def _unit(v, eps=1e-9):
 def canonical_2d(points):
     """(N, 21, 2) image points -> wrist at the origin, wrist->middle knuckle along +y with length 1, and the
     index knuckle on the +x side (so left and right hands, palm or back, line up)."""
-    p = points - points[:, WRIST:WRIST + 1]
+    p = points - points[:, WRIST : WRIST + 1]
     up = p[:, MIDDLE_MCP]
     scale = np.linalg.norm(up, axis=-1) + 1e-9
     c, s = up[:, 1] / scale, up[:, 0] / scale  # rotate `up` onto +y
@@ -37,7 +40,7 @@ def canonical_3d(world):
     """(N, 21, 3) world points -> the hand's own frame: y from wrist to middle knuckle (length 1), z the palm's
     normal turned towards the side the fingertips bend to, x completing it. Any 3-D rotation, size or mirror
     image of the hand gives the same coordinates."""
-    p = world - world[:, WRIST:WRIST + 1]
+    p = world - world[:, WRIST : WRIST + 1]
     scale = np.linalg.norm(p[:, MIDDLE_MCP], axis=-1, keepdims=True) + 1e-9
     y = _unit(p[:, MIDDLE_MCP])
     n = _unit(np.cross(p[:, INDEX_MCP], p[:, PINKY_MCP]))
@@ -94,7 +97,7 @@ class LandmarkNet(nn.Module):
         return self.head(self.features(x))
 
     def freeze_for_fine_tuning(self, blocks):
-        raise NotImplementedError("a landmark model has nothing to fine-tune")
+        raise FolderCNNError("a landmark model has nothing to fine-tune")
 
     def unfreeze(self):
         pass

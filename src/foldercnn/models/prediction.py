@@ -1,7 +1,9 @@
 """What a prediction is, and the image-in, prediction-out surface shared by the PyTorch Classifier and the ONNX
 OnnxClassifier (no PyTorch import here, so the ONNX path stays torch-free)."""
+
 import os
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -18,12 +20,12 @@ class Prediction:
     label: str
     probability: float
     probabilities: dict  # class name -> probability, in the model's class order
-    path: str = None
+    path: str | None = None
     uncertain: bool = False  # calibrated top probability below the model's threshold
     # score / the model's threshold (above 1: unfamiliar); None for model files without the unfamiliar section
-    unfamiliarity: float = None
+    unfamiliarity: float | None = None
     # landmark models only: the hand found (data.hands.Hand.to_dict()), or {"found": False}: then there is no answer
-    hand: dict = None
+    hand: dict | None = None
 
     @property
     def answered(self):
@@ -52,8 +54,14 @@ class Prediction:
 
     def to_dict(self):
         """The JSON form every interface prints (callers add where the image came from)."""
-        out = {"label": self.label, "probability": self.probability, "probabilities": self.probabilities,
-               "uncertain": self.uncertain, "unfamiliar": self.unfamiliar, "unfamiliarity": self.unfamiliarity}
+        out = {
+            "label": self.label,
+            "probability": self.probability,
+            "probabilities": self.probabilities,
+            "uncertain": self.uncertain,
+            "unfamiliar": self.unfamiliar,
+            "unfamiliarity": self.unfamiliarity,
+        }
         if self.hand is not None:
             out["hand"] = self.hand if self.hand["found"] else None
         return out
@@ -63,12 +71,38 @@ def from_probabilities(classes, probs, uncertain_below, path=None, unfamiliarity
     """A Prediction from one row of calibrated probabilities (any sequence of floats)."""
     probs = [float(p) for p in probs]
     i = max(range(len(probs)), key=probs.__getitem__)
-    return Prediction(classes[i], probs[i], dict(zip(classes, probs)), None if path is None else str(path),
-                      probs[i] < uncertain_below, None if unfamiliarity is None else float(unfamiliarity))
+    return Prediction(
+        classes[i],
+        probs[i],
+        dict(zip(classes, probs)),
+        None if path is None else str(path),
+        probs[i] < uncertain_below,
+        None if unfamiliarity is None else float(unfamiliarity),
+    )
 
 
 def _path_of(image):
     return image if isinstance(image, (str, os.PathLike)) else None
+
+
+class ImageClassifier(Protocol):
+    """What both loaded models are (models.inference.Classifier, models.onnx_model.OnnxClassifier), with the same
+    signatures: `foldercnn.load` gives either, and predict, evaluate and serve take either."""
+
+    classes: list
+    image_size: int
+    metadata: dict
+    path: str | None
+
+    def probabilities(self, images_uint8_nhwc: np.ndarray, batch_size: int = 64) -> np.ndarray: ...
+
+    def predict_arrays(
+        self, arrays_uint8_nhwc: np.ndarray, paths: list | None = None, batch_size: int = 64
+    ) -> list["Prediction"]: ...
+
+    def predict(self, image: Any) -> "Prediction": ...
+
+    def predict_many(self, images: list, batch_size: int = 64) -> list["Prediction"]: ...
 
 
 class ImagePredictor:
@@ -80,8 +114,10 @@ class ImagePredictor:
         n = len(probabilities)
         paths = [None] * n if paths is None else paths
         scores = [None] * n if unfamiliarity is None else list(unfamiliarity)
-        return [from_probabilities(self.classes, p, self.uncertain_below, path, u)
-                for p, path, u in zip(probabilities, paths, scores)]
+        return [
+            from_probabilities(self.classes, p, self.uncertain_below, path, u)
+            for p, path, u in zip(probabilities, paths, scores)
+        ]
 
     def decode(self, image):
         try:
@@ -96,5 +132,6 @@ class ImagePredictor:
     def predict_many(self, images, batch_size=64):
         if not images:
             return []
-        return self.predict_arrays(np.stack([self.decode(im) for im in images]), [_path_of(im) for im in images],
-                                   batch_size)
+        return self.predict_arrays(
+            np.stack([self.decode(im) for im in images]), [_path_of(im) for im in images], batch_size
+        )

@@ -8,6 +8,7 @@ Every network built here implements one small interface:
     model(x) -> logits            model.features(x) -> (N, D) penultimate features
     model.head -> nn.Linear       model.freeze_for_fine_tuning(blocks) / model.unfreeze()
 """
+
 import functools
 from dataclasses import dataclass, field
 from typing import Callable
@@ -28,13 +29,14 @@ class ModelSpec:
     args: dict = field(default_factory=dict)  # argument name -> check(value) raising ValueError if unusable
     min_image_size: int = 8
     pretrained: bool = False  # ImageNet weights ship with foldercnn's dependencies
-    mean: tuple = None  # input normalisation the pretrained weights expect, in [0, 1] pixel units
-    std: tuple = None
+    mean: tuple | None = None  # input normalisation the pretrained weights expect, in [0, 1] pixel units
+    std: tuple | None = None
     linear_probe: bool = False  # frozen features + a linear head is a sensible recipe
     fine_tune_blocks: int = 0  # how many of its last blocks fine-tuning may unfreeze (0: not supported)
     input: str = "image"  # "image": pixels; "hand-landmarks": the 21 keypoints of a hand found in the image
     fit: str = "squash"  # how images are brought to the input size: "squash" or "letterbox" (keeps the shape)
     unfamiliarity: bool = True  # the distance of its features from the training images' says something
+    sized_by_input: bool = False  # its layers depend on the input size: image_size is always one of its args
     # peak activation bytes per input pixel in inference, so that batches fit a memory budget whatever image
     # size a model file asks for (benchmarks/hostile.py measures the peak)
     activation_bytes_per_pixel: int = 600
@@ -45,8 +47,9 @@ class ModelSpec:
             raise FolderCNNError(f"{self.name}: architecture arguments must be an object, got {type(args).__name__}")
         unknown = sorted(set(args) - set(self.args))
         if unknown:
-            raise FolderCNNError(f"{self.name} has no argument {', '.join(unknown)} "
-                                 f"(it takes: {', '.join(sorted(self.args)) or 'none'})")
+            raise FolderCNNError(
+                f"{self.name} has no argument {', '.join(unknown)} (it takes: {', '.join(sorted(self.args)) or 'none'})"
+            )
         for key, value in args.items():
             try:
                 self.args[key](value)
@@ -57,11 +60,12 @@ class ModelSpec:
         if not isinstance(size, int) or isinstance(size, bool):
             raise FolderCNNError(f"{what} must be a whole number of pixels, got {size!r}")
         if not self.min_image_size <= size <= MAX_IMAGE_SIZE:
-            raise FolderCNNError(f"{self.name} needs {what} between {self.min_image_size} and {MAX_IMAGE_SIZE}, "
-                                 f"got {size}")
+            raise FolderCNNError(
+                f"{self.name} needs {what} between {self.min_image_size} and {MAX_IMAGE_SIZE}, got {size}"
+            )
 
 
-_SPECS = {}
+_SPECS: dict[str, "ModelSpec"] = {}
 
 
 def register(spec):
@@ -88,8 +92,9 @@ def create_model(name, num_classes, pretrained=False, **args):
     spec = get_spec(name)
     spec.check_args(args)
     if pretrained and not spec.pretrained:
-        raise FolderCNNError(f"{name} has no pretrained weights (models with them: "
-                             f"{', '.join(models_with('pretrained'))})")
+        raise FolderCNNError(
+            f"{name} has no pretrained weights (models with them: {', '.join(models_with('pretrained'))})"
+        )
     return spec.build(num_classes, pretrained=pretrained, **args)
 
 
@@ -111,25 +116,6 @@ def feature_dim(name, num_classes, args):
     return int(_meta_model(name, num_classes, args).head.in_features)
 
 
-def predict_logits(model, x, tta=False):
-    """Float32 logits; with tta, averaged over the image and its mirror image (test-time augmentation)."""
-    logits = model(x).float()
-    if tta:
-        logits = (logits + model(x.flip(-1)).float()) / 2
-    return logits
-
-
-def predict_logits_and_features(model, x, tta=False):
-    """(float32 logits, float32 penultimate features) from one pass: features, then the head. With tta the
-    features of the image and its mirror image are averaged; the head is linear, so the logits are the mean
-    of both images' logits, as predict_logits gives them. Eval mode only (dropout before the head is off)."""
-    features = model.features(x).float()
-    if tta:
-        features = (features + model.features(x.flip(-1)).float()) / 2
-    head = model.head
-    return torch.nn.functional.linear(features, head.weight.float(), head.bias.float()), features
-
-
 INFERENCE_BUDGET_BYTES = 256 << 20  # activations of one inference batch
 
 
@@ -139,43 +125,8 @@ def inference_batch(name, image_size, wanted=64):
     return max(1, min(wanted, INFERENCE_BUDGET_BYTES // per_image))
 
 
-def count_parameters(model):
-    return sum(p.numel() for p in model.parameters())
-
-
-@torch.no_grad()
-def summary(model, image_size):
-    """Keras-style table of leaf layers, output shapes and parameter counts."""
-    rows, hooks = [], []
-    for name, module in model.named_modules():
-        if len(list(module.children())) == 0:
-            hooks.append(module.register_forward_hook(
-                lambda m, i, o, name=name: rows.append(
-                    (f"{name} ({type(m).__name__})", str(tuple(o.shape[1:])),
-                     sum(p.numel() for p in m.parameters(recurse=False))))))
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    shape = (1, model.head.in_features) if getattr(model, "input_kind", "image") != "image" else \
-        (1, 3, image_size, image_size)
-    try:
-        model(torch.zeros(shape, device=device))
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
-    total = count_parameters(model)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    w = max([len(r[0]) for r in rows] + [20]) + 2
-    line = "-" * (w + 36)
-    out = [line, f"{'Layer (type)':<{w}}{'Output shape':<22}{'Param #':>14}", "=" * (w + 36)]
-    out += [f"{n:<{w}}{s:<22}{p:>14,}" for n, s, p in rows]
-    out += ["=" * (w + 36), f"Total params: {total:,}", f"Trainable params: {trainable:,}",
-            f"Non-trainable params: {total - trainable:,}", line]
-    return "\n".join(out)
-
-
 # ---- argument checks (a model file from someone else must not be able to ask for 360 GB) ----------------
+
 
 def _probability(value):
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value < 1.0:
@@ -183,8 +134,9 @@ def _probability(value):
 
 
 def _image_size_arg(value):
-    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or
-                              not 8 <= value <= MAX_IMAGE_SIZE):
+    if value is not None and (
+        not isinstance(value, int) or isinstance(value, bool) or not 8 <= value <= MAX_IMAGE_SIZE
+    ):
         raise ValueError(f"must be a whole number between 8 and {MAX_IMAGE_SIZE}")
 
 
@@ -195,27 +147,60 @@ def _tutorial_image_size(value):
 
 
 def _widths(value):
-    if (not isinstance(value, (list, tuple)) or not 2 <= len(value) <= 8
-            or not all(isinstance(w, int) and not isinstance(w, bool) and 1 <= w <= 2048 for w in value)):
+    if (
+        not isinstance(value, (list, tuple))
+        or not 2 <= len(value) <= 8
+        or not all(isinstance(w, int) and not isinstance(w, bool) and 1 <= w <= 2048 for w in value)
+    ):
         raise ValueError("must be a list of 2 to 8 whole numbers between 1 and 2048")
 
 
-register(ModelSpec(
-    "tutorial-cnn", cnn.tutorial_cnn, "the Keras Rock-Paper-Scissors tutorial's CNN (3.5 M parameters at 150 px)",
-    args={"image_size": _tutorial_image_size, "dropout": _probability}, min_image_size=46,
-    activation_bytes_per_pixel=700))
-register(ModelSpec(
-    "fast-cnn", cnn.fast_cnn, "small batch-norm CNN for CPU speed, any input size",
-    args={"widths": _widths, "image_size": _image_size_arg, "dropout": _probability}, min_image_size=8,
-    activation_bytes_per_pixel=250))
+register(
+    ModelSpec(
+        "tutorial-cnn",
+        cnn.tutorial_cnn,
+        "the Keras Rock-Paper-Scissors tutorial's CNN (3.5 M parameters at 150 px)",
+        args={"image_size": _tutorial_image_size, "dropout": _probability},
+        min_image_size=46,
+        activation_bytes_per_pixel=700,
+        sized_by_input=True,
+    )
+)
+register(
+    ModelSpec(
+        "fast-cnn",
+        cnn.fast_cnn,
+        "small batch-norm CNN for CPU speed, any input size",
+        args={"widths": _widths, "image_size": _image_size_arg, "dropout": _probability},
+        min_image_size=8,
+        activation_bytes_per_pixel=250,
+    )
+)
 for _variant, _size in (("lite0", "4.7"), ("lite1", "5.4"), ("lite2", "6.1")):
-    register(ModelSpec(
-        f"effnet-{_variant}", functools.partial(effnet.effnet_lite, _variant),
-        f"EfficientNet-{_variant.capitalize()} ({_size} M parameters with ImageNet's head), ImageNet weights",
-        args={"dropout": _probability}, min_image_size=32, pretrained=True, mean=effnet.INPUT_MEAN,
-        std=effnet.INPUT_STD, linear_probe=True, fine_tune_blocks=len(effnet.block_list(_variant)),
-        activation_bytes_per_pixel=900))
-register(ModelSpec(
-    "hand-landmarks", lambda num_classes, pretrained=False: landmarks.LandmarkNet(num_classes),
-    "a linear head on features of the 21 landmarks MediaPipe Hands finds (needs foldercnn[hands])",
-    min_image_size=64, linear_probe=True, input="hand-landmarks", fit="letterbox", unfamiliarity=False))
+    register(
+        ModelSpec(
+            f"effnet-{_variant}",
+            functools.partial(effnet.effnet_lite, _variant),
+            f"EfficientNet-{_variant.capitalize()} ({_size} M parameters with ImageNet's head), ImageNet weights",
+            args={"dropout": _probability},
+            min_image_size=32,
+            pretrained=True,
+            mean=effnet.INPUT_MEAN,
+            std=effnet.INPUT_STD,
+            linear_probe=True,
+            fine_tune_blocks=len(effnet.block_list(_variant)),
+            activation_bytes_per_pixel=900,
+        )
+    )
+register(
+    ModelSpec(
+        "hand-landmarks",
+        lambda num_classes, pretrained=False: landmarks.LandmarkNet(num_classes),
+        "a linear head on features of the 21 landmarks MediaPipe Hands finds (needs foldercnn[hands])",
+        min_image_size=64,
+        linear_probe=True,
+        input="hand-landmarks",
+        fit="letterbox",
+        unfamiliarity=False,
+    )
+)

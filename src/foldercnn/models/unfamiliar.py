@@ -20,6 +20,7 @@ answers within one domain; the calibrated "uncertain" flag is the better one the
 In the model file: tensors PREFIX + means (C, D), basis (D, r), weights (r,); metadata section
 {"score", "threshold", "rule", "feature_dim", "rank", "inv_rest", "shrinkage"}.
 """
+
 import math
 from dataclasses import dataclass
 
@@ -55,36 +56,63 @@ class Unfamiliarity:
     def score(self, features):
         """(N, D) features -> (N,) min over classes of the squared Mahalanobis distance."""
         x = torch.as_tensor(features).float()
-        projected = x @ self.basis
-        diff = projected[:, None, :] - (self.means @ self.basis)[None]  # (N, C, r)
-        d = (diff.square() * self.weights).sum(-1)
-        if self.inv_rest:
-            d = d + self.inv_rest * torch.cdist(x, self.means).square()
-        return d.min(1).values if len(x) else torch.empty(0)
+        if not len(x):
+            return torch.empty(0)
+        return mahalanobis_min(x, self.means, self.basis, self.weights, self.inv_rest)
 
     def unfamiliarity(self, features):
         """(N,) score / threshold: above 1 means unfamiliar."""
         return self.score(features) / self.threshold
 
     def tensors(self):
-        return {PREFIX + "means": self.means.contiguous(), PREFIX + "basis": self.basis.contiguous(),
-                PREFIX + "weights": self.weights.contiguous()}
+        return {
+            PREFIX + "means": self.means.contiguous(),
+            PREFIX + "basis": self.basis.contiguous(),
+            PREFIX + "weights": self.weights.contiguous(),
+        }
 
     def metadata(self):
-        return {"score": SCORE, "threshold": self.threshold, "rule": self.rule, "feature_dim": self.feature_dim,
-                "rank": self.rank, "inv_rest": self.inv_rest, "shrinkage": self.shrinkage}
+        return {
+            "score": SCORE,
+            "threshold": self.threshold,
+            "rule": self.rule,
+            "feature_dim": self.feature_dim,
+            "rank": self.rank,
+            "inv_rest": self.inv_rest,
+            "shrinkage": self.shrinkage,
+        }
 
     @classmethod
     def from_file(cls, tensors, section):
-        return cls(tensors[PREFIX + "means"].float(), tensors[PREFIX + "basis"].float(),
-                   tensors[PREFIX + "weights"].float(), float(section["inv_rest"]), float(section["threshold"]),
-                   section["rule"], float(section.get("shrinkage", 0.0)))
+        return cls(
+            tensors[PREFIX + "means"].float(),
+            tensors[PREFIX + "basis"].float(),
+            tensors[PREFIX + "weights"].float(),
+            float(section["inv_rest"]),
+            float(section["threshold"]),
+            section["rule"],
+            float(section.get("shrinkage", 0.0)),
+        )
+
+
+def mahalanobis_min(x, means, basis, weights, inv_rest):
+    """(N, D) features -> (N,) min over the classes of the squared Mahalanobis distance to each class mean, with
+    the covariance's eigen-directions `basis` weighted by `weights` and `inv_rest` on the rest. Plain tensor
+    operations: the ONNX export traces this same function."""
+    diff = (x @ basis)[:, None, :] - (means @ basis)[None]  # (N, C, r)
+    d = (diff.square() * weights).sum(-1)
+    if inv_rest:
+        d = d + inv_rest * (x[:, None, :] - means[None]).square().sum(-1)
+    return d.min(1).values
 
 
 def expected_tensors(num_classes, feature_dim, rank):
     """{name: shape} of the tensors a model file with an unfamiliarity section must hold."""
-    return {PREFIX + "means": (num_classes, feature_dim), PREFIX + "basis": (feature_dim, rank),
-            PREFIX + "weights": (rank,)}
+    return {
+        PREFIX + "means": (num_classes, feature_dim),
+        PREFIX + "basis": (feature_dim, rank),
+        PREFIX + "weights": (rank,),
+    }
 
 
 def default_rank(feature_dim):
@@ -114,7 +142,7 @@ CHUNK = 4096
 
 
 def _chunks(idx):
-    return (idx[k:k + CHUNK] for k in range(0, len(idx), CHUNK))
+    return (idx[k : k + CHUNK] for k in range(0, len(idx), CHUNK))
 
 
 def _class_means(x, y, idx, num_classes):
@@ -219,7 +247,7 @@ def held_out_scores(x, y, xv, yv, num_classes, rank, clusters_per_class=CLUSTERS
         if len(z) == 0:
             continue
         a = _kmeans(z, min(clusters_per_class, len(z)), seed) + c * clusters_per_class
-        cx[it], cv[iv] = a[:len(it)], a[len(it):]
+        cx[it], cv[iv] = a[: len(it)], a[len(it) :]
     out = []
     for h in cv.unique():
         keep = (cx != h).nonzero().flatten()

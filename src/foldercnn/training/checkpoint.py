@@ -8,14 +8,15 @@ files and of the validation split), so a changed folder or recipe is noticed. Te
 rest in its JSON metadata: no pickle. A run killed at any moment (kill -9 included) loses at most the epoch
 it was in, and in fp32 on a CPU with the same seed ends with the same weights and history, bit for bit.
 """
+
 import hashlib
 import json
 import random
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..data.cache import file_stamps
 from ..errors import FolderCNNError
 from ..files import atomic_path
 
@@ -24,22 +25,50 @@ KEY = "foldercnn_checkpoint"
 VERSION = 1
 
 
-def fingerprint(paths, extra=()):
-    """A short hash of files (path, size, modification time) and anything else that defines the run's data."""
+def data_files(*sets):
+    """{path: "size:mtime_ns"} of every image of the decoded sets, with the stamps read when they were decoded
+    (so each file is stat'ed once per run); what a checkpoint keeps to say which files changed."""
+    out = {}
+    for data in sets:
+        stamps = data.stamps or file_stamps(data.paths)
+        out.update({str(p): s for p, s in zip(data.paths, stamps)})
+    return out
+
+
+def fingerprint(files, extra=()):
+    """A short hash of data_files(...) and anything else that defines the run's data (the split's sizes)."""
     h = hashlib.sha256()
-    for p in paths:
-        st = Path(p).stat()
-        h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    for p, stamp in files.items():
+        h.update(f"{p}\0{stamp}\n".encode())
     for item in extra:
         h.update(json.dumps(item, sort_keys=True, default=str).encode())
     return h.hexdigest()[:32]
 
 
+def describe_changes(before, after, limit=3):
+    """What differs between two data_files(...) maps, for people: "a.png modified; 2 added (b.png, c.png)"."""
+    parts = []
+    for what, names in (
+        ("modified", [p for p in after if p in before and before[p] != after[p]]),
+        ("added", [p for p in after if p not in before]),
+        ("removed", [p for p in before if p not in after]),
+    ):
+        if names:
+            shown = ", ".join(names[:limit]) + (", ..." if len(names) > limit else "")
+            parts.append(f"{len(names)} {what} ({shown})")
+    return "; ".join(parts) or "the split changed"
+
+
 def _rng_states():
     np_state = np.random.get_state()
-    return {"python": [list(x) if isinstance(x, tuple) else x for x in random.getstate()],
-            "numpy": [np_state[0], np_state[1].tolist(), *map(lambda v: v.item() if hasattr(v, "item") else v,
-                                                               np_state[2:])]}
+    return {
+        "python": [list(x) if isinstance(x, tuple) else x for x in random.getstate()],
+        "numpy": [
+            np_state[0],
+            np_state[1].tolist(),
+            *map(lambda v: v.item() if hasattr(v, "item") else v, np_state[2:]),
+        ],
+    }
 
 
 def _set_rng_states(states):
@@ -52,6 +81,7 @@ def _set_rng_states(states):
 def save(path, *, model, optimizer, generator, batches, ema, best_state, info):
     """Write the checkpoint atomically. `info`: JSON-able facts (epoch, step, history, identity, ...)."""
     from safetensors.torch import save_file
+
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     if ema is not None:
         tensors.update({f"ema.{k}": v for k, v in ema.model.state_dict().items()})
@@ -68,9 +98,14 @@ def save(path, *, model, optimizer, generator, batches, ema, best_state, info):
     tensors["rng.generator"] = generator.get_state()
     tensors["rng.torch"] = torch.get_rng_state()
     tensors["batches.perm"] = batches.perm
-    meta = {"version": VERSION, **info, "optimizer": {"param_groups": opt["param_groups"], "plain": plain_state},
-            "batches_pos": batches.pos, "ema_updates": ema.updates if ema is not None else None,
-            "rng": _rng_states()}
+    meta = {
+        "version": VERSION,
+        **info,
+        "optimizer": {"param_groups": opt["param_groups"], "plain": plain_state},
+        "batches_pos": batches.pos,
+        "ema_updates": ema.updates if ema is not None else None,
+        "rng": _rng_states(),
+    }
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={KEY: json.dumps(meta)})
@@ -79,6 +114,7 @@ def save(path, *, model, optimizer, generator, batches, ema, best_state, info):
 def read(path):
     """(info dict, tensors) of a checkpoint, or a clear error."""
     from safetensors import SafetensorError, safe_open
+
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = json.loads((f.metadata() or {})[KEY])
@@ -92,8 +128,10 @@ def read(path):
 
 def restore(meta, tensors, *, model, optimizer, generator, batches, ema):
     """Put a run back in the state `save` recorded; returns the best epoch's weights (or None)."""
+
     def part(prefix):
-        return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
     model.load_state_dict(part("model."), strict=True)
     if ema is not None:
         ema.model.load_state_dict(part("ema."), strict=True)

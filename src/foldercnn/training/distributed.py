@@ -12,6 +12,7 @@ over the ranks, so every rank sees the same numbers and keeps the same best epoc
 prints. The augmentation of each rank's share is drawn from a generator seeded by (seed, step, rank), so a
 checkpoint written by rank 0 resumes every rank exactly, whatever the number of processes.
 """
+
 import contextlib
 import hashlib
 import os
@@ -23,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..errors import FolderCNNError
+from ..errors import FolderCNNError, OptionError
 
 
 def launched_world_size():
@@ -36,11 +37,16 @@ def check_world(recipe, world):
     if world <= 1:
         return
     if recipe.batch_size % world:
-        raise FolderCNNError(f"--batch-size {recipe.batch_size} cannot be split over {world} processes: it is the "
-                             f"global batch, each process takes an equal share (use a multiple of {world})")
+        raise OptionError(
+            "batch_size",
+            f"{recipe.batch_size} cannot be split over {world} processes: it is the "
+            f"global batch, each process takes an equal share (use a multiple of {world})",
+        )
     if recipe.linear_probe:  # features are computed once and the head fitted in seconds: nothing to share
-        raise FolderCNNError(f"recipe '{recipe.name}' fits a linear probe, which runs in one process; "
-                             "train it without torchrun or --nproc")
+        raise FolderCNNError(
+            f"recipe '{recipe.name}' fits a linear probe, which runs in one process; "
+            "train it without torchrun or --nproc"
+        )
 
 
 @dataclass(frozen=True)
@@ -48,6 +54,7 @@ class Ranks:
     """This process's place among the training processes, and the few collective operations training needs.
 
     Every method is a no-op (returns its input) for a single process, so the loop reads the same either way."""
+
     rank: int = 0
     world: int = 1
     local_rank: int = 0
@@ -198,14 +205,40 @@ def sync_batchnorm(model, device):
     return model
 
 
-def launch(argv, nproc):
-    """Run `foldercnn <argv>` in `nproc` processes on this machine through torch's own launcher
-    (torch.distributed.run, i.e. torchrun, with a free local rendezvous port); returns its exit code."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-           "-m", "foldercnn", *argv]
+def launch(argv, nproc, recipe):
+    """Run `foldercnn <argv>` (the command line without --nproc) in `nproc` processes on this machine through
+    torch's own launcher (torch.distributed.run, i.e. torchrun, with a free local rendezvous port); returns its
+    exit code. What cannot be split over nproc processes is refused here, once, not by every process."""
+    if launched_world_size() > 1:
+        raise FolderCNNError("nproc starts torchrun; this command already runs under it")
+    check_world(recipe, nproc)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        str(nproc),
+        "-m",
+        "foldercnn",
+        *without_option(argv, "--nproc"),
+    ]
     proc = subprocess.Popen(cmd)
     try:
         return proc.wait()
     except KeyboardInterrupt:  # Ctrl-C reached torchrun and its workers too; SIGTERM only us: pass it on
         proc.terminate()
         return proc.wait()
+
+
+def without_option(argv, flag):
+    """The command line minus `flag VALUE` (or `flag=VALUE`): what each launched process runs."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == flag:
+            skip = True
+        elif not a.startswith(flag + "="):
+            out.append(a)
+    return out

@@ -1,5 +1,6 @@
 """The `hands` recipe's training: hands found once per image (cached by content), their landmark features, a
 standardised linear head fitted in seconds. Images without a hand are left out and counted."""
+
 import time
 
 import numpy as np
@@ -8,7 +9,11 @@ import torch
 from ..data.hands import hands_of
 from ..errors import FolderCNNError
 from ..models.landmarks import hand_features
-from .transfer import fit_head_on_features
+from .transfer import Features, HeadSearch, fit_head_on_features
+
+# CGI validation hands are all easy (every weight decay scores ~100%): the strongest one within half a point is
+# taken, which made real photos' probabilities less overconfident (benchmarks/README.md)
+HAND_HEAD_SEARCH = HeadSearch(weight_decays=(0.01, 0.1, 1.0, 3.0), within=0.005)
 
 
 def augmented_views(found, views, seed, noise=0.02, tilt=25.0):
@@ -40,37 +45,42 @@ def _rotation(angles):
     return ry @ rx
 
 
-def landmark_probe(model, train, val, recipe, *, seed, log=print, deadline=None):
+def landmark_probe(model, train, val, recipe, run):
     """Fit a LandmarkNet's standardisation and head on the hands of the training images; the weight decay is
     chosen on the validation images with a hand. Returns a FitResult like the image probe."""
     t = time.perf_counter()
-    found_train, found_val = hands_of(train, log), hands_of(val, log)
+    run.events.stage("hands", 0.0, "finding the hands")
+    found_train, found_val = hands_of(train, run.events), hands_of(val, run.events)
     keep_train, keep_val = found_train.found, found_val.found
     for name, data, keep in (("training", train, keep_train), ("validation", val, keep_val)):
-        log(f"hands: found in {int(keep.sum())} of {len(data)} {name} images"
-            + (f"; the {int((~keep).sum())} without one are left out" if not keep.all() else ""))
+        run.events(
+            f"hands: found in {int(keep.sum())} of {len(data)} {name} images"
+            + (f"; the {int((~keep).sum())} without one are left out" if not keep.all() else "")
+        )
     if keep_train.sum() < 2 or keep_val.sum() < 1:
-        raise FolderCNNError("the hands recipe found too few hands to train on (see the counts above); is this a "
-                             "folder of hand gestures?")
-    hands_train = found_train.take(keep_train)
+        raise FolderCNNError(
+            "the hands recipe found too few hands to train on (see the counts above); is this a "
+            "folder of hand gestures?"
+        )
+    hands_train, hands_val = found_train.take(keep_train), found_val.take(keep_val)
     f_train = hand_features(hands_train.points, hands_train.world)
     y_train = train.labels[torch.from_numpy(keep_train)]
     if recipe.probe_views:
-        p, w = augmented_views(hands_train, recipe.probe_views, seed)
+        p, w = augmented_views(hands_train, recipe.probe_views, run.seed)
         f_train = np.concatenate([f_train, hand_features(p, w)])
         y_train = y_train.repeat(recipe.probe_views + 1)
-    hands_val = found_val.take(keep_val)
-    f_val = torch.from_numpy(hand_features(hands_val.points, hands_val.world))
-    y_val = val.labels[torch.from_numpy(keep_val)]
-    f_train = torch.from_numpy(f_train)
+    f_train, f_val = torch.from_numpy(f_train), torch.from_numpy(hand_features(hands_val.points, hands_val.world))
     with torch.no_grad():
         model.feature_mean.copy_(f_train.mean(0))
         model.feature_std.copy_(f_train.std(0).clamp_min(1e-3))
-    t_features = time.perf_counter() - t
-    log(f"landmark features: {len(f_train)} training views, {len(f_val)} validation hands in {t_features:.1f}s")
-    # CGI validation hands are all easy (every weight decay scores ~100%): the strongest one within half a point
-    # is taken, which made real photos' probabilities less overconfident (benchmarks/README.md)
-    return fit_head_on_features(model, model.features(f_train), y_train, model.features(f_val), y_val,
-                                len(train.classes), seed=seed, log=log, deadline=deadline, t_features=t_features,
-                                weight_decays=(0.01, 0.1, 1.0, 3.0), within=0.005)
-
+    features = Features(
+        model.features(f_train),
+        y_train,
+        model.features(f_val),
+        val.labels[torch.from_numpy(keep_val)],
+        time.perf_counter() - t,
+    )
+    run.events(
+        f"landmark features: {len(f_train)} training views, {len(f_val)} validation hands in {features.seconds:.1f}s"
+    )
+    return fit_head_on_features(model, features, run, HAND_HEAD_SEARCH)

@@ -1,5 +1,6 @@
 """The training loop (`fit`): augmentation on whole batches, one-cycle schedule, optional weight EMA,
 validation every epoch, the best epoch kept. Knows nothing about folders or files."""
+
 import copy
 import math
 import time
@@ -12,10 +13,10 @@ from tqdm import tqdm
 from .. import runtime
 from ..data.augment import augment_batch
 from ..errors import FolderCNNError
-from ..models.preprocess import normalize, preprocess, to_unit
-from ..models.registry import predict_logits
+from ..models.preprocess import eval_batches, normalize, to_device, to_unit
+from ..models.tta import predict_logits
 from . import checkpoint as ckpt
-from .distributed import SINGLE
+from .run import RunContext
 
 
 def make_optimizer(model, recipe):
@@ -23,8 +24,9 @@ def make_optimizer(model, recipe):
     if recipe.optimizer == "rmsprop":  # Keras defaults: rho 0.9, epsilon 1e-7
         return torch.optim.RMSprop(params, lr=recipe.lr, alpha=0.9, eps=1e-7, weight_decay=recipe.weight_decay)
     if recipe.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum, nesterov=True,
-                               weight_decay=recipe.weight_decay)
+        return torch.optim.SGD(
+            params, lr=recipe.lr, momentum=recipe.momentum, nesterov=True, weight_decay=recipe.weight_decay
+        )
     if recipe.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
     raise FolderCNNError(f"unknown optimizer '{recipe.optimizer}'")
@@ -78,7 +80,7 @@ class BatchStream:
         while count < self.batch_size:
             if self.pos >= self.n:
                 self.perm, self.pos = torch.randperm(self.n, generator=self.generator), 0
-            chunk = self.perm[self.pos: self.pos + self.batch_size - count]
+            chunk = self.perm[self.pos : self.pos + self.batch_size - count]
             self.pos += len(chunk)
             count += len(chunk)
             take.append(chunk)
@@ -86,38 +88,69 @@ class BatchStream:
 
     def peek(self):
         """The next batch's indices as far as the current permutation holds them; changes nothing."""
-        return self.perm[self.pos: self.pos + self.batch_size]
+        return self.perm[self.pos : self.pos + self.batch_size]
 
 
 @torch.no_grad()
-def evaluate_model(model, data, mean, std, device, precision, tta=False, batch_size=64, ranks=SINGLE):
+def evaluate_model(model, data, recipe, run):
     """Mean cross-entropy and accuracy of `model` on DecodedImages (no augmentation).
 
     Under DDP each rank scores its share of the images and the sums are added up, so every rank gets the
     same numbers (and keeps the same best epoch)."""
-    if ranks.world > 1:
-        data = data.subset(ranks.shard(torch.arange(len(data))))
-    labels = data.labels
+    if run.ranks.world > 1:
+        data = data.subset(run.ranks.shard(torch.arange(len(data))))
     was_training = model.training
     model.eval()
     total_loss, correct = 0.0, 0
-    for start in range(0, len(labels), batch_size):
-        x = preprocess(runtime.to_device(data.take(slice(start, start + batch_size)), device), mean, std)
-        y = runtime.to_device(labels[start:start + batch_size], device)
-        with runtime.autocast(device, precision):
-            logits = predict_logits(model, x, tta)
+    for x, y in eval_batches(data, recipe.mean, recipe.std, run.device):
+        with runtime.autocast(run.device, run.precision):
+            logits = predict_logits(model, x, recipe.tta)
         total_loss += F.cross_entropy(logits, y, reduction="sum").item()
         correct += (logits.argmax(1) == y).sum().item()
     model.train(was_training)
-    total_loss, correct, n = ranks.sum([total_loss, correct, len(labels)])
+    total_loss, correct, n = run.ranks.sum([total_loss, correct, len(data)])
     n = max(1, n)
     return total_loss / n, correct / n
+
+
+class TrainBatches:
+    """The training batches of a fit, ready for the model: the seeded order (BatchStream), this rank's share,
+    the next batch's read started early (memory-mapped sets), device move, augmentation, normalisation, channels
+    last. `step` counts the batches drawn; it seeds each rank's augmentation under DDP."""
+
+    def __init__(self, train, recipe, run, generator):
+        self.train, self.recipe, self.run, self.generator = train, recipe, run, generator
+        self.order = BatchStream(len(train), min(recipe.batch_size, len(train)), generator)
+        self.step = 0
+
+    def epoch(self, steps, stop):
+        """Up to `steps` batches (x, y, weight): fewer when stop() says so before a batch is drawn. weight: this
+        rank's share of the global batch times the world size (1 for one process), for its loss."""
+        for _ in range(steps):
+            if stop():
+                return
+            yield self._next()
+
+    def _next(self):
+        ranks, device = self.run.ranks, self.run.device
+        global_idx = next(self.order)
+        idx = ranks.shard(global_idx)
+        self.train.prefetch(ranks.shard(self.order.peek()))  # its reads overlap this step (memory-mapped sets)
+        y = to_device(self.train.labels[idx], device)
+        x = augment_batch(
+            to_unit(to_device(self.train.take(idx), device)),
+            self.recipe.augment,
+            ranks.augmentation_generator(self.run.seed, self.step, self.generator),
+        )
+        self.step += 1
+        x = normalize(x, self.recipe.mean, self.recipe.std).contiguous(memory_format=torch.channels_last)
+        return x, y, len(idx) * ranks.world / len(global_idx)
 
 
 @dataclass
 class FitResult:
     history: list = field(default_factory=list)  # one dict per finished epoch
-    best_state: dict = None
+    best_state: dict | None = None
     best_epoch: int = 0
     interrupted: bool = False
 
@@ -131,122 +164,177 @@ def _is_better(stats, best):
     return best is None or stats["val_accuracy"] >= best["val_accuracy"]
 
 
-def fit(model, train, val, recipe, *, device, precision, seed, log=print, on_epoch=None, deadline=None,
-        checkpoint=None, resume=None, ranks=SINGLE):
+def fit(model, train, val, recipe, run=None):
     """Train `model` on decoded images; validate every epoch. Ctrl-C stops after keeping the best so far.
 
-    deadline: a time.perf_counter() value; training runs epochs until it (not recipe.epochs), and the
-    learning-rate schedule follows elapsed time instead of steps, so it still ends at zero.
-    checkpoint(write): called after every epoch with write(path, extra_info) that saves the run's whole state
-    (see checkpoint.py); resume: a checkpoint's (info, tensors) to continue from instead of starting.
-    All state lives in locals and arguments, so several fits can run side by side.
-    ranks: under torchrun (distributed.py) each rank trains on its share of every global batch of
-    recipe.batch_size images through DistributedDataParallel; a Ctrl-C then stops the run (the last checkpoint
-    keeps it), since the ranks cannot agree on where they were stopped.
+    run (a RunContext): device, precision, seed, events (an "epoch" event per epoch), the writer (history and
+    checkpoint after every epoch), resume (a checkpoint's state to continue from) and deadline: a
+    time.perf_counter() value; training then runs epochs until it (not recipe.epochs), and the learning-rate
+    schedule follows elapsed time instead of steps, so it still ends at zero. Under torchrun (run.ranks) each rank
+    trains on its share of every global batch through DistributedDataParallel; a Ctrl-C then stops the run (the
+    last checkpoint keeps it), since the ranks cannot agree on where they were stopped.
     """
-    g = torch.Generator().manual_seed(seed)  # the batch order (same on every rank) and, in one process, augmentation
-    model.to(device).to(memory_format=torch.channels_last).train()
-    net = ranks.wrap(model, device)  # what the training steps call: DDP around model, or model itself
-    optimizer = make_optimizer(model, recipe)
-    ema = WeightEMA(model, recipe.ema) if recipe.ema else None
-    steps = recipe.steps_per_epoch or math.ceil(len(train) / recipe.batch_size)
-    epochs = recipe.epochs if deadline is None else 1_000_000
-    total_steps, step, first_epoch, spent = steps * epochs, 0, 1, 0.0
-    batches = BatchStream(len(train), min(recipe.batch_size, len(train)), g)
-    result, best = FitResult(), None
-    if resume is not None:
-        info, tensors = resume
-        result.best_state = ckpt.restore(info, tensors, model=model, optimizer=optimizer, generator=g,
-                                         batches=batches, ema=ema)
-        result.history, result.best_epoch = info["history"], info["best_epoch"]
-        best = result.history[result.best_epoch - 1] if result.best_epoch else None
-        step, first_epoch, spent = info["step"], info["epoch"] + 1, info["seconds_spent"]
-        log(f"resumed after epoch {info['epoch']} (step {step}, {spent:.0f} s already spent)")
-    fit_start, val_seconds = time.perf_counter() - spent, 0.0
+    return Fit(model, train, val, recipe, run or RunContext()).run()
 
-    def progress():
-        if deadline is None:
-            return step / total_steps
+
+class Fit:
+    """One call of `fit`: its state lives here, so several fits can run side by side."""
+
+    def __init__(self, model, train, val, recipe, run):
+        self.model, self.val, self.recipe, self.run_ = model, val, recipe, run
+        self.generator = torch.Generator().manual_seed(run.seed)  # batch order (same on every rank), augmentation
+        model.to(run.device).to(memory_format=torch.channels_last).train()
+        self.net = run.ranks.wrap(model, run.device)  # what the steps call: DDP around model, or model itself
+        self.optimizer = make_optimizer(model, recipe)
+        self.ema = WeightEMA(model, recipe.ema) if recipe.ema else None
+        self.batches = TrainBatches(train, recipe, run, self.generator)
+        self.steps = recipe.steps_per_epoch or math.ceil(len(train) / recipe.batch_size)
+        self.epochs = recipe.epochs if run.deadline is None else 1_000_000
+        self.result, self.best, self.first_epoch, spent = FitResult(), None, 1, 0.0
+        if run.resume is not None:
+            spent = self._restore(*run.resume)
+        self.fit_start, self.val_seconds = time.perf_counter() - spent, 0.0
+
+    def _restore(self, info, tensors):
+        self.result.best_state = ckpt.restore(
+            info,
+            tensors,
+            model=self.model,
+            optimizer=self.optimizer,
+            generator=self.generator,
+            batches=self.batches.order,
+            ema=self.ema,
+        )
+        self.result.history, self.result.best_epoch = info["history"], info["best_epoch"]
+        self.best = self.result.history[self.result.best_epoch - 1] if self.result.best_epoch else None
+        self.batches.step, self.first_epoch = info["step"], info["epoch"] + 1
+        self.run_.events(
+            f"resumed after epoch {info['epoch']} (step {info['step']}, {info['seconds_spent']:.0f} s already spent)"
+        )
+        return info["seconds_spent"]
+
+    def progress(self):
+        """The share of the run done, 0 to 1: by steps, or by the clock with a deadline."""
+        run = self.run_
+        if run.deadline is None:
+            return self.batches.step / (self.steps * self.epochs)
         # rank 0's clock decides, so all ranks use the same learning rate and stop at the same step
-        return ranks.broadcast(
-            min(1.0, (time.perf_counter() - fit_start) / max(1e-9, deadline - val_seconds - fit_start)))
+        return run.ranks.broadcast(
+            min(
+                1.0,
+                (time.perf_counter() - self.fit_start) / max(1e-9, run.deadline - self.val_seconds - self.fit_start),
+            )
+        )
 
-    try:
-        for epoch in range(first_epoch, epochs + 1):
-            start, loss_sum, correct, seen = time.perf_counter(), 0.0, 0, 0
-            label = f"epoch {epoch}/{recipe.epochs if deadline is None else '?'}"
-            bar = tqdm(range(steps), desc=label, unit="step", leave=False,
-                       disable=None if ranks.is_main else True)
-            for _ in bar:
-                if deadline is not None and progress() >= 1.0:
+    def out_of_time(self):
+        return self.run_.deadline is not None and self.progress() >= 1.0
+
+    def run(self):
+        try:
+            for epoch in range(self.first_epoch, self.epochs + 1):
+                start = time.perf_counter()
+                sums = self.train_epoch(epoch)
+                if sums[2] == 0:
                     break
-                for group in optimizer.param_groups:
-                    group["lr"] = recipe.lr * lr_factor(recipe.schedule, progress())
-                global_idx = next(batches)
-                idx = ranks.shard(global_idx)
-                train.prefetch(ranks.shard(batches.peek()))  # its reads overlap this step (memory-mapped sets)
-                y = runtime.to_device(train.labels[idx], device)
-                x = augment_batch(to_unit(runtime.to_device(train.take(idx), device)), recipe.augment,
-                                  ranks.augmentation_generator(seed, step, g))
-                x = normalize(x, recipe.mean, recipe.std).contiguous(memory_format=torch.channels_last)
-                with runtime.autocast(device, precision):
-                    logits = net(x)
-                loss = F.cross_entropy(logits.float(), y, label_smoothing=recipe.label_smoothing)
-                if not torch.isfinite(loss):  # a learning rate too high: every later weight would be NaN
-                    raise FolderCNNError(f"training diverged: the loss became {loss.item()} in epoch {epoch}; "
-                                         f"nothing was saved from this run (try a lower learning rate than "
-                                         f"{recipe.lr:g})")
-                optimizer.zero_grad(set_to_none=True)
-                if ranks.world > 1:  # DDP averages the ranks' gradients: weigh each by its share of the batch
-                    (loss * (len(idx) * ranks.world / len(global_idx))).backward()
-                else:
-                    loss.backward()
-                optimizer.step()
-                step += 1
-                if ema:
-                    ema.update(model)
-                # report plain cross-entropy (no smoothing) so training and validation losses compare
-                plain = loss if not recipe.label_smoothing else F.cross_entropy(logits.detach().float(), y)
-                loss_sum += plain.item() * len(y)
-                correct += (logits.argmax(1) == y).sum().item()
-                seen += len(y)
-                bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}")
-            bar.close()
-            loss_sum, correct, seen = ranks.sum([loss_sum, correct, seen])  # the whole epoch's, on every rank
-            if seen == 0:
-                break
-            train_seconds = time.perf_counter() - start
-            scored = ema.model if ema else model
-            val_loss, val_acc = evaluate_model(scored, val, recipe.mean, recipe.std,
-                                               device, precision, tta=recipe.tta, ranks=ranks)
-            val_seconds = time.perf_counter() - start - train_seconds
-            stats = {"epoch": epoch, "loss": loss_sum / seen, "accuracy": correct / seen,
-                     "val_loss": val_loss, "val_accuracy": val_acc, "seconds": time.perf_counter() - start,
-                     "train_seconds": train_seconds, "images": seen}
-            result.history.append(stats)
-            improved = recipe.keep == "last" or _is_better(stats, best)
-            if improved:
-                best = stats
-                result.best_epoch = epoch
-                result.best_state = {k: v.detach().clone() for k, v in scored.state_dict().items()}
-            log(f"epoch {epoch:>3}/{recipe.epochs if deadline is None else '?'}  loss {stats['loss']:.4f}  "
-                f"accuracy {stats['accuracy']:.4f}  val_loss {val_loss:.4f}  val_accuracy {val_acc:.4f}  "
-                f"{stats['seconds']:.1f}s" + ("  *" if improved and recipe.keep == "best" else ""))
-            if on_epoch:
-                on_epoch(result)
-            if checkpoint:
-                info = {"epoch": epoch, "step": step, "history": result.history, "best_epoch": result.best_epoch,
-                        "seconds_spent": time.perf_counter() - fit_start}
-                checkpoint(lambda path, extra=None: ckpt.save(
-                    path, model=model, optimizer=optimizer, generator=g, batches=batches, ema=ema,
-                    best_state=result.best_state, info={**info, **(extra or {})}))
-            if deadline is not None and progress() >= 1.0:
-                log("time budget spent")
-                break
-    except KeyboardInterrupt:
-        if ranks.world > 1:  # the other ranks may be mid-step: no agreed state to save but the last checkpoint
-            raise
-        result.interrupted = True
-        log(f"\ninterrupted: keeping the {'best' if recipe.keep == 'best' else 'last'} finished epoch "
-            f"({result.best_epoch or 'none'})")
-    return result
+                self.end_epoch(epoch, sums, start)
+                if self.out_of_time():
+                    self.run_.events("time budget spent")
+                    break
+        except KeyboardInterrupt:
+            if self.run_.ranks.world > 1:  # the other ranks may be mid-step: no agreed state but the last checkpoint
+                raise
+            self.result.interrupted = True
+            self.run_.events(
+                f"\ninterrupted: keeping the {'best' if self.recipe.keep == 'best' else 'last'} "
+                f"finished epoch ({self.result.best_epoch or 'none'})"
+            )
+        return self.result
+
+    def train_epoch(self, epoch):
+        """One epoch of steps; returns the whole epoch's (loss sum, correct, images) over all ranks."""
+        recipe, run = self.recipe, self.run_
+        loss_sum, correct, seen = 0.0, 0, 0
+        bar = tqdm(
+            total=self.steps,
+            desc=f"epoch {epoch}/{recipe.epochs if run.deadline is None else '?'}",
+            unit="step",
+            leave=False,
+            disable=None if run.ranks.is_main else True,
+        )
+        for x, y, weight in self.batches.epoch(self.steps, stop=self.out_of_time):
+            for group in self.optimizer.param_groups:
+                group["lr"] = recipe.lr * lr_factor(recipe.schedule, self.progress())
+            logits, plain = self.step(x, y, weight, epoch)
+            loss_sum += plain * len(y)
+            correct += (logits.argmax(1) == y).sum().item()
+            seen += len(y)
+            bar.update()
+            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}")
+        bar.close()
+        return run.ranks.sum([loss_sum, correct, seen])
+
+    def step(self, x, y, weight, epoch):
+        """One optimiser step; (logits, the batch's plain cross-entropy, without label smoothing)."""
+        recipe = self.recipe
+        with runtime.autocast(self.run_.device, self.run_.precision):
+            logits = self.net(x)
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=recipe.label_smoothing)
+        if not torch.isfinite(loss):  # a learning rate too high: every later weight would be NaN
+            raise FolderCNNError(
+                f"training diverged: the loss became {loss.item()} in epoch {epoch}; nothing was "
+                f"saved from this run (try a lower learning rate than {recipe.lr:g})"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        (loss * weight if weight != 1 else loss).backward()  # DDP averages the ranks' gradients: weigh each share
+        self.optimizer.step()
+        if self.ema:
+            self.ema.update(self.model)
+        # report plain cross-entropy (no smoothing) so training and validation losses compare
+        plain = loss if not recipe.label_smoothing else F.cross_entropy(logits.detach().float(), y)
+        return logits, plain.item()
+
+    def end_epoch(self, epoch, sums, start):
+        """Validate, keep the best weights, tell the events, write history and checkpoint."""
+        recipe, run, result = self.recipe, self.run_, self.result
+        (loss_sum, correct, seen), train_seconds = sums, time.perf_counter() - start
+        scored = self.ema.model if self.ema else self.model
+        val_loss, val_acc = evaluate_model(scored, self.val, recipe, run)
+        self.val_seconds = time.perf_counter() - start - train_seconds
+        stats = {
+            "epoch": epoch,
+            "loss": loss_sum / seen,
+            "accuracy": correct / seen,
+            "val_loss": val_loss,
+            "val_accuracy": val_acc,
+            "seconds": time.perf_counter() - start,
+            "train_seconds": train_seconds,
+            "images": seen,
+        }
+        result.history.append(stats)
+        improved = recipe.keep == "last" or _is_better(stats, self.best)
+        if improved:
+            self.best, result.best_epoch = stats, epoch
+            result.best_state = {k: v.detach().clone() for k, v in scored.state_dict().items()}
+        run.events.emit(
+            "epoch",
+            **{k: stats[k] for k in ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "seconds")},
+            epochs=recipe.epochs if run.deadline is None else None,
+            best=improved and recipe.keep == "best",
+            progress=self.progress(),
+        )
+        run.writer.history(result.history)
+        run.writer.checkpoint(
+            {
+                "epoch": epoch,
+                "step": self.batches.step,
+                "history": result.history,
+                "best_epoch": result.best_epoch,
+                "seconds_spent": time.perf_counter() - self.fit_start,
+            },
+            model=self.model,
+            optimizer=self.optimizer,
+            generator=self.generator,
+            batches=self.batches.order,
+            ema=self.ema,
+            best_state=result.best_state,
+        )

@@ -1,13 +1,15 @@
 """Named training recipes: everything that decides how a model is trained, in one place."""
+
 from dataclasses import asdict, dataclass, field, replace
 
 from ..data import hands
 from ..data.augment import AugmentConfig
-from ..errors import FolderCNNError
+from ..errors import FolderCNNError, OptionError
 from ..models.registry import get_spec, models_with
 
-TUTORIAL_AUGMENT = AugmentConfig(rotation=40, width_shift=0.2, height_shift=0.2, shear=0.2, zoom=0.2,
-                                 horizontal_flip=True)
+TUTORIAL_AUGMENT = AugmentConfig(
+    rotation=40, width_shift=0.2, height_shift=0.2, shear=0.2, zoom=0.2, horizontal_flip=True
+)
 
 
 @dataclass(frozen=True)
@@ -48,51 +50,126 @@ RECIPES = {
     # The Keras tutorial, exactly: its CNN at 150 px, RMSprop 1e-3 (rho 0.9, eps 1e-7), batch 126,
     # 25 epochs of 20 steps, Keras ImageDataGenerator augmentation, final epoch's weights kept.
     "seed": Recipe(
-        name="seed", model="tutorial-cnn", image_size=150, batch_size=126, epochs=25, steps_per_epoch=20,
-        optimizer="rmsprop", lr=1e-3, augment=TUTORIAL_AUGMENT, model_args={"image_size": 150},
-        keep="last", description="the Keras Rock-Paper-Scissors tutorial, exactly (slow on a CPU)"),
+        name="seed",
+        model="tutorial-cnn",
+        image_size=150,
+        batch_size=126,
+        epochs=25,
+        steps_per_epoch=20,
+        optimizer="rmsprop",
+        lr=1e-3,
+        augment=TUTORIAL_AUGMENT,
+        model_args={"image_size": 150},
+        keep="last",
+        description="the Keras Rock-Paper-Scissors tutorial, exactly (slow on a CPU)",
+    ),
     # A small batch-norm CNN at 64 px: about 2 s per epoch on 2 CPU cores (benchmarks/time_to_accuracy.py
     # prints its seconds per epoch, total time and test accuracy over 3 seeds).
     "fast": Recipe(
-        name="fast", model="fast-cnn", image_size=64, batch_size=64, epochs=12, optimizer="sgd",
-        lr=0.05, momentum=0.9, weight_decay=5e-4, schedule="onecycle", label_smoothing=0.1,
-        augment=AugmentConfig(rotation=15, width_shift=0.1, height_shift=0.1, zoom=0.1, horizontal_flip=True,
-                              brightness=0.2, contrast=0.2, saturation=1.0),
-        mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
-        keep="best", description="small batch-norm CNN at 64 px, one-cycle SGD, 12 epochs (default)"),
+        name="fast",
+        model="fast-cnn",
+        image_size=64,
+        batch_size=64,
+        epochs=12,
+        optimizer="sgd",
+        lr=0.05,
+        momentum=0.9,
+        weight_decay=5e-4,
+        schedule="onecycle",
+        label_smoothing=0.1,
+        augment=AugmentConfig(
+            rotation=15,
+            width_shift=0.1,
+            height_shift=0.1,
+            zoom=0.1,
+            horizontal_flip=True,
+            brightness=0.2,
+            contrast=0.2,
+            saturation=1.0,
+        ),
+        mean=(0.5, 0.5, 0.5),
+        std=(0.25, 0.25, 0.25),
+        keep="best",
+        description="small batch-norm CNN at 64 px, one-cycle SGD, 12 epochs (default)",
+    ),
     # Pretrained EfficientNet-Lite0 (ImageNet), frozen; a linear head fitted on its features in seconds.
     # With --fine-tune, the last blocks then train for a few epochs with augmentation.
     "transfer": Recipe(
-        name="transfer", model="effnet-lite0", image_size=224, batch_size=32, epochs=3, optimizer="adamw",
-        lr=3e-4, weight_decay=1e-4, schedule="onecycle", label_smoothing=0.1,
+        name="transfer",
+        model="effnet-lite0",
+        image_size=224,
+        batch_size=32,
+        epochs=3,
+        optimizer="adamw",
+        lr=3e-4,
+        weight_decay=1e-4,
+        schedule="onecycle",
+        label_smoothing=0.1,
         augment=AugmentConfig(rotation=10, width_shift=0.1, height_shift=0.1, zoom=0.1, horizontal_flip=True),
-        pretrained=True, linear_probe=True, fine_tune_blocks=4,
-        keep="best", description="pretrained EfficientNet-Lite0, linear probe on cached features"),
+        pretrained=True,
+        linear_probe=True,
+        fine_tune_blocks=4,
+        keep="best",
+        description="pretrained EfficientNet-Lite0, linear probe on cached features",
+    ),
     # For photos that will be used in other settings than they were taken in (other rooms, cameras, light):
     # the transfer recipe's pretrained backbone, its head fitted on several randomly augmented views of every
     # image: any rotation (a hand is a hand at any angle: not for classes that depend on orientation), wider
     # zoom, colour and capture effects, and plain backgrounds replaced by photos and textures.
-    # benchmarks/real_photos.py measures it against the other recipes on real photos. EfficientNet-Lite2: its
-    # frozen features took green-screen from 51.0% (Lite0) to 65.1% and sxsw from 48.7% to 49.3% (means of 3
-    # seeds) for 57 s of training instead of 50; fine-tuning Lite0 reached 59.8% / 50.7% in 81 s.
+    # EfficientNet-Lite2: its frozen features beat Lite0's and a fine-tuned Lite0 on real photos
+    # (benchmarks/real_photos.py; figures in benchmarks/README.md, "Real photos").
     "robust": Recipe(
-        name="robust", model="effnet-lite2", image_size=160, batch_size=32, epochs=2, optimizer="adamw",
-        lr=3e-4, weight_decay=1e-4, schedule="onecycle", label_smoothing=0.1,
-        augment=AugmentConfig(rotation=180, width_shift=0.1, height_shift=0.1, zoom=0.3, horizontal_flip=True,
-                              brightness=0.3, contrast=0.3, saturation=0.5, backgrounds=0.8, colour_cast=0.2,
-                              grey=0.2, low_res=0.3, noise=0.05),
-        pretrained=True, linear_probe=True, probe_views=2, fine_tune_blocks=4, wise_ft=0.5,
-        keep="best", description="for photos used elsewhere than taken: pretrained EfficientNet-Lite2, "
-                                 "probe on augmented views (new backgrounds, any rotation, capture effects)"),
+        name="robust",
+        model="effnet-lite2",
+        image_size=160,
+        batch_size=32,
+        epochs=2,
+        optimizer="adamw",
+        lr=3e-4,
+        weight_decay=1e-4,
+        schedule="onecycle",
+        label_smoothing=0.1,
+        augment=AugmentConfig(
+            rotation=180,
+            width_shift=0.1,
+            height_shift=0.1,
+            zoom=0.3,
+            horizontal_flip=True,
+            brightness=0.3,
+            contrast=0.3,
+            saturation=0.5,
+            backgrounds=0.8,
+            colour_cast=0.2,
+            grey=0.2,
+            low_res=0.3,
+            noise=0.05,
+        ),
+        pretrained=True,
+        linear_probe=True,
+        probe_views=2,
+        fine_tune_blocks=4,
+        wise_ft=0.5,
+        keep="best",
+        description="for photos used elsewhere than taken: pretrained EfficientNet-Lite2, "
+        "probe on augmented views (new backgrounds, any rotation, capture effects)",
+    ),
     # For classes that are hand gestures: MediaPipe Hands (trained on real hands) turns each image into 21
     # keypoints, and a linear head is fitted on features of them that ignore background, light, skin and camera.
     # The training images are decoded at 256 px (the landmark model looks at a 224 px crop); images where no
     # hand is found are left out of training and answered "no hand found". benchmarks/real_photos.py measures it.
     "hands": Recipe(
-        name="hands", model="hand-landmarks", image_size=256, batch_size=64, epochs=1, label_smoothing=0.0,
-        linear_probe=True, probe_views=2, keep="best",
+        name="hands",
+        model="hand-landmarks",
+        image_size=256,
+        batch_size=64,
+        epochs=1,
+        label_smoothing=0.0,
+        linear_probe=True,
+        probe_views=2,
+        keep="best",
         description="for hand gestures: a head on hand landmarks (MediaPipe Hands); real photos like the training "
-                    "renders"),
+        "renders",
+    ),
 }
 
 
@@ -107,14 +184,14 @@ def get_recipe(name, **overrides):
         overrides["augment"] = AugmentConfig()
     for key in ("epochs", "batch_size", "image_size"):
         if key in overrides and overrides[key] < 1:
-            raise FolderCNNError(f"--{key.replace('_', '-')} must be at least 1, got {overrides[key]}")
+            raise OptionError(key, f"must be at least 1, got {overrides[key]}")
     if "lr" in overrides and not overrides["lr"] > 0:
-        raise FolderCNNError(f"--lr must be positive, got {overrides['lr']}")
+        raise OptionError("lr", f"must be positive, got {overrides['lr']}")
     if "model" in overrides and overrides["model"] != recipe.model:
         recipe = replace(recipe, model_args={})
     recipe = replace(recipe, **overrides)
     spec = get_spec(recipe.model)
-    if "image_size" in spec.args and (recipe.model == "tutorial-cnn" or "image_size" in recipe.model_args):
+    if "image_size" in spec.args and (spec.sized_by_input or "image_size" in recipe.model_args):
         recipe = replace(recipe, model_args={**recipe.model_args, "image_size": recipe.image_size})
     check_recipe(recipe)
     if recipe.pretrained:  # pretrained weights expect their own input normalisation
@@ -126,21 +203,31 @@ def check_recipe(recipe, fine_tune=False):
     spec = get_spec(recipe.model)
     if spec.input == "hand-landmarks":
         if not recipe.linear_probe:
-            raise FolderCNNError(f"{recipe.model} classifies hand landmarks: it is fitted as a head on them "
-                                 f"(--recipe hands), not trained on pixels by recipe '{recipe.name}'")
+            raise FolderCNNError(
+                f"{recipe.model} classifies hand landmarks: it is fitted as a head on them "
+                f"(--recipe hands), not trained on pixels by recipe '{recipe.name}'"
+            )
         hands.require()  # says how to install MediaPipe Hands when it is missing
     if recipe.pretrained and not spec.pretrained:
-        raise FolderCNNError(f"recipe '{recipe.name}' starts from pretrained weights; {recipe.model} has none "
-                             f"(use --model {' or '.join(models_with('pretrained'))}, or another --recipe)")
+        raise FolderCNNError(
+            f"recipe '{recipe.name}' starts from pretrained weights; {recipe.model} has none "
+            f"(use --model {' or '.join(models_with('pretrained'))}, or another --recipe)"
+        )
     if recipe.linear_probe and not spec.linear_probe:
-        raise FolderCNNError(f"recipe '{recipe.name}' fits a linear probe; {recipe.model} does not support one "
-                             f"(use --model {' or '.join(models_with('linear_probe'))})")
+        raise FolderCNNError(
+            f"recipe '{recipe.name}' fits a linear probe; {recipe.model} does not support one "
+            f"(use --model {' or '.join(models_with('linear_probe'))})"
+        )
     if fine_tune and not recipe.linear_probe:
-        raise FolderCNNError(f"--fine-tune follows a linear probe; recipe '{recipe.name}' has none "
-                             f"(recipes with one: {', '.join(n for n, r in RECIPES.items() if r.linear_probe)})")
+        raise OptionError(
+            "fine_tune",
+            f"follows a linear probe; recipe '{recipe.name}' has none "
+            f"(recipes with one: {', '.join(n for n, r in RECIPES.items() if r.linear_probe)})",
+        )
     if fine_tune and not 1 <= recipe.fine_tune_blocks <= spec.fine_tune_blocks:
-        raise FolderCNNError(f"{recipe.model} can fine-tune 1 to {spec.fine_tune_blocks} blocks, "
-                             f"not {recipe.fine_tune_blocks}")
+        raise FolderCNNError(
+            f"{recipe.model} can fine-tune 1 to {spec.fine_tune_blocks} blocks, not {recipe.fine_tune_blocks}"
+        )
     spec.check_image_size(recipe.image_size)
     spec.check_args(recipe.model_args)
 

@@ -5,38 +5,67 @@ fitting the head takes seconds; the result is an ordinary whole-network model fi
 `probe_views` also shows the backbone that many randomly augmented views of every image (the `robust`
 recipe: new backgrounds, rotations, capture effects), so the head learns what survives those changes.
 """
+
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from .. import runtime
 from ..data.augment import augment_batch
-from ..models.preprocess import normalize, preprocess, to_unit
+from ..models.preprocess import eval_batches, normalize, to_unit
 from .loop import FitResult
 
 
+@dataclass
+class Features:
+    """Features of the training views and of the validation images, with their labels."""
+
+    train: torch.Tensor
+    train_labels: torch.Tensor
+    val: torch.Tensor
+    val_labels: torch.Tensor
+    seconds: float = 0.0  # how long computing them took (spread over the history's rows)
+
+
+@dataclass(frozen=True)
+class HeadSearch:
+    """How the head is fitted: full-batch AdamW for `steps`, the weight decay chosen on the validation features;
+    within: the strongest weight decay whose validation accuracy is within this of the best one (for validation
+    images that are easier than the photos the model will meet)."""
+
+    weight_decays: tuple = (1e-4, 1e-3, 1e-2, 1e-1)
+    steps: int = 300
+    within: float | None = None
+
+
 @torch.no_grad()
-def extract_features(model, data, mean, std, device, precision, flip=False, batch_size=64, augment=None,
-                     generator=None):
-    """(N, D) float32 pooled backbone features of DecodedImages (randomly augmented by an AugmentConfig)."""
+def extract_features(model, data, recipe, run, flip=False):
+    """(N, D) float32 pooled backbone features of DecodedImages, optionally of their mirror images."""
+    model.eval()
+    out = []
+    for x, _ in eval_batches(data, recipe.mean, recipe.std, run.device):
+        with runtime.autocast(run.device, run.precision):
+            out.append(model.features(x.flip(-1) if flip else x).float().cpu())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def augmented_features(model, data, recipe, run, generator, batch_size=64):
+    """Features of one randomly augmented view (recipe.augment) of every image of DecodedImages."""
     model.eval()
     out = []
     for start in range(0, len(data), batch_size):
-        images = runtime.to_device(data.take(slice(start, start + batch_size)), device)
-        if augment is None:
-            x = preprocess(images, mean, std)
-        else:
-            x = normalize(augment_batch(to_unit(images), augment, generator), mean, std)
-        if flip:
-            x = x.flip(-1)
-        with runtime.autocast(device, precision):
+        images = to_unit(data.take(slice(start, start + batch_size)).to(run.device))
+        x = normalize(augment_batch(images, recipe.augment, generator), recipe.mean, recipe.std)
+        with runtime.autocast(run.device, run.precision):
             out.append(model.features(x.contiguous(memory_format=torch.channels_last)).float().cpu())
     return torch.cat(out)
 
 
 def _fit_head(features, labels, num_classes, weight_decay, steps, seed, record=None):
-    """Multinomial logistic regression by full-batch Adam; returns (weight, bias)."""
+    """Multinomial logistic regression by full-batch Adam; returns the fitted torch.nn.Linear."""
     g = torch.Generator().manual_seed(seed)
     head = torch.nn.Linear(features.shape[1], num_classes)
     with torch.no_grad():
@@ -53,72 +82,94 @@ def _fit_head(features, labels, num_classes, weight_decay, steps, seed, record=N
     return head
 
 
-def linear_probe(model, train, val, recipe, *, device, precision, seed, log=print, flips=True, steps=300,
-                 weight_decays=(1e-4, 1e-3, 1e-2, 1e-1), deadline=None):
-    """Fit model.head on frozen features; the weight decay is chosen on the validation split.
-
-    deadline (a time.perf_counter() value): the weight-decay search stops trying candidates once it has
-    passed (at least one is always fitted), so the probe honours --time-budget after its feature pass."""
-    model.to(device).to(memory_format=torch.channels_last)
+def probe_features(model, train, val, recipe, run, flips=True):
+    """Features of the training images (clean, recipe.probe_views augmented views, mirrored) and of the
+    validation images, from the frozen backbone."""
     t = time.perf_counter()
-    f_train = extract_features(model, train, recipe.mean, recipe.std, device, precision)
-    y_train = train.labels
-    if recipe.probe_views:  # the clean views too: on 160 px CGI -> real, rps/test 82% -> 87% with them
-        g = torch.Generator().manual_seed(seed)
-        f_train = torch.cat([f_train] + [extract_features(model, train, recipe.mean, recipe.std, device, precision,
-                                                          augment=recipe.augment, generator=g)
-                                         for _ in range(recipe.probe_views)])
-        y_train = train.labels.repeat(recipe.probe_views + 1)
+    f_train, y_train = [extract_features(model, train, recipe, run)], [train.labels]
+    g = torch.Generator().manual_seed(run.seed)
+    for _ in range(recipe.probe_views):  # the clean views too: on 160 px CGI -> real, rps/test 82% -> 87% with them
+        f_train.append(augmented_features(model, train, recipe, run, g))
+        y_train.append(train.labels)
     if flips:
-        f_train = torch.cat([f_train, extract_features(model, train, recipe.mean, recipe.std, device, precision,
-                                                       flip=True)])
-        y_train = torch.cat([y_train, train.labels])
-    f_val = extract_features(model, val, recipe.mean, recipe.std, device, precision)
-    t_features = time.perf_counter() - t
-    log(f"features: {len(f_train)} training views and {len(f_val)} validation images in {t_features:.1f}s")
-    return fit_head_on_features(model, f_train, y_train, f_val, val.labels, len(train.classes), seed=seed, log=log,
-                                deadline=deadline, t_features=t_features, steps=steps, weight_decays=weight_decays)
+        f_train.append(extract_features(model, train, recipe, run, flip=True))
+        y_train.append(train.labels)
+    f_val = extract_features(model, val, recipe, run)
+    return Features(torch.cat(f_train), torch.cat(y_train), f_val, val.labels, time.perf_counter() - t)
 
 
-def fit_head_on_features(model, f_train, y_train, f_val, y_val, num_classes, *, seed, log=print, deadline=None,
-                         t_features=0.0, steps=300, weight_decays=(1e-4, 1e-3, 1e-2, 1e-1), within=None):
-    """Fit model.head on computed features, the weight decay chosen on the validation features; a FitResult.
+def linear_probe(model, train, val, recipe, run, search=HeadSearch()):
+    """Fit model.head on frozen features; the weight decay is chosen on the validation split. With a deadline,
+    the weight-decay search stops trying candidates once it has passed (at least one is always fitted)."""
+    model.to(run.device).to(memory_format=torch.channels_last)
+    run.events.stage("features", 0.0, "computing the pretrained features")
+    features = probe_features(model, train, val, recipe, run)
+    run.events(
+        f"features: {len(features.train)} training views and {len(features.val)} validation images in "
+        f"{features.seconds:.1f}s"
+    )
+    return fit_head_on_features(model, features, run, search)
 
-    within: take the strongest weight decay whose validation accuracy is within this of the best one (for
-    validation images that are easier than the photos the model will meet)."""
-    def scores(head, f, y):
-        with torch.no_grad():
-            logits = head(f)
-            return F.cross_entropy(logits, y).item(), (logits.argmax(1) == y).float().mean().item()
 
-    t = time.perf_counter()
+def _scores(head, f, y):
+    with torch.no_grad():
+        logits = head(f)
+        return F.cross_entropy(logits, y).item(), (logits.argmax(1) == y).float().mean().item()
+
+
+def choose_weight_decay(features, num_classes, run, search):
+    """The weight decay of search.weight_decays that scores best on the validation features."""
     tried = []
-    for wd in weight_decays:
-        if tried and deadline is not None and time.perf_counter() >= deadline:
-            log("time budget spent: weight-decay search stopped early")
+    for wd in search.weight_decays:
+        if tried and run.deadline is not None and time.perf_counter() >= run.deadline:
+            run.events("time budget spent: weight-decay search stopped early")
             break
-        head = _fit_head(f_train, y_train, num_classes, wd, steps, seed)
-        val_loss, val_acc = scores(head, f_val, y_val)
-        log(f"  head weight decay {wd:g}: val_accuracy {val_acc:.4f}  val_loss {val_loss:.4f}")
+        head = _fit_head(features.train, features.train_labels, num_classes, wd, search.steps, run.seed)
+        val_loss, val_acc = _scores(head, features.val, features.val_labels)
+        run.events(f"  head weight decay {wd:g}: val_accuracy {val_acc:.4f}  val_loss {val_loss:.4f}")
         tried.append((wd, val_acc, val_loss))
     best = max(tried, key=lambda r: (r[1], -r[2]))
-    if within is not None:
-        best = max((r for r in tried if r[1] >= best[1] - within), key=lambda r: r[0])
-    history, chunk = [], steps // 10
+    if search.within is not None:
+        best = max((r for r in tried if r[1] >= best[1] - search.within), key=lambda r: r[0])
+    return best[0]
+
+
+def fit_head_on_features(model, features, run, search=HeadSearch()):
+    """Fit model.head on computed Features, the weight decay chosen on the validation features; a FitResult
+    whose history has ten rows along the final fit."""
+    run.events.stage("head", 0.6, "fitting the head")
+    t = time.perf_counter()
+    num_classes = model.head.out_features
+    wd = choose_weight_decay(features, num_classes, run, search)
+    history, chunk = [], max(1, search.steps // 10)
 
     def record(step, head):
         if step % chunk == 0:
-            loss, acc = scores(head, f_train, y_train)
-            val_loss, val_acc = scores(head, f_val, y_val)
-            history.append({"epoch": step // chunk, "loss": loss, "accuracy": acc, "val_loss": val_loss,
-                            "val_accuracy": val_acc, "seconds": 0.0, "train_seconds": 0.0, "images": 0})
-    head = _fit_head(f_train, y_train, num_classes, best[0], steps, seed, record)
+            loss, acc = _scores(head, features.train, features.train_labels)
+            val_loss, val_acc = _scores(head, features.val, features.val_labels)
+            history.append(
+                {
+                    "epoch": step // chunk,
+                    "loss": loss,
+                    "accuracy": acc,
+                    "val_loss": val_loss,
+                    "val_accuracy": val_acc,
+                    "seconds": 0.0,
+                    "train_seconds": 0.0,
+                    "images": 0,
+                }
+            )
+
+    head = _fit_head(features.train, features.train_labels, num_classes, wd, search.steps, run.seed, record)
     t_head = time.perf_counter() - t
-    log(f"head fitted in {t_head:.1f}s (weight decay {best[0]:g}); val_accuracy {history[-1]['val_accuracy']:.4f}")
+    run.events(f"head fitted in {t_head:.1f}s (weight decay {wd:g}); val_accuracy {history[-1]['val_accuracy']:.4f}")
     for h in history:
-        h["seconds"] = (t_features + t_head) / len(history)
+        h["seconds"] = (features.seconds + t_head) / len(history)
     with torch.no_grad():
         model.head.weight.copy_(head.weight)
         model.head.bias.copy_(head.bias)
-    return FitResult(history=history, best_epoch=len(history),
-                     best_state={k: v.detach().clone() for k, v in model.state_dict().items()})
+    return FitResult(
+        history=history,
+        best_epoch=len(history),
+        best_state={k: v.detach().clone() for k, v in model.state_dict().items()},
+    )

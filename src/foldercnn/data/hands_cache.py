@@ -1,0 +1,65 @@
+"""The hands found in decoded images, kept on disk: one small float32 record per image, named by a hash of its
+pixels and of the finder's version, so an image is searched once (hands.py searches; this remembers)."""
+
+import contextlib
+import hashlib
+from pathlib import Path
+
+import numpy as np
+
+from ..files import atomic_path
+
+POINTS = 21  # MediaPipe Hands' landmarks per hand
+RECORD = 4 + 2 * POINTS * 3  # stage, right, score, spare; points; world
+CACHE_VERSION = 2  # bump when the cascade or the finder's settings change what is found
+
+
+def _record(found, i):
+    r = np.zeros(RECORD, np.float32)
+    r[:4] = found.stage[i], found.right[i], found.score[i], 0
+    r[4 : 4 + POINTS * 3] = found.points[i].ravel()
+    r[4 + POINTS * 3 :] = found.world[i].ravel()
+    return r
+
+
+def _from_record(found, i, r):
+    found.stage[i], found.right[i], found.score[i] = int(r[0]), bool(r[1]), r[2]
+    found.points[i] = r[4 : 4 + POINTS * 3].reshape(POINTS, 3)
+    found.world[i] = r[4 + POINTS * 3 :].reshape(POINTS, 3)
+
+
+def image_key(rgb):
+    """The cache key of one decoded image: its pixels and the finder's version (never its file name)."""
+    h = hashlib.sha256(f"foldercnn-hands-v{CACHE_VERSION}|{rgb.shape}\n".encode())
+    h.update(np.ascontiguousarray(rgb).data)
+    return h.hexdigest()[:32]
+
+
+class HandCache:
+    """Hands found per decoded image, one small .npy per image, named by its pixels' hash: a renamed, moved
+    or re-captured image is found again for free, a changed one is looked at anew."""
+
+    def __init__(self, root=None):
+        from .cache import enabled, user_cache_dir
+
+        self.root = None if not enabled() else Path(root or user_cache_dir() / "hands" / f"v{CACHE_VERSION}")
+
+    def _path(self, key):
+        return self.root / key[:2] / f"{key}.npy"
+
+    def get(self, key):
+        if self.root is None:
+            return None
+        try:
+            r = np.load(self._path(key))
+        except (OSError, ValueError):
+            return None
+        return r if r.shape == (RECORD,) and r.dtype == np.float32 and np.isfinite(r).all() else None
+
+    def put(self, key, record):
+        if self.root is None:
+            return
+        with contextlib.suppress(OSError):  # a read-only cache only costs the search again
+            with atomic_path(self._path(key)) as tmp:
+                with open(tmp, "wb") as f:
+                    np.save(f, record)
