@@ -10,6 +10,8 @@
 4. Training throughput and achieved GFLOP/s of both recipes next to the machine's peak estimate.
 5. Scaling: decode time, seconds per epoch and peak memory at 1x, 4x and 16x the training set (symlinks),
    each in a fresh subprocess.
+6. Variants of `fast` side by side (--variants NAME=JSON;...: recipe overrides), warm cache, over the seeds,
+   each beside today's recipe, with this run's training throughput as the yardstick of the host's speed.
 Everything runs in one process (5 in children) on this machine, so the figures compare side by side.
 """
 
@@ -134,6 +136,11 @@ def main():
     ap.add_argument("--data", default="../shared/data/rps")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--parts", default="1,2,3,4,5", help="which parts to run (3 and 4 need 1)")
+    ap.add_argument(
+        "--variants",
+        default='tta={"tta": true};ema={"ema": 0.99};tta+ema={"tta": true, "ema": 0.99}',
+        help="part 6: NAME=JSON recipe overrides, separated by ';'",
+    )
     ap.add_argument("--scaling-child", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--child-out", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -153,6 +160,8 @@ def main():
         compare_recipes(data, seeds, work)
     if 5 in parts:
         scaling(data)
+    if 6 in parts:
+        variants(data, seeds, work, args.variants)
 
 
 def fast_runs(data, seeds, work, tag):
@@ -216,6 +225,28 @@ def compare_recipes(data, seeds, work):
         "   (the peak is an estimate from the reported clock; achieved figures above 100% mean the CPU runs\n"
         "    faster than the reported MHz or retires more bf16 work per cycle than assumed)"
     )
+
+
+def variants(data, seeds, work, spec):
+    """Part 6: today's fast recipe and each variant, seed by seed, on the same warm decode cache."""
+    named = [("fast (today)", {})] + [(n, json.loads(j)) for n, j in (v.split("=", 1) for v in spec.split(";"))]
+    print("\n6. variants of the fast recipe (train s: from decoded images to the saved model; decode is part 1's)")
+    rows = {}
+    for s in seeds:
+        for name, overrides in named:
+            r = run_once(data, "fast", s, work / f"cache{s}", work / f"variant-{len(rows)}-{s}", **overrides)
+            rows.setdefault(name, []).append(r)
+            print(
+                f"   seed {s} {name:<14} train {r['train']:6.1f}s  {r['epochs']} epochs  {r['img_per_s']:6.0f} img/s"
+                f"  test accuracy {r['test_accuracy']:.4f}",
+                flush=True,
+            )
+    for name, runs in rows.items():
+        acc = [r["test_accuracy"] for r in runs]
+        print(
+            f"   {name:<14} test accuracy {spread(acc, '{:.4f}')}; train s {spread([r['train'] for r in runs])}; "
+            f"yardstick {statistics.median(r['img_per_s'] for r in runs):.0f} training img/s"
+        )
 
 
 def scaling(data):

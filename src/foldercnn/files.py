@@ -44,3 +44,13 @@ def check_out_dir(out_dir, data_dirs):
                 )
     if out.exists() and not out.is_dir():
         raise OptionError("out", f"{out_dir} exists and is not a folder")
+
+
+def read_json(path):
+    """The JSON in a file, or None when it is missing, unreadable, not JSON or too deeply nested."""
+    import json
+
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError, RecursionError):
+        return None

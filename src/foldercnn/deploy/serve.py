@@ -30,7 +30,7 @@ from ..models.inference import Classifier
 from ..models.load import load
 from ..models.onnx_model import OnnxClassifier
 from ..version import __version__
-from .teach_routes import add_teach_routes
+from .teach_routes import LOOPBACK, add_teach_routes
 from .uploads import MB, Limits, RequestRefused, decode_upload, read_uploads
 
 DEFAULT_MAX_WAITING = 256
@@ -277,9 +277,6 @@ def listen(host, port):
         sock.close()
         raise FolderCNNError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
     return sock
-
-
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def run_server(

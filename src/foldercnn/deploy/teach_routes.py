@@ -12,7 +12,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from .teach_folder import MIN_IMAGES_PER_CLASS, TeachError
 from .uploads import DRAIN_BYTES, decode_upload, drain, read_uploads
 
-LOOPBACK_NAMES = {"127.0.0.1", "localhost", "[::1]"}
+LOOPBACK = ("127.0.0.1", "localhost", "::1")  # the names of this computer
 CHECK_SIZE = 32  # uploads are decoded once at this size to refuse what is not an image, as /predict does
 
 
@@ -25,7 +25,7 @@ def host_name(host_header):
 
 def check_request(request, loopback_only):
     host = request.headers.get("host", "")
-    if loopback_only and host_name(host).lower() not in LOOPBACK_NAMES:
+    if loopback_only and host_name(host).lower().strip("[]") not in LOOPBACK:
         raise TeachError(
             403,
             "teaching answers only requests addressed to this computer (http://127.0.0.1 or "

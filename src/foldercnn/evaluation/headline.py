@@ -2,11 +2,11 @@
 the test accuracy when RUN_DIR/evaluation.json lies beside the model file (from `foldercnn evaluate MODEL
 TEST_FOLDER --out RUN_DIR`), else the validation accuracy, labelled as the optimistic figure it is."""
 
-import json
 import math
 from pathlib import Path
 
 from .. import run_folder as rf
+from ..files import read_json
 
 VALIDATION_LABEL = "validation, from the training folder: optimistic"
 
@@ -16,10 +16,7 @@ def read_evaluation(model_path):
     if model_path is None:
         return None
     model_path = Path(model_path)
-    try:
-        ev = json.loads((model_path.parent / rf.EVALUATION).read_text())
-    except (OSError, ValueError):
-        return None
+    ev = read_json(model_path.parent / rf.EVALUATION)
     if not usable_evaluation(ev):
         return None
     if ev.get("model") and Path(str(ev["model"])).name != model_path.name:

@@ -9,7 +9,7 @@ import numpy as np
 
 from .. import run_folder as rf
 from ..data.images import ImageDecodeError, decode
-from ..files import check_out_dir, write_text
+from ..files import check_out_dir, read_json, write_text
 from ..models.file import load_model
 from ..models.inference import load
 from ..models.summary import summary
@@ -89,13 +89,6 @@ def _finite(value):
     return True
 
 
-def _read_json(path):
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError, RecursionError):
-        return None
-
-
 def _read_history(path):
     try:
         return rf.read_history(path)
@@ -105,7 +98,7 @@ def _read_history(path):
 
 def _read_other_folders(run):
     """The usable rows of RUN_DIR/other_folders.json ([] when it is missing, damaged or not finite)."""
-    rows = _read_json(run / rf.OTHER_FOLDERS)
+    rows = read_json(run / rf.OTHER_FOLDERS)
     if not isinstance(rows, list) or not _finite(rows):
         return []
     return [
@@ -128,7 +121,7 @@ def build_report(run_dir, model_path=None):
         model_summary = summary(model, int(meta["image_size"]))
     except RuntimeError:
         model_summary = None
-    ev = _read_json(run / rf.EVALUATION)
+    ev = read_json(run / rf.EVALUATION)
     unusable = ev is not None and not (usable_evaluation(ev) and _finite(ev))
     if unusable:  # an edited or damaged file: ignored, and the report says so
         ev = None
