@@ -64,6 +64,8 @@ def train_folder(data_dir, out_dir, options=None, *, log=print, on_event=None, *
     t0 = time.perf_counter()
     events = Events(console(log), on_event)
     with reported(events):
+        if options is not None and values:
+            raise FolderCNNError(f"give a TrainOptions or keyword values, not both (got {', '.join(values)} too)")
         options = options or TrainOptions.of(**values)
         recipe = options.make_recipe()
         check_recipe(recipe, fine_tune=options.fine_tune)
