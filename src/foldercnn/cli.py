@@ -132,8 +132,6 @@ def cmd_predict(args):
     from .models.load import load
     from .models.onnx_model import is_onnx
 
-    if args.top_k is not None and args.top_k < 1:
-        raise FolderCNNError("--top-k must be at least 1")
     if not is_onnx(args.model):  # an ONNX model runs on onnxruntime: PyTorch is not even imported
         _setup_runtime()
     predictions, skipped = predict_paths(load(args.model), args.paths)

@@ -63,10 +63,8 @@ def load(key):
     try:
         info = json.loads(meta.read_text())
         array = np.load(npy, mmap_mode="c")  # copy-on-write: writable for torch, never written back
-        # Rows are read in random order. The kernel's default read-around fetches ~128 KB at each page fault,
-        # which under memory pressure evicts the pages still needed: the `fast` recipe trained 5x slower at 32x
-        # RPS (945 MB of cache) in an 800 MB memory cgroup, 5.9 vs 1.18 s per 1,000 images with MADV_RANDOM
-        # (benchmarks/scale.py). Runs of rows are asked for explicitly (Readahead).
+        # rows are read in random order: the kernel's read-around evicts needed pages under memory pressure
+        # (benchmarks/scale.py); runs of rows are asked for explicitly instead (Readahead)
         if hasattr(mmap, "MADV_RANDOM"):
             array._mmap.madvise(mmap.MADV_RANDOM)
     except (OSError, ValueError):

@@ -20,8 +20,7 @@ from .skeleton import SKELETON, draw_skeleton  # noqa: F401 (moved there; import
 
 INSTALL_HINT = "pip install 'foldercnn[hands]'"
 MAX_SIDE = 640  # longer photos are shrunk first: the detector sees 192 px, the landmark model 224 px
-# MediaPipe's lite models: faster than the full ones (48 vs 64 ms per image) and they found more hands in real
-# photos (sxsw 78.9% vs 74.6%) at the same accuracy (benchmarks/hands.py)
+# MediaPipe's lite models: faster than the full ones, and they found more hands in real photos (benchmarks/hands.py)
 MODEL_COMPLEXITY = 0
 
 

@@ -10,7 +10,7 @@ import numpy as np
 from .. import run_folder as rf
 from ..data.images import ImageDecodeError, decode
 from ..files import check_out_dir, read_json, write_text
-from ..models.file import load_model
+from ..models.file import load_model, read_metadata
 from ..models.inference import load
 from ..models.summary import summary
 from ..plots import confusion_matrix_plot, mistakes_gallery, reliability_diagram
@@ -112,15 +112,19 @@ def _read_other_folders(run):
     ]
 
 
-def build_report(run_dir, model_path=None):
-    """report.html as a string, from what RUN_DIR holds (model file, history, PNGs, evaluation.json)."""
+def build_report(run_dir, model_path=None, model_summary=None):
+    """report.html as a string, from what RUN_DIR holds (model file, history, PNGs, evaluation.json).
+    model_summary: the network's summary when the caller has it (training), else the model file is loaded."""
     run = Path(run_dir)
     model_path = Path(model_path) if model_path else run / rf.MODEL
-    model, meta = load_model(model_path)
-    try:
-        model_summary = summary(model, int(meta["image_size"]))
-    except RuntimeError:
-        model_summary = None
+    if model_summary is not None:
+        meta = read_metadata(model_path)
+    else:
+        model, meta = load_model(model_path)
+        try:
+            model_summary = summary(model, int(meta["image_size"]))
+        except RuntimeError:
+            model_summary = None
     ev = read_json(run / rf.EVALUATION)
     unusable = ev is not None and not (usable_evaluation(ev) and _finite(ev))
     if unusable:  # an edited or damaged file: ignored, and the report says so
@@ -138,8 +142,8 @@ def build_report(run_dir, model_path=None):
     )
 
 
-def write_report(run_dir, model_path=None):
+def write_report(run_dir, model_path=None, model_summary=None):
     """Write RUN_DIR/report.html (atomically) and return its path."""
     path = Path(run_dir) / rf.REPORT
-    write_text(path, build_report(run_dir, model_path))
+    write_text(path, build_report(run_dir, model_path, model_summary))
     return path

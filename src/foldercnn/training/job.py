@@ -101,7 +101,7 @@ class Job:
     def __init__(self, data_dir, out_dir, options, recipe, ctx):
         self.data_dir, self.out_dir, self.options, self.recipe, self.ctx = data_dir, out_dir, options, recipe, ctx
         self.events, self.is_main = ctx.events, ctx.ranks.is_main
-        self.fine_tuned_epochs, self.skipped, self.seconds = 0, [], {}
+        self.fine_tuned_epochs, self.skipped, self.seconds, self.model_summary = 0, [], {}, None
 
     def run(self, t0):
         """The steps of a run, in order; returns the TrainResult."""
@@ -153,9 +153,8 @@ class Job:
                 else ""
             )
         )
-        self.events.emit(
-            "model", name=recipe.model, parameters=count_parameters(model), summary=summary(model, recipe.image_size)
-        )
+        self.model_summary = summary(model, recipe.image_size)  # logged now, and shown by the report
+        self.events.emit("model", name=recipe.model, parameters=count_parameters(model), summary=self.model_summary)
         return model
 
     def train(self, model, train, val):
@@ -201,7 +200,7 @@ class Job:
             self.out_dir / rf.CURVES,
             title=f"{self.recipe.name} recipe: {len(train)} training images, {len(val)} validation",
         )
-        self.events(f"report: {write_report(self.out_dir)}")
+        self.events(f"report: {write_report(self.out_dir, model_summary=self.model_summary)}")
         if not result.interrupted:
             self.ctx.writer.finished()
         best = result.history[result.best_epoch - 1]

@@ -63,8 +63,7 @@ RECIPES = {
         keep="last",
         description="the Keras Rock-Paper-Scissors tutorial, exactly (slow on a CPU)",
     ),
-    # A small batch-norm CNN at 64 px: about 2 s per epoch on 2 CPU cores (benchmarks/time_to_accuracy.py
-    # prints its seconds per epoch, total time and test accuracy over 3 seeds).
+    # A small batch-norm CNN at 64 px, fast on a CPU (benchmarks/time_to_accuracy.py: time and test accuracy).
     "fast": Recipe(
         name="fast",
         model="fast-cnn",

@@ -88,7 +88,7 @@ def probe_features(model, train, val, recipe, run, flips=True):
     t = time.perf_counter()
     f_train, y_train = [extract_features(model, train, recipe, run)], [train.labels]
     g = torch.Generator().manual_seed(run.seed)
-    for _ in range(recipe.probe_views):  # the clean views too: on 160 px CGI -> real, rps/test 82% -> 87% with them
+    for _ in range(recipe.probe_views):  # with the clean views: better CGI -> real (benchmarks/README.md)
         f_train.append(augmented_features(model, train, recipe, run, g))
         y_train.append(train.labels)
     if flips:
