@@ -76,29 +76,14 @@ def test_events_spans_and_console_wording():
 
 @pytest.mark.slow
 def test_teach_follows_jobs_by_events_when_every_message_is_reworded(tmp_path, trained_model):
-    from test_teach import files, png, start_teach_server, wait_job
+    from test_teach import fast_teach_server, files, one_class_broken, png, wait_job
 
     hooks = tmp_path / "hooks"
     hooks.mkdir()
     (hooks / "sitecustomize.py").write_text(REWORD)
     data = tmp_path / "mine"
-    for name in ("dots", "blocks"):
-        (data / name).mkdir(parents=True)
-    for i in range(6):
-        draw_shape("circle", 40, np.random.default_rng(i)).save(data / "dots" / f"{i}.png")
-        (data / "blocks" / f"{i}.png").write_bytes(b"broken")  # counted as images, none can be decoded
-    server = start_teach_server(
-        "serve",
-        trained_model.model_path,
-        "--teach",
-        data,
-        "--teach-runs",
-        tmp_path / "runs",
-        "--teach-recipe",
-        "fast",
-        log=tmp_path / "serve.log",
-        env={"PYTHONPATH": str(hooks)},
-    )
+    one_class_broken(data, 6)
+    server = fast_teach_server(trained_model, data, tmp_path, env={"PYTHONPATH": str(hooks)})
     try:
         url = server.url
         failed = wait_job(url, httpx.post(url + "/teach/train").json()["id"])

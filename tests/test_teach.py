@@ -230,6 +230,31 @@ def start_teach_server(command, *args, log, cwd=None, env=None):
     return server
 
 
+def fast_teach_server(trained_model, data, tmp_path, env=None):
+    """`foldercnn serve MODEL --teach DATA` training the fast recipe, runs under tmp_path/runs."""
+    return start_teach_server(
+        "serve",
+        trained_model.model_path,
+        "--teach",
+        data,
+        "--teach-runs",
+        tmp_path / "runs",
+        "--teach-recipe",
+        "fast",
+        log=tmp_path / "serve.log",
+        env=env,
+    )
+
+
+def one_class_broken(data, count):
+    """dots/ with `count` circles, blocks/ with `count` files that are counted as images but cannot be decoded."""
+    for name in ("dots", "blocks"):
+        (data / name).mkdir(parents=True)
+    for i in range(count):
+        draw_shape("circle", 40, np.random.default_rng(i)).save(data / "dots" / f"{i}.png")
+        (data / "blocks" / f"{i}.png").write_bytes(b"broken")
+
+
 def wait_job(url, job_id, timeout=300):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -317,22 +342,8 @@ def test_teach_from_nothing_train_and_swap_while_predict_is_busy(tmp_path, train
 @pytest.mark.slow
 def test_a_failed_job_keeps_the_old_model_and_says_why(tmp_path, trained_model):
     data = tmp_path / "mine"
-    for name in ("dots", "blocks"):
-        (data / name).mkdir(parents=True)
-    for i in range(5):
-        draw_shape("circle", 40, np.random.default_rng(i)).save(data / "dots" / f"{i}.png")
-        (data / "blocks" / f"{i}.png").write_bytes(b"broken")  # counted as images, but none can be decoded
-    server = start_teach_server(
-        "serve",
-        trained_model.model_path,
-        "--teach",
-        data,
-        "--teach-runs",
-        tmp_path / "runs",
-        "--teach-recipe",
-        "fast",
-        log=tmp_path / "serve.log",
-    )
+    one_class_broken(data, 5)
+    server = fast_teach_server(trained_model, data, tmp_path)
     try:
         url = server.url
         r = httpx.post(url + "/teach/train")
@@ -414,18 +425,7 @@ def test_a_named_pipe_in_the_teaching_folder_does_not_stall_a_job(tmp_path, trai
             draw_shape(kind, 40, np.random.default_rng(i)).save(data / name / f"{i}.png")
     os.mkfifo(data / "dots" / "pipe.png")
     cache = tmp_path / "cache"
-    server = start_teach_server(
-        "serve",
-        trained_model.model_path,
-        "--teach",
-        data,
-        "--teach-runs",
-        tmp_path / "runs",
-        "--teach-recipe",
-        "fast",
-        log=tmp_path / "serve.log",
-        env={"FOLDERCNN_CACHE": str(cache)},
-    )
+    server = fast_teach_server(trained_model, data, tmp_path, env={"FOLDERCNN_CACHE": str(cache)})
     try:
         r = httpx.post(server.url + "/teach/train")
         assert r.status_code == 202, r.text

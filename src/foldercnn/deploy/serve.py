@@ -31,7 +31,7 @@ from ..models.load import load
 from ..models.onnx_model import OnnxClassifier
 from ..version import __version__
 from .teach_routes import LOOPBACK, add_teach_routes
-from .uploads import MB, Limits, RequestRefused, decode_upload, read_uploads
+from .uploads import MB, MULTIPART_FILES, Limits, RequestRefused, decode_upload, read_uploads
 
 DEFAULT_MAX_WAITING = 256
 log = logging.getLogger("foldercnn.serve")
@@ -102,20 +102,7 @@ PREDICT_DOCS = {
     "summary": "Classify one or more images",
     "description": "multipart/form-data with one or more files in the field `files`, e.g. "
     "`curl -F files=@hand.png http://127.0.0.1:8000/predict`. Answers one row per file, in order.",
-    "openapi_extra": {
-        "requestBody": {
-            "required": True,
-            "content": {
-                "multipart/form-data": {
-                    "schema": {
-                        "type": "object",
-                        "required": ["files"],
-                        "properties": {"files": {"type": "array", "items": {"type": "string", "format": "binary"}}},
-                    }
-                }
-            },
-        }
-    },
+    "openapi_extra": MULTIPART_FILES,
     "response_model": list[PredictionOut],
     "responses": {
         400: {"description": "corrupt or truncated image, too many pixels, empty file, no file, malformed body"},

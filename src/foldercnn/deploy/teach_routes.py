@@ -10,7 +10,7 @@ from fastapi import Body, Request
 from fastapi.responses import FileResponse, JSONResponse
 
 from .teach_folder import MIN_IMAGES_PER_CLASS, TeachError
-from .uploads import DRAIN_BYTES, decode_upload, drain, read_uploads
+from .uploads import DRAIN_BYTES, MULTIPART_FILES, decode_upload, drain, read_uploads
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")  # the names of this computer
 CHECK_SIZE = 32  # uploads are decoded once at this size to refuse what is not an image, as /predict does
@@ -56,20 +56,7 @@ IMAGE_UPLOAD_DOCS = dict(
     summary="Add images to a class: multipart/form-data, field `files`, the same limits as /predict. Frames of one "
     "recording share `burst` (1-24 lower-case letters or digits), which keeps them on one side of the "
     "validation split. Stored as JPEG under server-made names; returns their ids.",
-    openapi_extra={
-        "requestBody": {
-            "required": True,
-            "content": {
-                "multipart/form-data": {
-                    "schema": {
-                        "type": "object",
-                        "required": ["files"],
-                        "properties": {"files": {"type": "array", "items": {"type": "string", "format": "binary"}}},
-                    }
-                }
-            },
-        }
-    },
+    openapi_extra=MULTIPART_FILES,
 )
 
 

@@ -60,6 +60,22 @@ class RequestRefused(Exception):
 
 UploadError = RequestRefused
 
+# the OpenAPI request body of every upload route: multipart/form-data, one or more files in the field `files`
+MULTIPART_FILES = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["files"],
+                    "properties": {"files": {"type": "array", "items": {"type": "string", "format": "binary"}}},
+                }
+            }
+        },
+    }
+}
+
 
 @dataclass
 class Upload:
