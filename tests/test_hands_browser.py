@@ -6,16 +6,12 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
 from playwright.sync_api import expect
 
 from foldercnn.data import hands
-from foldercnn.models.file import save_model
-from foldercnn.models.preprocess import default_preprocessing
-from foldercnn.models.registry import create_model
 from test_serve_browser import VIEWPORTS, screenshot
-from testkit import running_server
+from testkit import running_server, untrained_hand_model
 
 pytestmark = [
     pytest.mark.browser,
@@ -34,17 +30,7 @@ def hand_photo():
 
 @pytest.fixture(scope="module")
 def hand_server(tmp_path_factory):
-    torch.manual_seed(0)
-    meta = {
-        "architecture": "hand-landmarks",
-        "arch_args": {},
-        "classes": ["paper", "rock", "scissors"],
-        "image_size": 256,
-        "preprocessing": default_preprocessing(fit="letterbox", hands=hands.describe_finder()),
-    }
-    path = save_model(
-        tmp_path_factory.mktemp("hands") / "model.safetensors", create_model("hand-landmarks", num_classes=3), meta
-    )
+    path = untrained_hand_model(tmp_path_factory.mktemp("hands") / "model.safetensors")
     with running_server(path, log=tmp_path_factory.mktemp("hands-browser") / "server.log") as s:
         yield s
 

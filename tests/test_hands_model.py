@@ -5,30 +5,18 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import foldercnn
 from foldercnn.data import hands
-from foldercnn.models.file import save_model
-from foldercnn.models.preprocess import default_preprocessing
-from foldercnn.models.registry import create_model
+from testkit import untrained_hand_model
 
 pytestmark = pytest.mark.skipif(not hands.available(), reason="MediaPipe Hands is not installed (foldercnn[hands])")
 
 
 @pytest.fixture(scope="module")
 def hand_model(tmp_path_factory):
-    torch.manual_seed(0)
-    model = create_model("hand-landmarks", num_classes=3)
-    meta = {
-        "architecture": "hand-landmarks",
-        "arch_args": {},
-        "classes": ["paper", "rock", "scissors"],
-        "image_size": 256,
-        "preprocessing": default_preprocessing(fit="letterbox", hands=hands.describe_finder()),
-    }
-    return save_model(tmp_path_factory.mktemp("hands") / "model.safetensors", model, meta)
+    return untrained_hand_model(tmp_path_factory.mktemp("hands") / "model.safetensors")
 
 
 @pytest.fixture(scope="module")

@@ -128,3 +128,24 @@ CHROMIUM_FLAGS = [
     "--disable-component-update",
     "--no-first-run",
 ]
+
+
+def untrained_hand_model(path):
+    """A model file of the hand-landmarks architecture with seeded, untrained weights (rock, paper, scissors)."""
+    import torch
+
+    from foldercnn.data import hands
+    from foldercnn.models.file import save_model
+    from foldercnn.models.preprocess import default_preprocessing
+    from foldercnn.models.registry import create_model
+
+    torch.manual_seed(0)
+    model = create_model("hand-landmarks", num_classes=3)
+    meta = {
+        "architecture": "hand-landmarks",
+        "arch_args": {},
+        "classes": ["paper", "rock", "scissors"],
+        "image_size": 256,
+        "preprocessing": default_preprocessing(fit="letterbox", hands=hands.describe_finder()),
+    }
+    return save_model(path, model, meta)
