@@ -44,6 +44,70 @@ def make_shapes(root, per_class=24, size=40, seed=0, classes=SHAPES, fmt="png"):
     return root
 
 
+PATTERNS = ("cross", "ring", "bars")
+DISTRACTOR_COLOURS = ((40, 90, 220), (30, 170, 60), (230, 200, 40))
+
+
+def _draw_pattern(draw, kind, box, colour):
+    x0, y0, x1, y1 = box
+    w = max(2, (x1 - x0) // 4)
+    if kind == "cross":
+        cx, cy = (x0 + x1) // 2, (y0 + y1) // 2
+        draw.rectangle([cx - w // 2, y0, cx + w // 2, y1 - 1], fill=colour)
+        draw.rectangle([x0, cy - w // 2, x1 - 1, cy + w // 2], fill=colour)
+    elif kind == "ring":
+        draw.rectangle([x0, y0, x1 - 1, y1 - 1], outline=colour, width=w)
+    else:
+        for y in range(y0, y1, 2 * w):
+            draw.rectangle([x0, y, x1 - 1, min(y + w, y1) - 1], fill=colour)
+
+
+def pointing_image(kind, size, rng, distractors=3):
+    """A noisy background, one red patch whose pattern is the class, and distractor patches of every pattern
+    in other colours: only the red patch decides. Returns (image, the red patch's box x0, y0, x1, y1)."""
+    base = rng.integers(90, 170, 3)
+    pixels = np.clip(base + rng.normal(0, 18, (size, size, 3)), 0, 255).astype(np.uint8)
+    im = Image.fromarray(pixels)
+    draw = ImageDraw.Draw(im)
+    side = max(8, size // 5)
+    boxes = []
+    while len(boxes) < distractors + 1:
+        x, y = (int(v) for v in rng.integers(0, size - side, 2))
+        box = (x, y, x + side, y + side)
+        if all(x + side <= b[0] or b[2] <= x or y + side <= b[1] or b[3] <= y for b in boxes):
+            boxes.append(box)
+    _draw_pattern(draw, kind, boxes[0], (220, 30, 30))
+    for box in boxes[1:]:
+        colour = DISTRACTOR_COLOURS[int(rng.integers(len(DISTRACTOR_COLOURS)))]
+        _draw_pattern(draw, PATTERNS[int(rng.integers(len(PATTERNS)))], box, colour)
+    return im, boxes[0]
+
+
+def make_pointing_set(root, per_class=60, size=64, seed=0):
+    """A folder of pointing_image()s (one sub-folder per pattern) and {relative path: box} of the red patches."""
+    rng = np.random.default_rng(seed)
+    root, boxes = Path(root), {}
+    for kind in PATTERNS:
+        (root / kind).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            im, box = pointing_image(kind, size, rng)
+            im.save(root / kind / f"{kind}{i:03d}.png")
+            boxes[f"{kind}/{kind}{i:03d}.png"] = box
+    return root, boxes
+
+
+def pointing_hits(maps, boxes, size, tolerance):
+    """Whether each map's maximum (upsampled to size x size) lies within `tolerance` pixels of its box."""
+    from foldercnn.models.explain import resize_maps
+
+    up = resize_maps(maps, size).numpy()
+    hits = []
+    for m, (x0, y0, x1, y1) in zip(up, boxes):
+        y, x = np.unravel_index(int(np.argmax(m)), m.shape)
+        hits.append(x0 - tolerance <= x < x1 + tolerance and y0 - tolerance <= y < y1 + tolerance)
+    return np.array(hits)
+
+
 def run_cli(*args, env=None, timeout=300):
     """Run the real `foldercnn` command in a subprocess."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}

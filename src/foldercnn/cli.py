@@ -101,7 +101,9 @@ def cmd_evaluate(args):
     from .evaluation.report import evaluate_to_folder
 
     _setup_runtime()
-    evs, report = evaluate_to_folder(args.model, args.data_dir, args.out, tta=True if args.tta else None)
+    evs, report = evaluate_to_folder(
+        args.model, args.data_dir, args.out, tta=True if args.tta else None, subject_mask=args.subject_mask
+    )
     if args.json:
         print(json.dumps(evs[0].to_dict() if len(evs) == 1 else [ev.to_dict() for ev in evs]))
     else:
@@ -134,7 +136,7 @@ def cmd_predict(args):
 
     if not is_onnx(args.model):  # an ONNX model runs on onnxruntime: PyTorch is not even imported
         _setup_runtime()
-    predictions, skipped = predict_paths(load(args.model), args.paths)
+    predictions, skipped = predict_paths(load(args.model), args.paths, explain_dir=args.explain)
     for path, reason in skipped:
         print(f"skipped {path}: {reason}", file=sys.stderr)
     if args.json:
@@ -152,6 +154,8 @@ def cmd_predict(args):
             print(f"{p.path}: {p.label} ({p.probability:.1%}){flag}   [{others}]")
     if not predictions:
         raise FolderCNNError("no images to classify" + (" (every file was skipped)" if skipped else ""))
+    if args.explain:
+        print(f"wrote {len(predictions)} pictures of where the model looked to {args.explain}", file=sys.stderr)
 
 
 def cmd_demo(args):

@@ -183,6 +183,13 @@ def build_parser():
         "report.html here (give the run folder to complete its report)",
     )
     p.add_argument("--tta", action="store_true", help="average each prediction with its mirror image's")
+    p.add_argument(
+        "--subject-mask",
+        choices=("auto", "green", "plain", "off"),
+        default="auto",
+        help="how to find the subject for 'does it look at the subject?': auto (a green screen by its colour, "
+        "another plain background by its border; default), green, plain, or off (not measured)",
+    )
 
     p = sub.add_parser("report", help="re-create RUN_DIR/report.html from the files in the run folder")
     p.add_argument("run_dir")
@@ -193,6 +200,12 @@ def build_parser():
     p.add_argument("paths", nargs="+", metavar="PATH")
     p.add_argument("--json", action="store_true", help="print a JSON list")
     p.add_argument("--top-k", type=whole(1, 10_000), help="show only the K most probable classes")
+    p.add_argument(
+        "--explain",
+        metavar="OUT_DIR",
+        help="also write one PNG per image to OUT_DIR: where the model looked (a heat map; for a hands model the "
+        "skeleton) with its answer in the corner",
+    )
 
     p = sub.add_parser("export", help="write an ONNX file with the preprocessing inside (and an int8 copy)")
     p.add_argument("model")

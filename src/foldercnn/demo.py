@@ -215,7 +215,7 @@ def _evaluate_test(classifier, test_dir, out, outputs, log):
     log(f"\n== 3. evaluate on the test set {test_dir} (never used to train, choose or calibrate the model)")
     ev = evaluate_folder(classifier, test_dir)
     log(format_evaluation(ev))
-    save_evaluation(ev, out)
+    save_evaluation(ev, out, classifier=classifier)
     outputs["test evaluation"] = out / rf.EVALUATION
     outputs["confusion matrix"] = out / rf.CONFUSION
     outputs["worst mistakes"] = out / rf.MISTAKES

@@ -31,7 +31,7 @@ def write_text(path, text):
         Path(tmp).write_text(text, encoding="utf-8")
 
 
-def check_out_dir(out_dir, data_dirs):
+def check_out_dir(out_dir, data_dirs, flag="--out"):
     """Refuse an output folder inside a data folder (foldercnn never writes into the user's data)."""
     out = Path(out_dir).resolve()
     for d in data_dirs:
@@ -40,10 +40,10 @@ def check_out_dir(out_dir, data_dirs):
             if out == d or d in out.parents:
                 raise FolderCNNError(
                     f"the output folder {out_dir} is inside the data folder {d}; "
-                    "foldercnn never writes into your data. Choose another --out"
+                    f"foldercnn never writes into your data. Choose another {flag}"
                 )
     if out.exists() and not out.is_dir():
-        raise OptionError("out", f"{out_dir} exists and is not a folder")
+        raise OptionError(flag.lstrip("-").replace("-", "_"), f"{out_dir} exists and is not a folder")
 
 
 def read_json(path):

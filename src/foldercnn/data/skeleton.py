@@ -30,14 +30,20 @@ SKELETON = (
 
 def draw_skeleton(rgb, hand, colour=(34, 197, 94)):
     """A copy of an (H, W, 3) uint8 image with the hand's 21 points and bones drawn on it (for previews)."""
+    if hand is None:
+        return np.asarray(rgb).copy()
+    return draw_points(rgb, hand.points[:, :2], colour)
+
+
+def draw_points(rgb, points, colour=(34, 197, 94)):
+    """A copy of an (H, W, 3) uint8 image with 21 points ((21, 2) x, y as fractions of width and height) and the
+    bones between them drawn on it."""
     from PIL import Image, ImageDraw
 
     im = Image.fromarray(np.ascontiguousarray(rgb))
-    if hand is None:
-        return np.asarray(im).copy()
     draw = ImageDraw.Draw(im)
     h, w = rgb.shape[:2]
-    xy = [(float(x) * w, float(y) * h) for x, y in hand.points[:, :2]]
+    xy = [(float(x) * w, float(y) * h) for x, y in np.asarray(points)[:, :2]]
     width = max(1, round(max(h, w) / 100))
     for a, b in SKELETON:
         draw.line([xy[a], xy[b]], fill=colour, width=width)

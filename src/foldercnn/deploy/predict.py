@@ -2,8 +2,14 @@
 
 from pathlib import Path
 
+from PIL import Image
+
 from ..data.decode import decode_images, walk_images
+from ..data.images import ImageDecodeError
 from ..errors import FolderCNNError
+from ..evaluation.overlays import explained_picture, photo
+from ..files import atomic_path, check_out_dir
+from ..models.onnx_model import NO_EXPLANATIONS
 
 
 def expand_paths(paths):
@@ -19,13 +25,43 @@ def expand_paths(paths):
     return found, skipped
 
 
-def predict_paths(classifier, paths, batch_size=64):
+def predict_paths(classifier, paths, batch_size=64, explain_dir=None):
     """Predict every image under `paths` with a Classifier or an OnnxClassifier; returns
-    (predictions, [(path, reason)] skipped)."""
+    (predictions, [(path, reason)] skipped). explain_dir: also write one picture per image there (write_pictures)."""
+    if explain_dir is not None:
+        if not classifier.explains:
+            raise FolderCNNError(NO_EXPLANATIONS)
+        check_out_dir(explain_dir, [p if p.is_dir() else p.parent for p in map(Path, paths)], flag="--explain")
     files, skipped = expand_paths(paths)
     array, good, bad = decode_images(files, classifier.image_size, desc="reading images")
     skipped += [(files[i], reason) for i, reason in bad]
-    return classifier.predict_arrays(array, [files[i] for i in good], batch_size), skipped
+    named = [files[i] for i in good]
+    if explain_dir is None:
+        return classifier.predict_arrays(array, named, batch_size), skipped
+    predictions, maps = classifier.explain_arrays(array, named, batch_size)
+    skipped += write_pictures(predictions, maps, explain_dir)
+    return predictions, skipped
+
+
+def picture_name(i, path):
+    return f"{i + 1:04d}-{Path(path).stem}.png"  # numbered: two folders may hold files of the same name
+
+
+def write_pictures(predictions, maps, out_dir):
+    """One PNG per prediction in OUT_DIR (the photo with where the model looked); [(path, reason)] of images that
+    changed or went since they were read."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    failed = []
+    for i, p in enumerate(predictions):
+        try:
+            picture = explained_picture(photo(p.path), p, None if maps is None else maps[i])
+        except ImageDecodeError as e:
+            failed.append((p.path, f"no picture: {e}"))
+            continue
+        with atomic_path(out_dir / picture_name(i, p.path)) as tmp:
+            Image.fromarray(picture).save(tmp, format="PNG")
+    return failed
 
 
 def prediction_rows(predictions, top_k=None):

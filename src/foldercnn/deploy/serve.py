@@ -26,9 +26,10 @@ from starlette.requests import ClientDisconnect
 from .. import runtime
 from ..errors import FolderCNNError, OptionError
 from ..evaluation.headline import headline
+from ..models.explain import explanation_json
 from ..models.inference import Classifier
 from ..models.load import load
-from ..models.onnx_model import OnnxClassifier
+from ..models.onnx_model import NO_EXPLANATIONS, OnnxClassifier
 from ..version import __version__
 from .teach_routes import LOOPBACK, add_teach_routes
 from .uploads import MB, MULTIPART_FILES, Limits, RequestRefused, decode_upload, read_uploads
@@ -48,13 +49,22 @@ class Service:
         self.pending = 0  # admitted requests (only touched on the event loop, so no lock)
         self.pool = None  # created when the app starts, shut down when it stops
 
-    def classify(self, uploads):
-        """Runs in a pool thread: decode every upload, one forward pass for the request, one row per file.
-        The model is read once: a request in flight finishes on the model it started with when teaching swaps
-        in a new one."""
-        classifier = self.classifier
+    def classify(self, uploads, classifier, explain=False):
+        """Runs in a pool thread: decode every upload, one forward pass for the request, one row per file (with
+        explain, where the model looked). The caller reads the model once: a request in flight finishes on the
+        model it started with when teaching swaps in a new one."""
         arrays = np.stack([decode_upload(u, classifier.image_size) for u in uploads])
-        return [{"filename": u.filename, **p.to_dict()} for u, p in zip(uploads, classifier.predict_arrays(arrays))]
+        if not explain:
+            return [{"filename": u.filename, **p.to_dict()} for u, p in zip(uploads, classifier.predict_arrays(arrays))]
+        predictions, maps = classifier.explain_arrays(arrays)
+        return [
+            {
+                "filename": u.filename,
+                **p.to_dict(),
+                "explanation": explanation_json(p, None if maps is None else maps[i]),
+            }
+            for i, (u, p) in enumerate(zip(uploads, predictions))
+        ]
 
     def swap(self, model_path):
         """Load a new model file and serve it from the next request on (one reference assignment: atomic)."""
@@ -68,8 +78,12 @@ class Service:
     async def predict(self, request):
         if self.pool is None:
             raise RuntimeError("the app has not started: run it under uvicorn, or as `with TestClient(app)`")
-        if self.classifier is None:
+        classifier = self.classifier
+        if classifier is None:
             raise RequestRefused(409, NO_MODEL)
+        explain = explain_flag(request.query_params.get("explain"))
+        if explain and not classifier.explains:
+            raise RequestRefused(400, NO_EXPLANATIONS)
         if self.pending >= self.max_pending:
             raise RequestRefused(
                 503, f"server busy: {self.pending} requests in progress; retry shortly", headers={"Retry-After": "1"}
@@ -78,12 +92,30 @@ class Service:
         try:
             async with self.slots:
                 uploads = await read_uploads(request, self.limits)
-                results = await self.run(self.classify, uploads)
+                results = await self.run(self.classify, uploads, classifier, explain)
             return JSONResponse(results)
         except ClientDisconnect:  # nobody is left to read an answer
             raise RequestRefused(400, "client disconnected") from None
         finally:
             self.pending -= 1
+
+
+def explain_flag(value):
+    """The `explain` query parameter: absent, 0/false: no; 1/true: yes; anything else is refused."""
+    if value is None or value.lower() in ("0", "false", ""):
+        return False
+    if value.lower() in ("1", "true"):
+        return True
+    raise RequestRefused(400, f"explain must be 0 or 1, got {value[:40]!r}")
+
+
+class ExplanationOut(BaseModel):
+    """Where the model looked (POST /predict?explain=1)."""
+
+    kind: str  # "map": an image model's class activation map; "skeleton": a hands model's 21 landmarks
+    method: str | None = None  # for maps: "grad-cam"
+    grid: list[list[float]] | None = None  # for maps: 16 rows of 16 values in [0, 1] over the whole image, top first
+    points: list[list[float]] | None = None  # for skeletons: 21 [x, y], fractions of the letterboxed square; or null
 
 
 class PredictionOut(BaseModel):
@@ -96,12 +128,16 @@ class PredictionOut(BaseModel):
     uncertain: bool
     unfamiliar: bool | None = None  # null: the model file has no unfamiliarity score (older files)
     unfamiliarity: float | None = None  # score / threshold; above 1 means unfamiliar
+    explanation: ExplanationOut | None = None  # only with ?explain=1
 
 
 PREDICT_DOCS = {
     "summary": "Classify one or more images",
     "description": "multipart/form-data with one or more files in the field `files`, e.g. "
-    "`curl -F files=@hand.png http://127.0.0.1:8000/predict`. Answers one row per file, in order.",
+    "`curl -F files=@hand.png http://127.0.0.1:8000/predict`. Answers one row per file, in order. "
+    "With `?explain=1` each row also has `explanation`: where the model looked, for its predicted class (a 16 x 16 "
+    "grid of 0-1 values over the whole image for image models, the 21 hand points for hands models; refused with "
+    "400 for an exported .onnx model).",
     "openapi_extra": MULTIPART_FILES,
     "response_model": list[PredictionOut],
     "responses": {
@@ -243,7 +279,7 @@ def add_model_routes(app, service, page):
         current = service.classifier
         if current is None:
             raise RequestRefused(404, NO_MODEL)
-        return {**current.metadata, "headline": headline(current.metadata, current.path)}
+        return {**current.metadata, "headline": headline(current.metadata, current.path), "explains": current.explains}
 
     @app.get("/healthz", summary="Liveness: 200 while the server runs")
     async def healthz():

@@ -37,6 +37,7 @@ def format_evaluation(ev):
             f"holding {u['errors_flagged']} of the {u['errors']} mistakes"
         )
     lines += format_flags(ev.flags)
+    lines += format_looking(ev.looking)
     wrong = ev.mistakes(5)
     if wrong:
         lines.append("most confident mistakes:")
@@ -46,6 +47,17 @@ def format_evaluation(ev):
     if len(ev.skipped) > 10:
         lines.append(f"... and {len(ev.skipped) - 10} more skipped")
     return "\n".join(lines)
+
+
+def format_looking(looking):
+    if not looking or looking.get("share") is None:
+        return []
+    mistakes = looking.get("share_mistakes")
+    return [
+        f"where it looked: {looking['share']:.1%} of its {looking['measured']} on the subject, on {looking['n']} "
+        f"images with a plain background (the subject covers {looking['subject_area']:.1%} of them)"
+        + (f"; on the {looking['n_mistakes']} mistakes {mistakes:.1%}" if mistakes is not None else "")
+    ]
 
 
 def _fmt(x, pct=True):

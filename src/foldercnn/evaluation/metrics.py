@@ -21,6 +21,7 @@ from .formatting import (  # noqa: F401 (moved there; imported from here too)
     format_folder_table,
     table_header,
 )
+from .looking import looking_summary
 
 
 @dataclass
@@ -46,6 +47,7 @@ class Evaluation:
     seconds: float = 0.0
     answered: list | None = None  # landmark models: whether a hand was found in each image (None: every image answered)
     hands: dict | None = None  # landmark models: coverage and accuracy where a hand was found
+    looking: dict | None = None  # looking.looking_summary: where it looked, against the subject's mask
 
     def rows(self):
         """One dict per image: path, true and predicted class, the top and the true class's probability."""
@@ -94,6 +96,7 @@ class Evaluation:
             "tta": self.tta,
             "seconds": self.seconds,
             **({"hands": self.hands} if self.hands is not None else {}),
+            **({"looking": self.looking} if self.looking is not None else {}),
         }
 
 
@@ -249,10 +252,12 @@ def hand_summary(found, y_true, y_pred):
     }
 
 
-def evaluate_folder(classifier, data_dir, tta=None):
+def evaluate_folder(classifier, data_dir, tta=None, subject_mask="auto"):
     """Evaluate a loaded Classifier on DATA_DIR (class folders must be among the model's classes).
 
     tta: True/False forces flip test-time augmentation on/off; None uses what the model file says.
+    subject_mask: how to find the subject for "does it look at the subject?" (data.subjects.HOW; "off": not
+    measured, no explanation pass).
     """
     start = time.perf_counter()
     folder = scan_folder(data_dir, classes=classifier.classes, min_classes=1)
@@ -264,6 +269,8 @@ def evaluate_folder(classifier, data_dir, tta=None):
             unfamiliarity = torch.zeros(len(logits))
     else:  # an exported model: every image is answered
         (logits, unfamiliarity), found = classifier.logits_and_unfamiliarity(data.images, tta=used_tta), None
+    y_pred = torch.where(torch.as_tensor(found.found), logits.argmax(1), -1) if found is not None else None
+    looking = looking_summary(classifier, data.images, data.labels.tolist(), subject_mask, found, y_pred)
     return evaluation_from_logits(
         logits,
         data.labels.tolist(),
@@ -277,5 +284,6 @@ def evaluate_folder(classifier, data_dir, tta=None):
         data_dir=str(data_dir),
         model_path=getattr(classifier, "path", None),
         tta=used_tta,
+        looking=looking,
         seconds=time.perf_counter() - start,
     )

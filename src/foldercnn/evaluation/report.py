@@ -16,6 +16,7 @@ from ..models.summary import summary
 from ..plots import confusion_matrix_plot, mistakes_gallery, reliability_diagram
 from .headline import usable_evaluation
 from .metrics import evaluate_folder, folder_row
+from .overlays import explained_picture
 from .report_html import render_report
 
 MISTAKE_THUMB = 160
@@ -28,8 +29,29 @@ def _thumbnail(path):
         return np.full((MISTAKE_THUMB, MISTAKE_THUMB, 3), 200, np.uint8)
 
 
-def save_evaluation(ev, out_dir, n_mistakes=12):
-    """evaluation.json plus confusion.png, mistakes.png and calibration.png in OUT_DIR."""
+def mistake_pictures(mistakes, classifier=None):
+    """The mistakes' images; with a classifier that can explain, each with where it looked (heat map or skeleton)."""
+    thumbs = [_thumbnail(m["path"]) for m in mistakes]
+    if not mistakes or classifier is None or not getattr(classifier, "explains", None):
+        return thumbs
+    arrays = np.stack([decode_or(m["path"], classifier.image_size, t) for m, t in zip(mistakes, thumbs)])
+    predictions, maps = classifier.explain_arrays(arrays)
+    return [
+        explained_picture(t, p, None if maps is None else maps[i], caption=False)
+        for i, (t, p) in enumerate(zip(thumbs, predictions))
+    ]
+
+
+def decode_or(path, size, fallback):
+    try:
+        return decode(path, size)
+    except (ImageDecodeError, OSError):
+        return decode(fallback, size)
+
+
+def save_evaluation(ev, out_dir, n_mistakes=12, classifier=None):
+    """evaluation.json plus confusion.png, mistakes.png (with where `classifier` looked, when given) and
+    calibration.png in OUT_DIR."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     name = Path(ev.data_dir).name if ev.data_dir else "evaluation"
@@ -38,7 +60,7 @@ def save_evaluation(ev, out_dir, n_mistakes=12):
         ev.confusion, ev.classes, out_dir / rf.CONFUSION, title=f"Confusion matrix on {name}/ ({ev.n} images)"
     )
     mistakes = ev.mistakes(n_mistakes)
-    mistakes_gallery([_thumbnail(m["path"]) for m in mistakes], mistakes, out_dir / rf.MISTAKES, ev.n)
+    mistakes_gallery(mistake_pictures(mistakes, classifier), mistakes, out_dir / rf.MISTAKES, ev.n)
     reliability_diagram(
         ev.calibration,
         out_dir / rf.CALIBRATION,
@@ -47,7 +69,7 @@ def save_evaluation(ev, out_dir, n_mistakes=12):
     return out_dir
 
 
-def evaluate_to_folder(model_path, data_dirs, out_dir=None, tta=None):
+def evaluate_to_folder(model_path, data_dirs, out_dir=None, tta=None, subject_mask="auto"):
     """Evaluate a model file on one or more labelled folders; with OUT_DIR also write the figures and (re)write
     report.html there. The first folder is the test folder (evaluation.json, figures, the headline); the others
     ("other photos": other people, rooms, cameras) get one summary row each in other_folders.json.
@@ -58,10 +80,10 @@ def evaluate_to_folder(model_path, data_dirs, out_dir=None, tta=None):
     if out_dir is not None:
         check_out_dir(out_dir, data_dirs)
     classifier = load(model_path)
-    evs = [evaluate_folder(classifier, d, tta=tta) for d in data_dirs]
+    evs = [evaluate_folder(classifier, d, tta=tta, subject_mask=subject_mask) for d in data_dirs]
     if out_dir is None:
         return evs, None
-    save_evaluation(evs[0], out_dir)
+    save_evaluation(evs[0], out_dir, classifier=classifier)
     save_other_folders(evs[1:], out_dir)
     return evs, write_report(out_dir, model_path)
 

@@ -23,6 +23,15 @@ def _summary_cards(meta, ev):
         cards.append(
             _card(f"{ev['calibration']['calibrated']['ece']:.3f}", "expected calibration error on test (0 is perfect)")
         )
+        looking = ev.get("looking") or {}
+        if looking.get("share") is not None:
+            cards.append(
+                _card(
+                    _pct(looking["share"]),
+                    f"of where it looked was on the subject ({looking['n']} test images with a plain background; "
+                    f"the subject covers {_pct(looking['subject_area'])} of them)",
+                )
+            )
         f = ev.get("flags") or {}
         if f.get("share_unfamiliar") is not None:
             cards.append(
@@ -226,6 +235,25 @@ def _flags_text(meta, ev):
     return "".join(out)
 
 
+def _looking_text(ev):
+    """What the mistakes' pictures show, and "does it look at the subject?" when it was measured."""
+    text = (
+        "<p>Each picture shows where the model looked for the class it chose: a heat map of the places that raised "
+        "that class most (Grad-CAM; red: most), or for a hands model the 21 points it read.</p>"
+    )
+    looking = ev.get("looking") or {}
+    if looking.get("share") is None:
+        return text
+    mistakes = looking.get("share_mistakes")
+    return text + (
+        f"<p>Does it look at the subject? On the {looking['n']} test images whose background let the subject be "
+        f"masked, <b>{_pct(looking['share'])}</b> of its {_esc(looking['measured'])} lay on the subject, which covers "
+        f"{_pct(looking['subject_area'])} of the picture (a map spread evenly would get that share)"
+        + (f"; on its {looking['n_mistakes']} mistakes {_pct(mistakes)}" if mistakes is not None else "")
+        + ".</p>"
+    )
+
+
 def _evaluation_section(run, meta, ev):
     out = ["<h2>5. How good is it? The test images</h2>"]
     if not ev:
@@ -267,7 +295,8 @@ def _evaluation_section(run, meta, ev):
         )
     )
     out.append(_img(run / rf.CONFUSION, "confusion matrix"))
-    out.append("<h3>The most confident mistakes</h3>" + _img(run / rf.MISTAKES, "wrongly classified test images"))
+    out.append("<h3>The most confident mistakes</h3>" + _looking_text(ev))
+    out.append(_img(run / rf.MISTAKES, "wrongly classified test images, with where the model looked"))
     out.append("<h3>Calibration: does 90% sure mean right 9 times in 10?</h3>" + _calibration_text(meta, ev))
     out.append(_img(run / rf.CALIBRATION, "reliability diagram before and after temperature scaling"))
     out.append("<h3>Warnings: uncertain and unfamiliar</h3>" + _flags_text(meta, ev))

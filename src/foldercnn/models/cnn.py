@@ -27,6 +27,23 @@ class SequentialClassifier(nn.Sequential):
             x = layer(x)
         return x
 
+    def _map_end(self):
+        """Index of the last max-pool: the layers before it end with the last convolution."""
+        return max(i for i, layer in enumerate(self) if isinstance(layer, nn.MaxPool2d))
+
+    def feature_map(self, x):
+        """(N, C, h, w): the last convolution's output, before its pooling (what explanations weigh)."""
+        for layer in list(self)[: self._map_end()]:
+            x = layer(x)
+        return x
+
+    def pool_features(self, feature_map):
+        """The penultimate features from feature_map's output: features(x) == pool_features(feature_map(x))."""
+        x = feature_map
+        for layer in list(self)[self._map_end() : -1]:
+            x = layer(x)
+        return x
+
     def freeze_for_fine_tuning(self, blocks):
         raise FolderCNNError(f"{type(self).__name__} has no pretrained blocks to fine-tune")
 

@@ -149,13 +149,19 @@ class EfficientNetLite(nn.Module):
         self.frozen_bn = False
         return self
 
-    def features(self, x):
-        """(N, 3, H, W) normalised images -> (N, 1280) pooled features."""
+    def feature_map(self, x):
+        """(N, 3, H, W) normalised images -> (N, 1280, H/32, W/32): the head convolution's output."""
         x = torch.nn.functional.relu6(self._bn0(self._conv_stem(x)))
         for block in self._blocks:
             x = block(x)
-        x = torch.nn.functional.relu6(self._bn1(self._conv_head(x)))
-        return x.mean((2, 3))
+        return torch.nn.functional.relu6(self._bn1(self._conv_head(x)))
+
+    def pool_features(self, feature_map):
+        return feature_map.mean((2, 3))
+
+    def features(self, x):
+        """(N, 3, H, W) normalised images -> (N, 1280) pooled features."""
+        return self.pool_features(self.feature_map(x))
 
     def forward(self, x):
         return self._fc(self._dropout(self.features(x)))

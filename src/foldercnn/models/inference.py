@@ -4,10 +4,11 @@ and training's calibration."""
 import numpy as np
 import torch
 
+from .explain import batched_explanations
 from .file import load_model_file
 from .prediction import DEFAULT_UNCERTAIN_BELOW, ImagePredictor, Prediction  # noqa: F401 (re-exported)
 from .preprocess import decode_size, eval_batches
-from .registry import inference_batch
+from .registry import get_spec, inference_batch
 from .tta import predict_logits_and_features
 
 
@@ -77,6 +78,7 @@ class Classifier(ImagePredictor):
         self.temperature = float(calibration.get("temperature", 1.0))
         self.uncertain_below = float(calibration.get("uncertain_below", DEFAULT_UNCERTAIN_BELOW))
         self.max_batch = inference_batch(metadata["architecture"], self.image_size)
+        self.explains = get_spec(metadata["architecture"]).explanation  # "map" or "skeleton"
 
     def logits(self, images_uint8_nhwc, batch_size=64, tta=None):
         """(N, S, S, 3) uint8 tensor -> (N, classes) float32 logits (before temperature scaling).
@@ -134,6 +136,19 @@ class Classifier(ImagePredictor):
             for i, p in enumerate(predictions):
                 p.set_hand(found.hand(i))
         return predictions
+
+    def explain_arrays(self, arrays_uint8_nhwc, paths=None, batch_size=64, method=None):
+        """(N Predictions, (N, h, w) float32 maps in [0, 1] or None) from one pass: an image model's class
+        activation maps for its predicted classes; a landmark model's explanation is the hand it found
+        (Prediction.hand), so its maps are None."""
+        images = torch.from_numpy(np.ascontiguousarray(arrays_uint8_nhwc))
+        if takes_hands(self.model):
+            return self.predictions(images, paths, batch_size), None
+        batch = min(batch_size, self.max_batch)
+        ex = batched_explanations(self.model, images, self.mean, self.std, self.device, self.tta, batch, method)
+        unfamiliarity = None if self.unfamiliarity is None else self.unfamiliarity.unfamiliarity(ex.features).tolist()
+        probs = torch.softmax(ex.logits / self.temperature, dim=1)
+        return self.make_predictions(probs.tolist(), unfamiliarity, paths), ex.maps.numpy()
 
     def predict_arrays(self, arrays_uint8_nhwc, paths=None, batch_size=64):
         """(N, S, S, 3) uint8 numpy array of decoded images -> N Predictions (the serve and predict path)."""

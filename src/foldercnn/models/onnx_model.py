@@ -20,6 +20,7 @@ from ..errors import FolderCNNError
 from .prediction import ImagePredictor
 
 INPUT = "images"
+NO_EXPLANATIONS = "an exported .onnx model carries no explanations: explain with its .safetensors model file"
 REQUIRED_PROPS = ("classes", "image_size", "preprocessing", "temperature", "uncertain_below")
 
 
@@ -69,6 +70,7 @@ class OnnxClassifier(ImagePredictor):
             raise FolderCNNError(f"{path}: expected one uint8 input named '{INPUT}'")
         self.has_unfamiliarity = "unfamiliarity" in {o.name for o in self.session.get_outputs()}
         self.path = str(path)
+        self.explains = None  # the graph ends at the probabilities: no class activation maps
         self.metadata = {
             **props,
             "classes": self.classes,
@@ -99,6 +101,9 @@ class OnnxClassifier(ImagePredictor):
     def predict_arrays(self, arrays_uint8_nhwc, paths=None, batch_size=64):
         probs, unfamiliarity = self.outputs(arrays_uint8_nhwc, batch_size)
         return self.make_predictions(probs, unfamiliarity, paths)
+
+    def explain_arrays(self, arrays_uint8_nhwc, paths=None, batch_size=64, method=None):
+        raise FolderCNNError(NO_EXPLANATIONS)
 
 
 def is_onnx(path):

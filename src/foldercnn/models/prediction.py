@@ -93,12 +93,17 @@ class ImageClassifier(Protocol):
     image_size: int
     metadata: dict
     path: str | None
+    explains: str | None  # "map", "skeleton", or None (an ONNX file: no explanations)
 
     def probabilities(self, images_uint8_nhwc: np.ndarray, batch_size: int = 64) -> np.ndarray: ...
 
     def predict_arrays(
         self, arrays_uint8_nhwc: np.ndarray, paths: list | None = None, batch_size: int = 64
     ) -> list["Prediction"]: ...
+
+    def explain_arrays(
+        self, arrays_uint8_nhwc: np.ndarray, paths: list | None = None, batch_size: int = 64, method: str | None = None
+    ) -> tuple[list["Prediction"], np.ndarray | None]: ...
 
     def predict(self, image: Any) -> "Prediction": ...
 

@@ -7,6 +7,8 @@ and the model-file checks ask the registry instead of knowing any architecture.
 Every network built here implements one small interface:
     model(x) -> logits            model.features(x) -> (N, D) penultimate features
     model.head -> nn.Linear       model.freeze_for_fine_tuning(blocks) / model.unfreeze()
+    image models also: model.feature_map(x) -> (N, C, h, w) last convolution's output, and
+    model.pool_features(map) -> (N, D), so that features(x) == pool_features(feature_map(x)) (explanations)
 """
 
 import functools
@@ -37,6 +39,7 @@ class ModelSpec:
     fit: str = "squash"  # how images are brought to the input size: "squash" or "letterbox" (keeps the shape)
     unfamiliarity: bool = True  # the distance of its features from the training images' says something
     sized_by_input: bool = False  # its layers depend on the input size: image_size is always one of its args
+    explanation: str = "map"  # what shows where it looked: "map" (class activation map) or "skeleton" (landmarks)
     # peak activation bytes per input pixel in inference, so that batches fit a memory budget whatever image
     # size a model file asks for (benchmarks/hostile.py measures the peak)
     activation_bytes_per_pixel: int = 600
@@ -202,5 +205,6 @@ register(
         input="hand-landmarks",
         fit="letterbox",
         unfamiliarity=False,
+        explanation="skeleton",
     )
 )
