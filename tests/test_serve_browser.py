@@ -7,6 +7,8 @@ import os
 import shutil
 from pathlib import Path
 
+import httpx
+import numpy as np
 import pytest
 from playwright.sync_api import expect
 
@@ -128,7 +130,47 @@ def test_camera_frames_are_classified_a_few_times_per_second(browser, server, tr
         rate = float(page.locator("#camera-rate").inner_text().split("·")[1].split()[0])
         assert 0 < rate <= 4, rate  # the page asks for at most ~3 frames a second, however fast the server is
         screenshot(page, tmp_path / "serve-desktop-camera.png", full_page=False)
+        assert page.locator("#video-box svg.heatmap").count() == 0
+        page.check("#explain-toggle")  # the live frames now come with where the model looked
+        expect(page.locator("#video-box svg.heatmap")).to_have_count(1, timeout=15_000)
+        expect(page.locator("#video-box svg.heatmap")).to_be_visible()
+        screenshot(page, tmp_path / "serve-desktop-camera-explained.png", full_page=False)
         page.click("#camera-button")
         assert page.locator("#camera").is_hidden()
     finally:
         camera_browser.close()
+
+
+@pytest.mark.parametrize("viewport", sorted(VIEWPORTS))
+def test_where_it_looked_toggle_overlays_the_map_of_the_answer(browser, server, shapes_dirs, tmp_path, viewport):
+    image = sorted((shapes_dirs[1] / "triangle").glob("*.png"))[3]
+    with open(image, "rb") as f:
+        grid = np.array(
+            httpx.post(server.url + "/predict?explain=1", files={"files": f}, timeout=30).json()[0]["explanation"][
+                "grid"
+            ]
+        )
+    y, x = np.unravel_index(grid.argmax(), grid.shape)
+    where = ["top", "middle", "bottom"][min(2, 3 * y // 16)] + " " + ["left", "middle", "right"][min(2, 3 * x // 16)]
+    page = browser.new_page(viewport=VIEWPORTS[viewport])
+    try:
+        page.goto(server.url + "/")
+        page.wait_for_selector("#classes li", timeout=15_000)
+        page.set_input_files("#file-input", [str(image)])
+        expect(page.locator("#results .card.pending")).to_have_count(0, timeout=30_000)
+        assert page.locator("#results svg.heatmap").count() == 0  # off until asked for
+        expect(page.locator("#explain-label")).to_be_visible()
+        page.check("#explain-toggle")
+        page.set_input_files("#file-input", [str(image)])
+        expect(page.locator("#results .card")).to_have_count(2)
+        expect(page.locator("#results .card.pending")).to_have_count(0, timeout=30_000)
+        heat = page.locator("#results .card").first.locator("svg.heatmap")
+        expect(heat).to_be_visible()
+        assert heat.get_attribute("aria-label") == "where the model looked most: " + where
+        box, img = heat.bounding_box(), page.locator("#results .card").first.locator("img").bounding_box()
+        assert abs(box["width"] - img["width"]) < 2 and abs(box["height"] - img["height"]) < 2  # over the picture
+        screenshot(page, tmp_path / f"serve-{viewport}-explained.png")
+        page.uncheck("#explain-toggle")
+        expect(heat).to_be_hidden()
+    finally:
+        page.close()
