@@ -34,18 +34,25 @@ def green_border(colour):
     return colour[:, 1] - torch.maximum(colour[:, 0], colour[:, 2]) > GREEN_LEAD
 
 
-def subject_masks(images_uint8_nhwc, how="auto"):
-    """(N, H, W) float32 masks in [0, 1] (1: subject) and (N,) bool: which images got one."""
+def subject_masks(images_uint8_nhwc, how="auto", batch_size=64):
+    """(N, H, W) float32 masks in [0, 1] (1: subject) and (N,) bool: which images got one; in batches, so a
+    folder of photos never stands in memory as floats."""
     if how not in HOW:
         raise OptionError("subject_mask", f"must be one of {', '.join(HOW)}, got {how!r}")
-    x = _unit(images_uint8_nhwc)
-    n, _, h, w = x.shape
-    if how == "off" or n == 0:
-        return np.zeros((n, h, w), np.float32), np.zeros(n, bool)
+    n, h, w = images_uint8_nhwc.shape[:3]
+    masks, found = np.zeros((n, h, w), np.float32), np.zeros(n, bool)
+    if how == "off":
+        return masks, found
+    for start in range(0, n, batch_size):
+        part = slice(start, start + batch_size)
+        masks[part], found[part] = _masks(_unit(images_uint8_nhwc[part]), how)
+    return masks, found
+
+
+def _masks(x, how):
     plain, colour = plain_background(x)
     key = green_key(x)
-    green = torch.ones(n, dtype=torch.bool) if how == "green" else green_border(colour) & (how == "auto")
+    green = torch.ones(len(x), dtype=torch.bool) if how == "green" else green_border(colour) & (how == "auto")
     green &= (1 - key.mean((1, 2, 3))) >= MIN_SCREEN
     masks = torch.where(green[:, None, None, None], key, subject_mask(x, colour))
-    found = green | (plain & (how != "green"))
-    return masks[:, 0].numpy().astype(np.float32), found.numpy()
+    return masks[:, 0].numpy(), (green | (plain & (how != "green"))).numpy()

@@ -34,23 +34,21 @@ def _mean(values):
     return float(values.mean()) if len(values) else None
 
 
-def looking_summary(classifier, images, y_true, how="auto", hands=None, y_pred=None):
+def looking_summary(images, y_true, y_pred, how="auto", maps=None, hands=None):
     """{"share", "share_correct", "share_mistakes", "subject_area", counts ...} on the images with a subject mask,
-    or None when none has one (busy backgrounds, how="off") or the model file cannot explain (ONNX). A landmark
-    model's evaluation passes the hands it found (FoundHands) and its predicted class indices (-1: no hand)."""
-    if how == "off" or not getattr(classifier, "explains", None):
+    from an image model's maps or a landmark model's hands (FoundHands); None when no image has a mask (busy
+    backgrounds, how="off") or there is nothing to measure (an ONNX model: no maps). y_pred: -1 for no answer."""
+    if how == "off" or (maps is None and hands is None):
         return None
     masks, found = subject_masks(np.asarray(images), how)
     index = np.flatnonzero(found)
     if not len(index):
         return None
     if hands is not None:
-        share, predicted = point_share(hands.take(index), masks[index]), np.asarray(y_pred)[index]
+        share = point_share(hands.take(index), masks[index])
     else:
-        predictions, maps = classifier.explain_arrays(np.asarray(images)[index])
-        share = map_share(maps, masks[index])
-        predicted = np.array([classifier.classes.index(p.label) for p in predictions])
-    correct = predicted == np.asarray(y_true)[index]
+        share = map_share(maps[index], masks[index])
+    correct = np.asarray(y_pred)[index] == np.asarray(y_true)[index]
     return {
         "mask": how,
         "measured": "hand points" if hands is not None else "map mass",

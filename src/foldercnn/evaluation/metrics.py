@@ -263,14 +263,17 @@ def evaluate_folder(classifier, data_dir, tta=None, subject_mask="auto"):
     folder = scan_folder(data_dir, classes=classifier.classes, min_classes=1)
     data = load_folder(folder, classifier.image_size, require_every_class=False)
     used_tta = classifier.tta if tta is None else bool(tta)
-    if hasattr(classifier, "answers"):
+    maps = None
+    if hasattr(classifier, "answers_and_maps") and subject_mask != "off":  # the maps come from the same pass
+        logits, unfamiliarity, found, maps = classifier.answers_and_maps(data.images, tta=used_tta)
+    elif hasattr(classifier, "answers"):
         logits, unfamiliarity, found = classifier.answers(data.images, tta=used_tta)
-        if found is not None and unfamiliarity is None:  # a landmark model: unfamiliar means no hand found
-            unfamiliarity = torch.zeros(len(logits))
     else:  # an exported model: every image is answered
         (logits, unfamiliarity), found = classifier.logits_and_unfamiliarity(data.images, tta=used_tta), None
-    y_pred = torch.where(torch.as_tensor(found.found), logits.argmax(1), -1) if found is not None else None
-    looking = looking_summary(classifier, data.images, data.labels.tolist(), subject_mask, found, y_pred)
+    if found is not None and unfamiliarity is None:  # a landmark model: unfamiliar means no hand found
+        unfamiliarity = torch.zeros(len(logits))
+    y_pred = logits.argmax(1) if found is None else torch.where(torch.as_tensor(found.found), logits.argmax(1), -1)
+    looking = looking_summary(data.images, data.labels.tolist(), y_pred, subject_mask, maps, found)
     return evaluation_from_logits(
         logits,
         data.labels.tolist(),

@@ -137,6 +137,17 @@ class Classifier(ImagePredictor):
                 p.set_hand(found.hand(i))
         return predictions
 
+    def answers_and_maps(self, images_uint8_nhwc, batch_size=64, tta=None):
+        """answers() plus (N, h, w) float32 maps in [0, 1] of where an image model looked for its predicted class,
+        from the same pass (a landmark model: None; its explanation is the hand it found)."""
+        if takes_hands(self.model):
+            return (*self.answers(images_uint8_nhwc, batch_size, tta), None)
+        tta = self.tta if tta is None else tta
+        batch = min(batch_size, self.max_batch)
+        ex = batched_explanations(self.model, images_uint8_nhwc, self.mean, self.std, self.device, tta, batch)
+        unfamiliarity = None if self.unfamiliarity is None else self.unfamiliarity.unfamiliarity(ex.features)
+        return ex.logits, unfamiliarity, None, ex.maps.numpy()
+
     def explain_arrays(self, arrays_uint8_nhwc, paths=None, batch_size=64, method=None):
         """(N Predictions, (N, h, w) float32 maps in [0, 1] or None) from one pass: an image model's class
         activation maps for its predicted classes; a landmark model's explanation is the hand it found
