@@ -45,7 +45,8 @@ def make_shapes(root, per_class=24, size=40, seed=0, classes=SHAPES, fmt="png"):
 
 
 PATTERNS = ("cross", "ring", "bars")
-DISTRACTOR_COLOURS = ((40, 90, 220), (30, 170, 60), (230, 200, 40))
+CLUTTER = ("disc", "triangle", "block")  # distractor shapes: never a class's pattern
+PALETTE = ((220, 30, 30), (40, 90, 220), (30, 170, 60), (230, 200, 40))
 
 
 def _draw_pattern(draw, kind, box, colour):
@@ -57,14 +58,20 @@ def _draw_pattern(draw, kind, box, colour):
         draw.rectangle([x0, cy - w // 2, x1 - 1, cy + w // 2], fill=colour)
     elif kind == "ring":
         draw.rectangle([x0, y0, x1 - 1, y1 - 1], outline=colour, width=w)
-    else:
+    elif kind == "bars":
         for y in range(y0, y1, 2 * w):
             draw.rectangle([x0, y, x1 - 1, min(y + w, y1) - 1], fill=colour)
+    elif kind == "disc":
+        draw.ellipse([x0, y0, x1 - 1, y1 - 1], fill=colour)
+    elif kind == "triangle":
+        draw.polygon([((x0 + x1) // 2, y0), (x0, y1 - 1), (x1 - 1, y1 - 1)], fill=colour)
+    else:
+        draw.rectangle([x0 + w // 2, y0 + w // 2, x1 - 1 - w // 2, y1 - 1 - w // 2], fill=colour)
 
 
 def pointing_image(kind, size, rng, distractors=3):
-    """A noisy background, one red patch whose pattern is the class, and distractor patches of every pattern
-    in other colours: only the red patch decides. Returns (image, the red patch's box x0, y0, x1, y1)."""
+    """A noisy background, one red patch whose pattern is the class, and distractor shapes of the same size in
+    the same colours (red among them) at other places: only the patch decides. Returns (image, the patch's box x0, y0, x1, y1)."""
     base = rng.integers(90, 170, 3)
     pixels = np.clip(base + rng.normal(0, 18, (size, size, 3)), 0, 255).astype(np.uint8)
     im = Image.fromarray(pixels)
@@ -76,10 +83,9 @@ def pointing_image(kind, size, rng, distractors=3):
         box = (x, y, x + side, y + side)
         if all(x + side <= b[0] or b[2] <= x or y + side <= b[1] or b[3] <= y for b in boxes):
             boxes.append(box)
-    _draw_pattern(draw, kind, boxes[0], (220, 30, 30))
+    _draw_pattern(draw, kind, boxes[0], PALETTE[0])
     for box in boxes[1:]:
-        colour = DISTRACTOR_COLOURS[int(rng.integers(len(DISTRACTOR_COLOURS)))]
-        _draw_pattern(draw, PATTERNS[int(rng.integers(len(PATTERNS)))], box, colour)
+        _draw_pattern(draw, CLUTTER[int(rng.integers(len(CLUTTER)))], box, PALETTE[int(rng.integers(len(PALETTE)))])
     return im, boxes[0]
 
 

@@ -37,6 +37,10 @@ class SequentialClassifier(nn.Sequential):
             x = layer(x)
         return x
 
+    def map_layers(self):
+        """The layers that make feature_map's output, in order (where each map cell sits: explain.map_geometry)."""
+        return list(self)[: self._map_end()]
+
     def pool_features(self, feature_map):
         """The penultimate features from feature_map's output: features(x) == pool_features(feature_map(x))."""
         x = feature_map

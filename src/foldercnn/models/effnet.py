@@ -156,6 +156,9 @@ class EfficientNetLite(nn.Module):
             x = block(x)
         return torch.nn.functional.relu6(self._bn1(self._conv_head(x)))
 
+    def map_layers(self):
+        return [self._conv_stem, *self._blocks, self._conv_head]
+
     def pool_features(self, feature_map):
         return feature_map.mean((2, 3))
 

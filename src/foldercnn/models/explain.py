@@ -6,10 +6,12 @@ them: the map's gradient for the predicted class costs a backward pass through t
 benchmarks/explain.py measures the methods on a pointing game and the cost against a plain prediction.
 """
 
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..errors import FolderCNNError
 from .preprocess import eval_batches
@@ -17,6 +19,7 @@ from .preprocess import eval_batches
 METHODS = ("grad-cam", "grad-cam++", "layer-cam")
 DEFAULT_METHOD = "grad-cam"  # benchmarks/README.md, "Where the model looked": the pointing game chose it
 GRID = 16  # the side of the grid the API and the page get
+SIDE = 32  # maps leave batched_explanations as SIDE x SIDE over the whole image, whatever the architecture
 
 
 @dataclass
@@ -36,7 +39,38 @@ def check_method(method):
 
 
 def can_explain(model):
-    return hasattr(model, "feature_map") and hasattr(model, "pool_features")
+    return all(hasattr(model, name) for name in ("feature_map", "pool_features", "map_layers"))
+
+
+def map_geometry(layers, size):
+    """(origin, stride, cells): map cell i is centred on input pixel origin + stride * i, in pixel indices (pixel j's
+    centre is j). Traced through the convolutions and poolings: "valid" convolutions shrink the map's reach and
+    TensorFlow's "same" padding (EfficientNet) puts its extra pixel right and bottom, half a cell off the even
+    spread a plain resize assumes."""
+    origin, stride, n = 0.0, 1.0, size
+    for module in (m for layer in layers for m in layer.modules()):
+        if not isinstance(module, (nn.Conv2d, nn.MaxPool2d)):
+            continue
+        k, s, p = (v if isinstance(v, int) else v[0] for v in (module.kernel_size, module.stride, module.padding))
+        if type(module).__name__ == "Conv2dSame":
+            p = max((math.ceil(n / s) - 1) * s + k - n, 0) // 2
+            n_out = math.ceil(n / s)
+        else:
+            n_out = (n + 2 * p - k) // s + 1
+        origin, stride, n = origin + stride * ((k - 1) / 2 - p), stride * s, n_out
+    return origin, stride, n
+
+
+def canonical_maps(raw, geometry, size, side=SIDE):
+    """(N, h, w) maps of cells placed by map_geometry -> (N, side, side) over the whole size x size image, each
+    scaled to a peak of 1 (beyond the outermost cells, the edge value)."""
+    origin, stride, cells = geometry
+    centres = (torch.arange(side, dtype=torch.float32) + 0.5) * size / side - 0.5
+    q = (centres - origin) / stride  # in cells
+    g = 2 * q / max(cells - 1, 1) - 1
+    grid = torch.stack(torch.meshgrid(g, g, indexing="xy"), -1).expand(len(raw), side, side, 2)
+    out = F.grid_sample(raw[:, None].float(), grid, mode="bilinear", padding_mode="border", align_corners=True)
+    return scaled(out[:, 0].clamp(min=0))
 
 
 def class_maps(activations, gradients, method):
@@ -60,10 +94,11 @@ def scaled(maps):
     return torch.where(top > 0, maps / torch.where(top > 0, top, torch.ones_like(top)), torch.zeros_like(maps))
 
 
-def explain_batch(model, x, tta=False, method=DEFAULT_METHOD):
-    """Logits, features and maps for the predicted class of a normalised batch (eval mode). With tta the image
-    and its mirror image go through as one batch, as for a plain prediction; the mirror's map is mirrored back
-    and averaged, so a mirrored image gets exactly the mirrored map."""
+def explain_batch(model, x, tta=False, method=DEFAULT_METHOD, side=None):
+    """Logits, features and maps for the predicted class of a normalised batch (eval mode): the map's own cells,
+    or with side, side x side over the whole image (canonical_maps). With tta the image and its mirror image go
+    through as one batch, as for a plain prediction; the mirror's map is mirrored back and averaged, so a
+    mirrored image gets exactly the mirrored map."""
     n = x.shape[0]
     with torch.no_grad():
         activations = model.feature_map(torch.cat([x, x.flip(-1)]) if tta else x).float()
@@ -77,13 +112,16 @@ def explain_batch(model, x, tta=False, method=DEFAULT_METHOD):
         target = logits.argmax(1)
         (gradients,) = torch.autograd.grad(logits.gather(1, target[:, None]).sum(), activations)
     maps = class_maps(activations.detach(), gradients, method)
+    if side is not None:
+        maps = canonical_maps(maps, map_geometry(model.map_layers(), x.shape[-1]), x.shape[-1], side)
     if tta:
         maps = scaled(maps[:n] + maps[n:].flip(-1))
     return Explained(logits.detach(), features.detach(), maps)
 
 
 def batched_explanations(model, images_uint8_nhwc, mean, std, device="cpu", tta=False, batch_size=64, method=None):
-    """explain_batch over (N, S, S, 3) uint8 images in batches, on CPU tensors: one Explained for all."""
+    """explain_batch over (N, S, S, 3) uint8 images in batches, on CPU tensors: one Explained for all, its maps
+    SIDE x SIDE over the whole image."""
     if not can_explain(model):
         raise FolderCNNError(f"{type(model).__name__} has no feature map to explain")
     method = check_method(method or DEFAULT_METHOD)
@@ -101,7 +139,7 @@ def batched_explanations(model, images_uint8_nhwc, mean, std, device="cpu", tta=
 
 
 def resize_maps(maps, size):
-    """(N, h, w) maps -> (N, size, size), bilinear (a map covers the whole squashed image), still in [0, 1]."""
+    """(N, h, w) maps over the whole image -> (N, size, size), bilinear, still in [0, 1]."""
     maps = torch.as_tensor(maps, dtype=torch.float32)
     if maps.numel() == 0:
         return maps.reshape(0, size, size)

@@ -7,8 +7,9 @@ and the model-file checks ask the registry instead of knowing any architecture.
 Every network built here implements one small interface:
     model(x) -> logits            model.features(x) -> (N, D) penultimate features
     model.head -> nn.Linear       model.freeze_for_fine_tuning(blocks) / model.unfreeze()
-    image models also: model.feature_map(x) -> (N, C, h, w) last convolution's output, and
-    model.pool_features(map) -> (N, D), so that features(x) == pool_features(feature_map(x)) (explanations)
+    image models also: model.feature_map(x) -> (N, C, h, w) last convolution's output,
+    model.pool_features(map) -> (N, D), so that features(x) == pool_features(feature_map(x)), and
+    model.map_layers() -> the layers that make the map, in order (explanations)
 """
 
 import functools
