@@ -71,7 +71,8 @@ def _draw_pattern(draw, kind, box, colour):
 
 def pointing_image(kind, size, rng, distractors=3):
     """A noisy background, one red patch whose pattern is the class, and distractor shapes of the same size in
-    the same colours (red among them) at other places: only the patch decides. Returns (image, the patch's box x0, y0, x1, y1)."""
+    the same colours (red among them) at other places: only the patch decides. Returns (image, the patch's box
+    x0, y0, x1, y1)."""
     base = rng.integers(90, 170, 3)
     pixels = np.clip(base + rng.normal(0, 18, (size, size, 3)), 0, 255).astype(np.uint8)
     im = Image.fromarray(pixels)
