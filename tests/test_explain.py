@@ -224,3 +224,20 @@ def test_evaluate_reports_where_it_looked_on_plain_backgrounds(pointing, tmp_pat
     assert looking["subject_area"] == pytest.approx(0.25, abs=0.05)
     assert 0 <= looking["share"] <= 1
     assert "looking" not in foldercnn.evaluate(classifier, tmp_path / "data", subject_mask="off").to_dict()
+
+
+def test_predict_explain_replaces_its_own_pictures_and_refuses_a_folder_of_other_files(pointing, tmp_path):
+    classifier, _, _, paths, test = pointing
+    out = tmp_path / "explained"
+    assert run_cli("predict", classifier.path, test / "ring", "--explain", out).returncode == 0
+    assert len(list(out.glob("*.png"))) == 20
+    again = run_cli("predict", classifier.path, test / paths[0], "--explain", out)  # one image: the rest go
+    assert again.returncode == 0, again.stderr
+    assert [p.name for p in out.glob("*.png")] == [f"0001-{(test / paths[0]).stem}.png"]
+    mine = tmp_path / "holiday"
+    mine.mkdir()
+    (mine / "0001-beach.png").write_bytes(b"the user's own picture")
+    refused = run_cli("predict", classifier.path, test / "ring", "--explain", mine)
+    assert refused.returncode == 2 and "did not write there (0001-beach.png)" in refused.stderr
+    assert (mine / "0001-beach.png").read_bytes() == b"the user's own picture"
+    assert sorted(p.name for p in mine.iterdir()) == ["0001-beach.png"]

@@ -155,7 +155,8 @@ def cmd_predict(args):
     if not predictions:
         raise FolderCNNError("no images to classify" + (" (every file was skipped)" if skipped else ""))
     if args.explain:
-        print(f"wrote {len(predictions)} pictures of where the model looked to {args.explain}", file=sys.stderr)
+        n = len(predictions)
+        print(f"wrote {n} picture{'s' * (n != 1)} of where the model looked to {args.explain}", file=sys.stderr)
 
 
 def cmd_demo(args):

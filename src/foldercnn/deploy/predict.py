@@ -1,14 +1,16 @@
 """`foldercnn predict`: classify image files and whole folders with a model file."""
 
+import json
+import re
 from pathlib import Path
 
 from PIL import Image
 
 from ..data.decode import decode_images, walk_images
 from ..data.images import ImageDecodeError
-from ..errors import FolderCNNError
+from ..errors import FolderCNNError, OptionError
 from ..evaluation.overlays import explained_picture, photo
-from ..files import atomic_path, check_out_dir
+from ..files import atomic_path, check_out_dir, read_json, write_text
 from ..models.onnx_model import NO_EXPLANATIONS
 
 
@@ -32,6 +34,7 @@ def predict_paths(classifier, paths, batch_size=64, explain_dir=None):
         if not classifier.explains:
             raise FolderCNNError(NO_EXPLANATIONS)
         check_out_dir(explain_dir, [p if p.is_dir() else p.parent for p in map(Path, paths)], flag="--explain")
+        earlier_pictures(explain_dir)
     files, skipped = expand_paths(paths)
     array, good, bad = decode_images(files, classifier.image_size, desc="reading images")
     skipped += [(files[i], reason) for i, reason in bad]
@@ -43,6 +46,31 @@ def predict_paths(classifier, paths, batch_size=64, explain_dir=None):
     return predictions, skipped
 
 
+MANIFEST = ".foldercnn-explain.json"  # the pictures an earlier --explain wrote here
+PICTURE = re.compile(r"\d{4,}-[^/\\]*\.png")
+LEFT_BY_KILL = re.compile(r"\.(\d{4,}-[^/\\]*\.png|\.foldercnn-explain\.json)\.[^/\\]*\.tmp")
+
+
+def earlier_pictures(out_dir):
+    """The files an earlier --explain left in OUT_DIR (its pictures, and temporary files a kill left), to be
+    replaced; refuses a folder holding anything else, so that no file of the user's is overwritten."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        return []
+    listed = read_json(out_dir / MANIFEST)
+    ours = {n for n in listed if isinstance(n, str) and PICTURE.fullmatch(n)} if isinstance(listed, list) else set()
+    names = {p.name for p in out_dir.iterdir()} - {MANIFEST}
+    leftovers = {n for n in names if LEFT_BY_KILL.fullmatch(n)}
+    others = sorted(names - ours - leftovers)
+    if others:
+        raise OptionError(
+            "explain",
+            f"{out_dir} already holds files foldercnn did not write there ({', '.join(others[:3])}"
+            f"{', ...' if len(others) > 3 else ''}); choose an empty or new folder",
+        )
+    return sorted((ours & names) | leftovers)
+
+
 def picture_name(i, path):
     return f"{i + 1:04d}-{Path(path).stem}.png"  # numbered: two folders may hold files of the same name
 
@@ -52,6 +80,10 @@ def write_pictures(predictions, maps, out_dir):
     changed or went since they were read."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    for name in earlier_pictures(out_dir):
+        (out_dir / name).unlink(missing_ok=True)
+    names = [picture_name(i, p.path) for i, p in enumerate(predictions)]
+    write_text(out_dir / MANIFEST, json.dumps(names))  # first: a run killed half-way is still cleaned up next time
     failed = []
     for i, p in enumerate(predictions):
         try:
@@ -59,7 +91,7 @@ def write_pictures(predictions, maps, out_dir):
         except ImageDecodeError as e:
             failed.append((p.path, f"no picture: {e}"))
             continue
-        with atomic_path(out_dir / picture_name(i, p.path)) as tmp:
+        with atomic_path(out_dir / names[i]) as tmp:
             Image.fromarray(picture).save(tmp, format="PNG")
     return failed
 
