@@ -113,6 +113,7 @@ def test_a_hands_models_explanation_is_its_skeleton(tmp_path):
 # --- predict --explain ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_predict_explain_writes_one_readable_picture_per_image(pointing, tmp_path):
     classifier, _, _, paths, test = pointing
     out = tmp_path / "explained"
@@ -131,6 +132,7 @@ def test_predict_explain_writes_one_readable_picture_per_image(pointing, tmp_pat
     assert "wrote 22 pictures" in proc.stderr
 
 
+@pytest.mark.slow
 def test_predict_explain_refuses_a_folder_inside_the_data(pointing):
     classifier, _, _, _, test = pointing
     before = sorted(p.name for p in test.iterdir())
@@ -141,6 +143,7 @@ def test_predict_explain_refuses_a_folder_inside_the_data(pointing):
     assert not (test / "ring" / "maps").exists() and sorted(p.name for p in test.iterdir()) == before
 
 
+@pytest.mark.slow
 def test_an_onnx_model_says_it_has_no_maps(pointing, tmp_path):
     classifier, *_ = pointing
     onnx = tmp_path / "model.onnx"
@@ -152,6 +155,7 @@ def test_an_onnx_model_says_it_has_no_maps(pointing, tmp_path):
 # --- the API ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_the_api_adds_a_16_by_16_map_only_when_asked(pointing, tmp_path):
     classifier, _, boxes, paths, test = pointing
     files = [("files", (p, (test / p).read_bytes(), "image/png")) for p in paths[:3]]
@@ -226,6 +230,7 @@ def test_evaluate_reports_where_it_looked_on_plain_backgrounds(pointing, tmp_pat
     assert "looking" not in foldercnn.evaluate(classifier, tmp_path / "data", subject_mask="off").to_dict()
 
 
+@pytest.mark.slow
 def test_predict_explain_replaces_its_own_pictures_and_refuses_a_folder_of_other_files(pointing, tmp_path):
     classifier, _, _, paths, test = pointing
     out = tmp_path / "explained"
