@@ -322,6 +322,15 @@ def test_teach_from_nothing_train_and_swap_while_predict_is_busy(tmp_path, train
         result = done["result"]
         assert result["classes"] == ["blocks", "dots"] and 0 <= result["val_accuracy"] <= 1 and result["n_val"] >= 2
         assert result["note"] is None  # three bursts per class: the held-out figure is honest
+        lo, hi = result["val_ci95"]  # the 95% Wilson interval of the held-out figure, and what it rests on
+        assert 0 <= lo <= result["val_accuracy"] <= hi <= 1 and hi - lo > 0.2  # a handful of images: wide
+        per_class = result["per_class"]
+        assert sorted(per_class) == ["blocks", "dots"]
+        assert all(c["train"] + c["held_out"] == 12 and c["held_out"] >= 1 for c in per_class.values())
+        assert sum(c["held_out"] for c in per_class.values()) == result["n_val"]
+        # the bursts the held-out frames come from (of the three recorded per class)
+        assert all(1 <= c["held_out_bursts"] <= min(3, c["held_out"]) for c in per_class.values())
+        assert result["val_bursts"] == sum(c["held_out_bursts"] for c in per_class.values())
         # every answer came from one model or the other, and the new one is served without a restart
         assert {status for status, _ in answers} == {200}
         assert {classes for _, classes in answers} <= {tuple(sorted(old_classes)), ("blocks", "dots")}

@@ -68,6 +68,8 @@ def test_record_two_classes_train_and_predict_with_the_new_model(browser, tmp_pa
         expect(page.locator("#train-status")).to_contain_text("Training", timeout=10_000)
         screenshot(page, tmp_path / f"teach-{viewport}-2-during.png")
         expect(page.locator("#train-status")).to_contain_text("Held-out accuracy", timeout=120_000)
+        expect(page.locator("#train-status")).to_contain_text("95% interval")
+        expect(page.locator("#train-status .per-class")).to_contain_text("held out")
         expect(page.locator("#classes li")).to_have_count(2)
         # the live camera card now answers with the new model's classes
         expect(page.locator("#camera-card .predicted")).to_have_text(re.compile("^(left|right)$"), timeout=20_000)

@@ -226,6 +226,7 @@ def follow(job, event):
 
 def job_result(model_path, classes):
     """What the page shows after a job: held-out accuracy on the captures and how far to trust it."""
+    from ..evaluation.calibration import wilson_interval
     from ..models.file import read_metadata
 
     meta = read_metadata(model_path)
@@ -237,11 +238,18 @@ def job_result(model_path, classes):
             f"{', '.join(single)}: recorded in a single burst, so held-out frames have near-twins in training "
             "and the accuracy flatters; record two or more bursts per class (other moments, places, hands)"
         )
+    n_val, counts = metrics["n_val"], (meta.get("data") or {}).get("counts", {})
+    bursts = (meta.get("data") or {}).get("val_bursts", {})
     return {
         "model": str(model_path),
         "report": str(Path(model_path).parent / rf.REPORT),
         "val_accuracy": metrics["val_accuracy"],
-        "n_val": metrics["n_val"],
+        "val_ci95": list(wilson_interval(round(metrics["val_accuracy"] * n_val), n_val)),
+        "n_val": n_val,
+        "val_bursts": sum(bursts.values()) if bursts else None,
+        "per_class": {
+            c: {"train": pair[0], "held_out": pair[1], "held_out_bursts": bursts.get(c)} for c, pair in counts.items()
+        },
         "n_train": metrics["n_train"],
         "classes": meta["classes"],
         "train_seconds": meta["timing"]["train_seconds"],

@@ -1,8 +1,10 @@
 """The training data of a run: scan and decode once, hold a validation split out (or read a validation folder)."""
 
+from pathlib import Path
+
 import torch
 
-from ..data.captures import burst_group_ids, merge_groups
+from ..data.captures import burst_group_ids, merge_groups, parse_capture
 from ..data.duplicates import groups_of, near_duplicate_groups
 from ..data.folders import check_same_classes, group_split, load_folder, scan_folder, summarize_skipped
 from ..errors import FolderCNNError
@@ -62,6 +64,17 @@ def hold_out(everything, data_dir, options, events):
     return train, val
 
 
+def held_out_bursts(val):
+    """{"val_bursts": {class: Teach-panel bursts among its validation images}} when validation holds captures
+    (what the held-out figure rests on: frames of one burst are near-twins), else {}."""
+    bursts = {c: set() for c in val.classes}
+    for path, label in zip(val.paths, val.labels.tolist()):
+        parsed = parse_capture(Path(path).name)
+        if parsed is not None:
+            bursts[val.classes[label]].add((str(Path(path).parent), parsed[0]))
+    return {"val_bursts": {c: len(b) for c, b in bursts.items()}} if any(bursts.values()) else {}
+
+
 def data_summary(data_dir, options, train, val, skipped, max_listed=50):
     """What the model was trained on, for the model file and the report."""
     counts = {c: [int((train.labels == i).sum()), int((val.labels == i).sum())] for i, c in enumerate(train.classes)}
@@ -77,6 +90,7 @@ def data_summary(data_dir, options, train, val, skipped, max_listed=50):
         "train_dir": str(data_dir),
         "validation": how,
         "counts": counts,
+        **held_out_bursts(val),
         "n_skipped": len(skipped),
         "skipped": [{"path": str(p), "reason": r} for p, r in skipped[:max_listed]],
     }
