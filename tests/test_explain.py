@@ -246,3 +246,18 @@ def test_predict_explain_replaces_its_own_pictures_and_refuses_a_folder_of_other
     assert refused.returncode == 2 and "did not write there (0001-beach.png)" in refused.stderr
     assert (mine / "0001-beach.png").read_bytes() == b"the user's own picture"
     assert sorted(p.name for p in mine.iterdir()) == ["0001-beach.png"]
+
+
+def test_the_report_shows_where_it_looked_beside_the_accuracy(pointing, tmp_path):
+    from foldercnn.evaluation.report import evaluate_to_folder
+
+    classifier, *_ = pointing
+    for kind in ("cross", "ring", "bars"):
+        (tmp_path / "data" / kind).mkdir(parents=True)
+        Image.fromarray(subject_image((250, 250, 250))).save(tmp_path / "data" / kind / "a.png")
+    evs, report = evaluate_to_folder(classifier.path, tmp_path / "data", tmp_path / "run")
+    html = report.read_text()
+    share = f"{evs[0].looking['share']:.1%}"
+    assert "of where it looked was on the subject" in html and share in html
+    assert "Does it look at the subject?" in html
+    assert json.loads((tmp_path / "run" / "evaluation.json").read_text())["looking"]["n"] == 3
