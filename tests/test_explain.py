@@ -261,3 +261,13 @@ def test_the_report_shows_where_it_looked_beside_the_accuracy(pointing, tmp_path
     assert "of where it looked was on the subject" in html and share in html
     assert "Does it look at the subject?" in html
     assert json.loads((tmp_path / "run" / "evaluation.json").read_text())["looking"]["n"] == 3
+
+
+def test_a_hands_skeleton_is_drawn_where_the_hand_is_on_a_photo_of_another_shape():
+    from foldercnn.evaluation.overlays import unletterbox
+
+    # a 300 x 200 photo sits in a 300 x 300 square with 50 px above and below: the photo's top edge is at 1/6
+    square = np.array([[0.5, 0.5], [0.0, 50 / 300], [1.0, 250 / 300], [0.25, 0.5]])
+    np.testing.assert_allclose(unletterbox(square, 300, 200), [[0.5, 0.5], [0.0, 0.0], [1.0, 1.0], [0.25, 0.5]])
+    # and a tall photo: the padding is left and right
+    np.testing.assert_allclose(unletterbox([[50 / 300, 0.0]], 200, 300), [[0.0, 0.0]])

@@ -48,11 +48,19 @@ def with_caption(rgb, text):
     return np.asarray(im).copy()
 
 
-def explained_picture(rgb, prediction, one_map=None, caption=True):
+def unletterbox(points, width, height):
+    """Hand points as fractions of the letterboxed square the landmark model saw -> fractions of the photo."""
+    side = max(width, height)
+    xy = np.asarray(points, np.float64)[:, :2] * side
+    return np.stack([(xy[:, 0] - (side - width) / 2) / width, (xy[:, 1] - (side - height) / 2) / height], 1)
+
+
+def explained_picture(rgb, prediction, one_map=None, caption=True, letterboxed=False):
     """The photo with its explanation: the heat map (image models) or the hand's skeleton (landmark models), and
-    the answer in the corner."""
+    the answer in the corner. letterboxed: rgb is the letterboxed square itself, not the photo."""
     if one_map is not None:
         rgb = heat_overlay(rgb, one_map)
     elif prediction.hand and prediction.hand.get("found"):
-        rgb = draw_points(rgb, prediction.hand["points"])
+        points = prediction.hand["points"]
+        rgb = draw_points(rgb, points if letterboxed else unletterbox(points, rgb.shape[1], rgb.shape[0]))
     return with_caption(rgb, caption_text(prediction)) if caption else rgb

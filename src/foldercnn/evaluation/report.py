@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import run_folder as rf
-from ..data.images import ImageDecodeError, decode
+from ..data.images import ImageDecodeError, Letterbox, decode
 from ..files import check_out_dir, read_json, write_text
 from ..models.file import load_model, read_metadata
 from ..models.inference import load
@@ -22,22 +22,25 @@ from .report_html import render_report
 MISTAKE_THUMB = 160
 
 
-def _thumbnail(path):
+def _thumbnail(path, size=MISTAKE_THUMB):
     try:
-        return decode(path, MISTAKE_THUMB)
+        return decode(path, size)
     except (ImageDecodeError, OSError):  # moved or changed since the evaluation: a grey square
         return np.full((MISTAKE_THUMB, MISTAKE_THUMB, 3), 200, np.uint8)
 
 
 def mistake_pictures(mistakes, classifier=None):
-    """The mistakes' images; with a classifier that can explain, each with where it looked (heat map or skeleton)."""
-    thumbs = [_thumbnail(m["path"]) for m in mistakes]
-    if not mistakes or classifier is None or not getattr(classifier, "explains", None):
+    """The mistakes' images; with a classifier that can explain, each with where it looked (heat map or skeleton:
+    a hands model's thumbnails are letterboxed, as it saw them)."""
+    explains = getattr(classifier, "explains", None) if mistakes else None
+    size = Letterbox(MISTAKE_THUMB) if explains == "skeleton" else MISTAKE_THUMB
+    thumbs = [_thumbnail(m["path"], size) for m in mistakes]
+    if not explains:
         return thumbs
     arrays = np.stack([decode_or(m["path"], classifier.image_size, t) for m, t in zip(mistakes, thumbs)])
     predictions, maps = classifier.explain_arrays(arrays)
     return [
-        explained_picture(t, p, None if maps is None else maps[i], caption=False)
+        explained_picture(t, p, None if maps is None else maps[i], caption=False, letterboxed=True)
         for i, (t, p) in enumerate(zip(thumbs, predictions))
     ]
 
