@@ -137,14 +137,14 @@ class Classifier(ImagePredictor):
                 p.set_hand(found.hand(i))
         return predictions
 
-    def answers_and_maps(self, images_uint8_nhwc, batch_size=64, tta=None):
+    def answers_and_maps(self, images_uint8_nhwc, batch_size=64, tta=None, method=None):
         """answers() plus (N, h, w) float32 maps in [0, 1] of where an image model looked for its predicted class,
         from the same pass (a landmark model: None; its explanation is the hand it found)."""
         if takes_hands(self.model):
             return (*self.answers(images_uint8_nhwc, batch_size, tta), None)
         tta = self.tta if tta is None else tta
         batch = min(batch_size, self.max_batch)
-        ex = batched_explanations(self.model, images_uint8_nhwc, self.mean, self.std, self.device, tta, batch)
+        ex = batched_explanations(self.model, images_uint8_nhwc, self.mean, self.std, self.device, tta, batch, method)
         unfamiliarity = None if self.unfamiliarity is None else self.unfamiliarity.unfamiliarity(ex.features)
         return ex.logits, unfamiliarity, None, ex.maps.numpy()
 
@@ -155,11 +155,10 @@ class Classifier(ImagePredictor):
         images = torch.from_numpy(np.ascontiguousarray(arrays_uint8_nhwc))
         if takes_hands(self.model):
             return self.predictions(images, paths, batch_size), None
-        batch = min(batch_size, self.max_batch)
-        ex = batched_explanations(self.model, images, self.mean, self.std, self.device, self.tta, batch, method)
-        unfamiliarity = None if self.unfamiliarity is None else self.unfamiliarity.unfamiliarity(ex.features).tolist()
-        probs = torch.softmax(ex.logits / self.temperature, dim=1)
-        return self.make_predictions(probs.tolist(), unfamiliarity, paths), ex.maps.numpy()
+        logits, unfamiliarity, _, maps = self.answers_and_maps(images, batch_size, method=method)
+        probs = torch.softmax(logits / self.temperature, dim=1)
+        scores = None if unfamiliarity is None else unfamiliarity.tolist()
+        return self.make_predictions(probs.tolist(), scores, paths), maps
 
     def predict_arrays(self, arrays_uint8_nhwc, paths=None, batch_size=64):
         """(N, S, S, 3) uint8 numpy array of decoded images -> N Predictions (the serve and predict path)."""
