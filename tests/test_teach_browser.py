@@ -1,5 +1,6 @@
-"""The Teach panel in a real browser: `foldercnn teach` from an empty folder, Chromium's fake camera recording
-frames into two classes, training, and the page predicting with the new model."""
+"""The Teach panel in a real browser: `foldercnn teach` from an empty folder (its default recipe, on the warm
+worker), Chromium's fake camera recording frames into two classes, the estimate per class, training, and the page
+predicting with the new model."""
 
 import re
 
@@ -32,9 +33,7 @@ def test_record_two_classes_train_and_predict_with_the_new_model(browser, tmp_pa
     """At desktop width; the last screenshot again at phone width."""
     viewport = "desktop"
     data = tmp_path / "mine"
-    server = start_teach_server(
-        "teach", data, "--teach-runs", tmp_path / "runs", "--teach-recipe", "fast", log=tmp_path / "teach.log"
-    )
+    server = start_teach_server("teach", data, "--teach-runs", tmp_path / "runs", log=tmp_path / "teach.log")
     camera_browser = browser.browser_type.launch(
         executable_path=CHROMIUM,
         headless=True,
@@ -60,6 +59,11 @@ def test_record_two_classes_train_and_predict_with_the_new_model(browser, tmp_pa
                 hold(page, "#record-button", 1300)
                 page.wait_for_timeout(400)
             expect(page.locator("#teach-classes button[aria-pressed=true] .count")).not_to_have_text("0 images")
+        # the warm worker's leave-one-burst-out estimate (or what it needs) under each class
+        estimates = page.locator("#teach-classes .estimate")
+        expect(estimates).to_have_count(2, timeout=60_000)
+        for k in range(2):
+            expect(estimates.nth(k)).to_contain_text(re.compile(r"would be right on ~\d+% of new frames|another burst"))
         counts = {d.name: len(list(d.iterdir())) for d in data.iterdir()}
         assert set(counts) == {"left", "right"} and min(counts.values()) >= 5, counts
         assert all(parse_capture(p.name) for p in data.rglob("*.jpg"))

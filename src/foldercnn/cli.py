@@ -221,6 +221,7 @@ def serve(args, model, teach_dir):
             recipe=args.teach_recipe,
             max_per_class=args.teach_max_per_class,
             max_images=args.teach_max_images,
+            warm=not args.teach_cold,
         )
     )
     run_server(

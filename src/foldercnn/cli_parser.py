@@ -286,6 +286,12 @@ def add_teach_options(p):
         "--teach-max-images", type=whole(1, 10_000_000), default=10000, help="most images in all (default 10000)"
     )
     p.add_argument(
+        "--teach-cold",
+        action="store_true",
+        help="no warm worker: every training job is a new `foldercnn train` process that computes every feature "
+        "again (slower; saves the worker's memory)",
+    )
+    p.add_argument(
         "--allow-remote-teach",
         action="store_true",
         help="let other machines teach (with --host other than 127.0.0.1): they can then write images",

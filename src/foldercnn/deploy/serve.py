@@ -201,6 +201,8 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app):
         service.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="foldercnn-infer")
+        if teacher is not None:
+            teacher.begin()
         try:
             yield
         finally:

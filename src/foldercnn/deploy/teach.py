@@ -3,9 +3,11 @@
 `foldercnn serve MODEL --teach DATA_DIR` (or `foldercnn teach DATA_DIR`) adds this to the server (serve.py holds the
 HTTP side). What it writes, and nothing else: new class folders and captures `cap-<burst>-<n>.jpg`
 (data/captures.py) inside DATA_DIR, and one run folder per training job under the runs folder. It deletes only
-captures it wrote. A training job is a real `foldercnn train` subprocess, run at a lower CPU priority so that the
-server keeps answering; when it succeeds, the new model file is loaded and swapped in, and a failed job leaves the
-old model serving.
+captures it wrote. With a recipe whose features depend on each image alone (the
+default `transfer`: training/cached_probe.py), a warm worker process (teach_worker.py) keeps the backbone loaded
+and computes each capture's features as it arrives, so a training job only fits the head; with any other recipe a
+job is a real `foldercnn train` subprocess. Both run at a lower CPU priority so that the server keeps answering;
+when a job succeeds, the new model file is loaded and swapped in, and a failed job leaves the old model serving.
 """
 
 import os
@@ -36,7 +38,8 @@ class TeachConfig:
     max_per_class: int = 1000
     max_images: int = 10000
     seed: int = 0
-    train_args: tuple = ()  # more `foldercnn train` arguments (e.g. ("--epochs", "2"))
+    train_args: tuple = ()  # more `foldercnn train` arguments (e.g. ("--epochs", "2")): jobs are then subprocesses
+    warm: bool = True  # a warm worker with features kept per capture, where the recipe allows (warm_worker)
 
     def __post_init__(self):
         self.data_dir, self.runs_dir = Path(self.data_dir), Path(self.runs_dir)
@@ -64,6 +67,7 @@ class Job:
     log: list = field(default_factory=list)
     error: str | None = None
     result: dict | None = None
+    served_seconds: float | None = None  # from Train to the new model serving (the report is written after)
 
     def to_dict(self):
         elapsed = self.seconds if self.seconds is not None else time.time() - self.started
@@ -73,6 +77,7 @@ class Job:
             "stage": self.stage,
             "progress": round(self.progress, 3),
             "seconds": round(elapsed, 2),
+            "served_seconds": None if self.served_seconds is None else round(self.served_seconds, 2),
             "run_dir": str(self.run_dir),
             "error": self.error,
             "result": self.result,
@@ -90,6 +95,71 @@ class Teacher:
         self.jobs = {}
         self._lock = threading.Lock()
         self._process = None
+        self.worker = warm_worker(config)
+        self.estimate = None  # the latest leave-one-burst-out estimate per class (warm worker only)
+        self.featurised = {"computed": 0, "requests": 0, "error": None}
+        self._featurise_wanted = threading.Event()
+        self._stopping = False
+        if self.worker is not None:
+            self.folder.on_change = self.featurise_soon
+            self.folder.on_delete = self._drop_features
+
+    def _drop_features(self, path):
+        """A capture's features go with it (kept features are named by the file's content, read before it goes)."""
+        from ..data.duplicates import file_digests
+        from ..training.cached_probe import store_for
+        from ..training.recipes import get_recipe
+
+        digest = file_digests([path])[0]
+        if digest is not None:
+            store_for(get_recipe(self.config.recipe), self.worker.store_dir).drop(digest)
+
+    def warm_state(self):
+        """What the page and tests see of the warm worker: None without one."""
+        if self.worker is None:
+            return None
+        e = self.estimate or {}
+        return {
+            "worker_pid": self.worker.process.pid if self.worker.alive() else None,
+            "worker_rss_mb": e.get("rss_mb") or (self.worker.ready or {}).get("rss_mb"),
+            "features_computed": self.featurised["computed"],
+            "images_featurised": e.get("images"),
+            "up_to_date": not self._featurise_wanted.is_set() and not self.worker.busy(),
+            "error": self.featurised["error"],
+        }
+
+    def begin(self):
+        """Server start: start the warm worker, which featurises what the folder holds (nothing, when it is kept)."""
+        if self.worker is not None:
+            threading.Thread(target=self._featurise_loop, name="foldercnn-teach-features", daemon=True).start()
+            self.featurise_soon()
+
+    def featurise_soon(self):
+        """After captures were added or deleted: the worker brings the features and the estimate up to date."""
+        if self.worker is not None:
+            self._featurise_wanted.set()
+
+    def _featurise_loop(self):
+        while not self._stopping:
+            self._featurise_wanted.wait()
+            self._featurise_wanted.clear()
+            if self._stopping:
+                return
+            if not any(c["images"] for c in self.folder.classes()):
+                continue  # the worker starts with the first image
+            try:
+                code, last = self.worker.request("featurise", data_dir=str(self.folder.root))
+            except FolderCNNError as e:
+                self.featurised["error"] = str(e)
+                time.sleep(1)  # a worker that cannot start is not restarted in a tight loop
+                continue
+            if code == 0 and last and last.get("event") == "estimate":
+                self.estimate = last
+                self.featurised["computed"] += last["computed"]
+                self.featurised["requests"] += 1
+                self.featurised["error"] = None
+            elif last and last.get("event") == "error":
+                self.featurised["error"] = last.get("message")
 
     def current(self):
         return next((j for j in self.jobs.values() if j.state == "running"), None)
@@ -141,6 +211,8 @@ class Teacher:
         ]
 
     def _run(self, job):
+        if self.worker is not None:
+            return self._run_warm(job)
         try:
             code, stderr_tail = self._train(job)
             if code != 0:
@@ -153,6 +225,38 @@ class Teacher:
             model_path = job.run_dir / rf.MODEL
             self.swap(model_path)
             job.result = job_result(model_path, self.folder.classes())
+            job.state, job.stage, job.progress = "done", "serving the new model", 1.0
+        except Exception as e:  # the old model keeps serving; the page says why
+            job.error = str(e) if isinstance(e, FolderCNNError) else f"{type(e).__name__}: {e}"
+            job.state = "failed"
+        finally:
+            job.seconds = time.time() - job.started
+
+    def _run_warm(self, job):
+        """A job in the warm worker: the model is swapped in as soon as its file is written (the report follows)."""
+        served = []
+
+        def on_event(event):
+            follow(job, event)
+            if event["event"] == "saved" and not served:
+                job.stage, job.progress = "loading the new model", 0.97
+                self.swap(event["model"])
+                served.append(time.time())
+                job.served_seconds = served[0] - job.started
+                job.result = job_result(event["model"], self.folder.classes())
+
+        try:
+            code, _ = self.worker.request(
+                "train",
+                on_event,
+                data_dir=str(self.config.data_dir),
+                out_dir=str(job.run_dir),
+                options={"recipe": self.config.recipe, "seed": self.config.seed, "resume": "ignore"},
+            )
+            if code != 0 or not served:
+                job.error = job.error or f"training stopped (worker exit code {code})"
+                job.state = "failed"
+                return
             job.state, job.stage, job.progress = "done", "serving the new model", 1.0
         except Exception as e:  # the old model keeps serving; the page says why
             job.error = str(e) if isinstance(e, FolderCNNError) else f"{type(e).__name__}: {e}"
@@ -190,7 +294,11 @@ class Teacher:
         return code, stderr_tail
 
     def stop(self):
-        """Server shutdown: end a running job's subprocess (its run folder keeps what it wrote)."""
+        """Server shutdown: end a running job's subprocess (its run folder keeps what it wrote) and the worker."""
+        self._stopping = True
+        self._featurise_wanted.set()
+        if self.worker is not None:
+            self.worker.stop()
         process = self._process
         if process is not None and process.poll() is None:
             process.terminate()
@@ -198,6 +306,19 @@ class Teacher:
                 process.wait(10)
             except subprocess.TimeoutExpired:
                 process.kill()
+
+
+def warm_worker(config):
+    """A WarmWorker when the recipe's features depend on each image alone and no extra train arguments are
+    given; else None (jobs are `foldercnn train` subprocesses)."""
+    from ..training.cached_probe import cacheable
+    from ..training.options import TrainOptions
+    from .teach_worker import WarmWorker
+
+    options = TrainOptions.of(recipe=config.recipe, seed=config.seed)
+    if not config.warm or config.train_args or not cacheable(options.make_recipe(), options):
+        return None
+    return WarmWorker(config.recipe, config.runs_dir)
 
 
 def _keep_tail(stream, tail):

@@ -67,6 +67,8 @@ class TeachFolder:
     def __init__(self, config):
         self.config = config
         self.root = config.data_dir
+        self.on_change = None  # called after captures are saved or deleted (the warm worker's features follow)
+        self.on_delete = None  # called with a capture's path just before it is deleted
         self._lock = threading.Lock()
         self.manifest = CaptureManifest(self.root, config.runs_dir)
 
@@ -168,6 +170,8 @@ class TeachFolder:
                     picture.save(tmp, format="JPEG", quality=JPEG_QUALITY)
                 ids.append(path.stem)
                 self.manifest.add(path)
+        if self.on_change is not None:
+            self.on_change()
         return {"class": name, "burst": burst, "ids": ids}
 
     def capture_path(self, name, image_id):
@@ -183,8 +187,12 @@ class TeachFolder:
     def delete(self, name, image_id):
         with self._lock:
             path = self.capture_path(name, image_id)
+            if self.on_delete is not None:
+                self.on_delete(path)
             path.unlink()
             self.manifest.remove(path)
+        if self.on_change is not None:
+            self.on_change()
         return {"class": name, "deleted": image_id}
 
     def check_trainable(self):

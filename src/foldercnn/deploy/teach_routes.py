@@ -72,6 +72,8 @@ def add_teach_routes(app, service, teacher, loopback_only):
         return JSONResponse(await service.run(work), status_code=status)
 
     def overview():
+        estimates = (teacher.estimate or {}).get("classes", {})
+        classes = [{**c, "estimate": estimates.get(c["name"])} for c in folder.classes()]
         return {
             "data_dir": str(folder.root),
             "runs_dir": str(teacher.config.runs_dir),
@@ -79,7 +81,8 @@ def add_teach_routes(app, service, teacher, loopback_only):
             "max_per_class": teacher.config.max_per_class,
             "max_images": teacher.config.max_images,
             "min_per_class": MIN_IMAGES_PER_CLASS,
-            "classes": folder.classes(),
+            "classes": classes,
+            "warm": teacher.warm_state(),
         }
 
     @app.get(

@@ -64,22 +64,52 @@ def augmented_features(model, data, recipe, run, generator, batch_size=64):
     return torch.cat(out)
 
 
-def _fit_head(features, labels, num_classes, weight_decay, steps, seed, record=None):
-    """Multinomial logistic regression by full-batch Adam; returns the fitted torch.nn.Linear."""
-    g = torch.Generator().manual_seed(seed)
-    head = torch.nn.Linear(features.shape[1], num_classes)
+def _fit_heads(features, labels, num_classes, weight_decays, steps, seed, record=None):
+    """Multinomial logistic regression by full-batch AdamW, one head per weight decay, fitted together as one wide
+    linear layer (the features are read once per step, not once per candidate: benchmarks/README.md); each
+    head starts from the same seeded weights and has its own loss and decoupled weight decay, as if fitted alone.
+    Returns the wide layer, its K * num_classes outputs head by head."""
+    k = len(weight_decays)
+    wide = torch.nn.Linear(features.shape[1], k * num_classes)
     with torch.no_grad():
-        head.weight.normal_(0, 0.01, generator=g)
-        head.bias.zero_()
-    opt = torch.optim.AdamW(head.parameters(), lr=0.01, weight_decay=weight_decay)
+        for j in range(k):
+            g = torch.Generator().manual_seed(seed)
+            wide.weight[j * num_classes : (j + 1) * num_classes].normal_(0, 0.01, generator=g)
+        wide.bias.zero_()
+    lr = 0.01
+    keep = 1 - lr * torch.tensor(weight_decays, dtype=torch.float32).repeat_interleave(num_classes)
+    opt = torch.optim.Adam(wide.parameters(), lr=lr)
     for step in range(1, steps + 1):
-        loss = F.cross_entropy(head(features), labels)
+        logits = wide(features).view(len(features), k, num_classes)
+        loss = sum(F.cross_entropy(logits[:, j], labels) for j in range(k))
         opt.zero_grad()
         loss.backward()
+        with torch.no_grad():  # AdamW's decoupled weight decay, one rate per head
+            wide.weight.mul_(keep[:, None])
+            wide.bias.mul_(keep)
         opt.step()
         if record:
-            record(step, head)
+            record(step, wide)
+    return wide
+
+
+def _head(wide, j, num_classes):
+    """Head j of a wide layer from _fit_heads, as its own torch.nn.Linear."""
+    head = torch.nn.Linear(wide.in_features, num_classes)
+    with torch.no_grad():
+        head.weight.copy_(wide.weight[j * num_classes : (j + 1) * num_classes])
+        head.bias.copy_(wide.bias[j * num_classes : (j + 1) * num_classes])
     return head
+
+
+def _wide_scores(wide, num_classes, f, y):
+    """[(loss, accuracy)] of every head of a wide layer on features f with labels y."""
+    with torch.no_grad():
+        logits = wide(f).view(len(f), -1, num_classes)
+        return [
+            (F.cross_entropy(logits[:, j], y).item(), (logits[:, j].argmax(1) == y).float().mean().item())
+            for j in range(logits.shape[1])
+        ]
 
 
 def probe_features(model, train, val, recipe, run, flips=True):
@@ -117,52 +147,57 @@ def _scores(head, f, y):
         return F.cross_entropy(logits, y).item(), (logits.argmax(1) == y).float().mean().item()
 
 
-def choose_weight_decay(features, num_classes, run, search):
-    """The weight decay of search.weight_decays that scores best on the validation features."""
-    tried = []
-    for wd in search.weight_decays:
-        if tried and run.deadline is not None and time.perf_counter() >= run.deadline:
-            run.events("time budget spent: weight-decay search stopped early")
-            break
-        head = _fit_head(features.train, features.train_labels, num_classes, wd, search.steps, run.seed)
-        val_loss, val_acc = _scores(head, features.val, features.val_labels)
-        run.events(f"  head weight decay {wd:g}: val_accuracy {val_acc:.4f}  val_loss {val_loss:.4f}")
-        tried.append((wd, val_acc, val_loss))
-    best = max(tried, key=lambda r: (r[1], -r[2]))
+def _best_candidate(tried, search):
+    """Index into tried [(weight decay, val accuracy, val loss)] of the weight decay the search keeps."""
+    best = max(range(len(tried)), key=lambda k: (tried[k][1], -tried[k][2]))
     if search.within is not None:
-        best = max((r for r in tried if r[1] >= best[1] - search.within), key=lambda r: r[0])
-    return best[0]
+        close = [k for k in range(len(tried)) if tried[k][1] >= tried[best][1] - search.within]
+        best = max(close, key=lambda k: tried[k][0])
+    return best
 
 
 def fit_head_on_features(model, features, run, search=HeadSearch()):
-    """Fit model.head on computed Features, the weight decay chosen on the validation features; a FitResult
-    whose history has ten rows along the final fit."""
+    """Fit model.head on computed Features, the weight decay chosen on the validation features among
+    search.weight_decays (fitted together); a FitResult whose history has ten rows along the chosen fit. With a
+    deadline already passed, only the first weight decay is fitted."""
     run.events.stage("head", 0.6, "fitting the head")
     t = time.perf_counter()
     num_classes = model.head.out_features
-    wd = choose_weight_decay(features, num_classes, run, search)
-    history, chunk = [], max(1, search.steps // 10)
+    decays = search.weight_decays
+    if run.deadline is not None and time.perf_counter() >= run.deadline and len(decays) > 1:
+        run.events("time budget spent: weight-decay search stopped early")
+        decays = decays[:1]
+    rows, chunk = [[] for _ in decays], max(1, search.steps // 10)
 
-    def record(step, head):
+    def record(step, wide):
         if step % chunk == 0:
-            loss, acc = _scores(head, features.train, features.train_labels)
-            val_loss, val_acc = _scores(head, features.val, features.val_labels)
-            history.append(
-                {
-                    "epoch": step // chunk,
-                    "loss": loss,
-                    "accuracy": acc,
-                    "val_loss": val_loss,
-                    "val_accuracy": val_acc,
-                    "seconds": 0.0,
-                    "train_seconds": 0.0,
-                    "images": 0,
-                }
-            )
+            train_scores = _wide_scores(wide, num_classes, features.train, features.train_labels)
+            val_scores = _wide_scores(wide, num_classes, features.val, features.val_labels)
+            for k, ((loss, acc), (val_loss, val_acc)) in enumerate(zip(train_scores, val_scores)):
+                rows[k].append(
+                    {
+                        "epoch": step // chunk,
+                        "loss": loss,
+                        "accuracy": acc,
+                        "val_loss": val_loss,
+                        "val_accuracy": val_acc,
+                        "seconds": 0.0,
+                        "train_seconds": 0.0,
+                        "images": 0,
+                    }
+                )
 
-    head = _fit_head(features.train, features.train_labels, num_classes, wd, search.steps, run.seed, record)
+    wide = _fit_heads(features.train, features.train_labels, num_classes, decays, search.steps, run.seed, record)
+    tried = []
+    for wd, (val_loss, val_acc) in zip(decays, _wide_scores(wide, num_classes, features.val, features.val_labels)):
+        run.events(f"  head weight decay {wd:g}: val_accuracy {val_acc:.4f}  val_loss {val_loss:.4f}")
+        tried.append((wd, val_acc, val_loss))
+    best = _best_candidate(tried, search)
+    head, history = _head(wide, best, num_classes), rows[best]
     t_head = time.perf_counter() - t
-    run.events(f"head fitted in {t_head:.1f}s (weight decay {wd:g}); val_accuracy {history[-1]['val_accuracy']:.4f}")
+    run.events(
+        f"head fitted in {t_head:.1f}s (weight decay {decays[best]:g}); val_accuracy {history[-1]['val_accuracy']:.4f}"
+    )
     for h in history:
         h["seconds"] = (features.seconds + t_head) / len(history)
     with torch.no_grad():

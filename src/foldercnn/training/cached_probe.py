@@ -1,0 +1,348 @@
+"""The linear probe on features kept per image file (models/feature_store.py): with a frozen pretrained backbone
+and no random views, an image's features never change, so they are computed once, when the image arrives, and a
+training job only splits, fits the head, the temperature and the unfamiliarity score, and writes the run folder.
+
+The same run folder and model file as `train_folder` with the same recipe (job.py); what differs: the
+near-duplicate check of the split looks at 48-pixel thumbnails kept with the features instead of the decoded
+images, and features are computed in float32 (the probe's own pass uses the run's precision). `Backbone` keeps the
+model loaded between jobs (deploy/teach_worker.py keeps one per teaching server).
+"""
+
+import contextlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .. import run_folder as rf
+from ..data.captures import burst_group_ids, merge_groups
+from ..data.decode import decode_images
+from ..data.duplicates import file_digests, near_duplicate_groups
+from ..data.folders import group_split, scan_folder, summarize_skipped
+from ..errors import FolderCNNError
+from ..evaluation.report import write_report
+from ..events import Events
+from ..files import check_out_dir
+from ..models.feature_store import THUMB, FeatureStore, backbone_key
+from ..models.file import save_model
+from ..models.preprocess import decode_size, eval_batches
+from ..models.registry import create_model, get_spec
+from ..models.summary import summary
+from ..plots import training_curves
+from .finish import calibrate, describe_calibration, fit_unfamiliarity, model_metadata, unfamiliarity_sample
+from .run import RunContext, save_options
+from .transfer import Features, HeadSearch, fit_head_on_features
+
+CHUNK = 8  # images decoded and passed through the backbone at a time (peak memory: benchmarks/README.md)
+
+
+def cacheable(recipe, options):
+    """Whether a run's features are a function of each file alone: a frozen pretrained image backbone, clean and
+    mirrored views only, the validation split held out of the folder."""
+    return bool(
+        recipe.linear_probe
+        and recipe.pretrained
+        and recipe.probe_views == 0
+        and not recipe.tta
+        and not options.fine_tune
+        and options.val_dir is None
+        and get_spec(recipe.model).input == "image"
+    )
+
+
+@dataclass
+class Labelled:
+    """The part of a split the model file's data summary reads (training/prepare.py): labels, paths, classes."""
+
+    labels: torch.Tensor
+    paths: list
+    classes: list
+    rows: torch.Tensor | None = None  # positions in the folder's Records; None: all, in order
+
+    def __len__(self):
+        return len(self.labels)
+
+    def subset(self, index):
+        index = torch.as_tensor(index, dtype=torch.long)
+        rows = index if self.rows is None else self.rows[index]
+        return Labelled(self.labels[index], [self.paths[i] for i in index.tolist()], self.classes, rows)
+
+
+@dataclass
+class Records:
+    """The records of the usable files of a folder, stacked: clean and mirrored features, thumbnails."""
+
+    files: Labelled
+    clean: torch.Tensor
+    flip: torch.Tensor
+    thumbs: np.ndarray
+    skipped: list
+    computed: int  # records computed now (the others were on disk)
+
+
+def store_for(recipe, store_dir):
+    """The FeatureStore of a recipe's backbone under store_dir (no model is loaded)."""
+    spec = get_spec(recipe.model)
+    key, described = backbone_key(recipe.model, recipe.model_args, recipe.image_size, recipe.mean, recipe.std, spec.fit)
+    return FeatureStore(Path(store_dir) / key, described)
+
+
+class Backbone:
+    """A recipe's pretrained backbone, loaded once, and the FeatureStore of its features under `store_dir`."""
+
+    def __init__(self, recipe, store_dir, device="cpu"):
+        spec = get_spec(recipe.model)
+        self.recipe, self.device = recipe, torch.device(device)
+        self.size = decode_size(recipe.image_size, spec.fit)
+        self.store = store_for(recipe, store_dir)
+        self.model = create_model(recipe.model, 2, pretrained=True, **recipe.model_args).to(self.device).eval()
+        self.dim = self.model.head.in_features
+        self.computed = 0  # records this process computed (what the cache saved is the rest)
+        self._digests = {}  # (path, size, mtime_ns) -> sha256: an unchanged file is read once
+        self._summaries = {}
+
+    def digests(self, paths):
+        out = [None] * len(paths)
+        todo = []
+        for i, p in enumerate(paths):
+            try:
+                st = Path(p).stat()
+            except OSError:
+                continue
+            key = (str(p), st.st_size, st.st_mtime_ns)
+            out[i] = self._digests.get(key)
+            if out[i] is None:
+                todo.append((i, key))
+        for (i, key), digest in zip(todo, file_digests([k[0] for _, k in todo])):
+            out[i] = digest
+            if digest is not None:
+                self._digests[key] = digest
+        return out
+
+    def records(self, folder, log=print):
+        """Records of every image of a scanned folder (data/folders.ImageFolder), computing the missing ones."""
+        digests = self.digests(folder.files)
+        got = [self.store.get(d, self.dim) if d is not None else None for d in digests]
+        missing = [i for i, (d, r) in enumerate(zip(digests, got)) if d is not None and r is None]
+        skipped = [(folder.files[i], "could not be read") for i, d in enumerate(digests) if d is None]
+        if missing:
+            log(f"features: computing {len(missing)} of {len(digests)} images (the others are kept)")
+        for start in range(0, len(missing), CHUNK):
+            part = missing[start : start + CHUNK]
+            for i, record in self._compute([folder.files[i] for i in part], [digests[i] for i in part], skipped):
+                got[part[i]] = record
+        keep = [i for i, r in enumerate(got) if r is not None]
+        files = Labelled(
+            torch.tensor([folder.labels[i] for i in keep], dtype=torch.long),
+            [folder.files[i] for i in keep],
+            folder.classes,
+        )
+        return Records(
+            files,
+            torch.from_numpy(np.stack([got[i]["clean"] for i in keep])) if keep else torch.empty(0, self.dim),
+            torch.from_numpy(np.stack([got[i]["flip"] for i in keep])) if keep else torch.empty(0, self.dim),
+            np.stack([got[i]["thumb"] for i in keep]) if keep else np.empty((0, THUMB, THUMB, 3), np.uint8),
+            skipped,
+            len(missing),
+        )
+
+    @torch.no_grad()
+    def _compute(self, paths, digests, skipped):
+        """Decode, pass through the backbone (float32, eval mode, the image and its mirror image), store."""
+        array, good, bad = decode_images(paths, self.size, desc=None)
+        skipped.extend((paths[i], reason) for i, reason in bad)
+        if not len(good):
+            return []
+        pixels = torch.from_numpy(np.ascontiguousarray(array[: len(good)]))
+        clean, flip = [], []
+        for x in eval_batches(pixels, self.recipe.mean, self.recipe.std, self.device):
+            clean.append(self.model.features(x).float().cpu())
+            flip.append(self.model.features(x.flip(-1)).float().cpu())
+        clean, flip = torch.cat(clean).numpy(), torch.cat(flip).numpy()
+        thumbs = F.adaptive_avg_pool2d(pixels.permute(0, 3, 1, 2).float(), THUMB).round().clamp(0, 255)
+        thumbs = thumbs.to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        out = []
+        for k, i in enumerate(good):
+            self.store.put(digests[i], clean[k], flip[k], thumbs[k])
+            self.computed += 1
+            out.append((i, {"clean": clean[k], "flip": flip[k], "thumb": thumbs[k]}))
+        return out
+
+    def new_model(self, num_classes):
+        """The backbone's architecture with its pretrained weights and a fresh head for `num_classes`."""
+        recipe = self.recipe
+        model = create_model(recipe.model, num_classes, pretrained=False, **recipe.model_args)
+        head = {id(model.head.weight), id(model.head.bias)}
+        head_names = {n for n, p in model.named_parameters() if id(p) in head}
+        state = {k: v for k, v in self.model.state_dict().items() if k not in head_names}
+        model.load_state_dict(state, strict=False)
+        return model.to(self.device).eval()
+
+    def summary(self, model, num_classes):
+        if num_classes not in self._summaries:
+            self._summaries[num_classes] = summary(model, self.recipe.image_size)
+        return self._summaries[num_classes]
+
+
+SMALL_HEAD = 1 << 20  # feature values below which a second thread costs more than it gives (benchmarks/README.md)
+
+
+@contextlib.contextmanager
+def one_thread_when_small(features):
+    """A small head fit on one thread: its steps are too short to share, and a busy second core stalls them."""
+    threads = torch.get_num_threads()
+    if features.numel() < SMALL_HEAD:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@dataclass
+class CachedJob:
+    """What model_metadata (finish.py) reads of a job."""
+
+    data_dir: Path
+    options: object
+    recipe: object
+    ctx: RunContext
+    skipped: list
+    fine_tuned_epochs: int = 0
+
+
+def split_records(records, options, events):
+    """(train, val) positions: the held-out split of job.py's hold_out, near-duplicates judged on thumbnails."""
+    grouped = options.split == "groups"
+    paths = records.files.paths
+    groups = (
+        merge_groups(near_duplicate_groups(records.thumbs, paths), burst_group_ids(paths))
+        if grouped
+        else torch.arange(len(paths))
+    )
+    train_idx, val_idx, _ = group_split(records.files.labels, groups, options.held_out, options.seed)
+    if len(val_idx) == 0:
+        raise FolderCNNError("too few images to hold out a validation split")
+    events(f"validation: {len(train_idx)} images train, {len(val_idx)} validate (seed {options.seed})")
+    return torch.as_tensor(train_idx, dtype=torch.long), torch.as_tensor(val_idx, dtype=torch.long)
+
+
+def train_cached(data_dir, out_dir, options, backbone, events=None):
+    """The recipe's probe on DATA_DIR through the backbone's feature store; writes the run folder OUT_DIR and
+    returns the model file's path. Emits the events train_folder does (stage, log, done)."""
+    t0 = time.perf_counter()
+    events = events or Events()
+    recipe = options.make_recipe()
+    if not cacheable(recipe, options) or recipe.model != backbone.recipe.model:
+        raise FolderCNNError(f"recipe '{recipe.name}' with these options cannot train on kept features")
+    check_out_dir(out_dir, [data_dir])
+    events.emit("start", options=options.to_dict(), out_dir=str(out_dir))
+    events.stage("data", 0.0, "reading the kept features")
+    folder = scan_folder(data_dir)
+    records = backbone.records(folder, events)
+    if records.skipped:
+        events(f"skipped {len(records.skipped)} file(s):\n{summarize_skipped(records.skipped)}")
+    missing = [c for i, c in enumerate(folder.classes) if not (records.files.labels == i).any()]
+    if missing:
+        raise FolderCNNError(f"no usable images in the class folder(s) {', '.join(missing)} of {data_dir}")
+    train_idx, val_idx = split_records(records, options, events)
+    train, val = records.files.subset(train_idx), records.files.subset(val_idx)
+    seconds = {"data": time.perf_counter() - t0}
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    save_options(Path(out_dir), options.to_dict())
+
+    t1 = time.perf_counter()
+    ctx = RunContext(backbone.device, "fp32", options.seed, events)
+    model = backbone.new_model(len(folder.classes))
+    features = Features(
+        torch.cat([records.clean[train_idx], records.flip[train_idx]]),
+        torch.cat([train.labels, train.labels]),
+        records.clean[val_idx],
+        val.labels,
+    )
+    with one_thread_when_small(features.train):
+        result = fit_head_on_features(model, features, ctx.but(events=events.span(0.2, 0.7)), HeadSearch())
+    model.load_state_dict(result.best_state)
+    seconds["train"] = time.perf_counter() - t1
+
+    with torch.no_grad():
+        val_logits = model.head(features.val)
+    events.stage("calibration", 0.7, "calibrating")
+    calibration = calibrate(val_logits, val.labels, options.uncertain_below)
+    events(describe_calibration(calibration))
+    events.stage("unfamiliarity", 0.8, "fitting the unfamiliarity score")
+    sample = unfamiliarity_sample(train, options.seed, events)
+    unfamiliarity = fit_unfamiliarity(
+        records.clean[sample.rows], sample.labels, features.val, val.labels, len(folder.classes), events
+    )
+    events.stage("report", 0.9, "writing the model file and the report")
+    job = CachedJob(Path(data_dir), options, recipe, ctx, records.skipped)
+    timing = {"data_seconds": seconds["data"], "train_seconds": seconds["train"]}
+    out_dir = Path(out_dir)
+    model_path = save_model(
+        out_dir / rf.MODEL, model, model_metadata(job, train, val, result, calibration, timing), unfamiliarity
+    )
+    events.emit("saved", model=str(model_path), progress=0.95)  # a teaching server swaps it in now
+    rf.write_history(out_dir / rf.HISTORY, result.history)
+    training_curves(
+        result.history,
+        out_dir / rf.CURVES,
+        title=f"{recipe.name} recipe: {len(train)} training images, {len(val)} validation",
+    )
+    events(f"report: {write_report(out_dir, model_summary=backbone.summary(model, len(folder.classes)))}")
+    best = result.history[result.best_epoch - 1]
+    events.emit(
+        "done",
+        model=str(model_path),
+        best_epoch=result.best_epoch,
+        val_accuracy=best["val_accuracy"],
+        interrupted=False,
+        features_computed=records.computed,
+        progress=1.0,
+    )
+    return model_path
+
+
+ESTIMATE_BURSTS = 10  # bursts left out per class at most (the most recent ones): the estimate stays under a second
+RIDGE = 1.0  # the ridge penalty of the estimate's linear head, on unit-length features
+
+
+def split_groups(records):
+    """The split's groups: a Teach-panel burst, near-duplicates, any other image alone."""
+    paths = records.files.paths
+    return np.asarray(merge_groups(near_duplicate_groups(records.thumbs, paths), burst_group_ids(paths)))
+
+
+def burst_estimates(records, max_bursts=ESTIMATE_BURSTS):
+    """{class: {"accuracy", "bursts", "frames"}}: each group (burst) of a class left out in turn, a ridge-regression
+    head on the features of every other image, the share of the left-out frames it gets right; accuracy None for a
+    class with fewer than two groups (leaving its only burst out leaves nothing of it to learn from)."""
+    labels = records.files.labels.numpy()
+    classes = records.files.classes
+    out = {c: {"accuracy": None, "bursts": 0, "frames": 0} for c in classes}
+    if len(labels) == 0:
+        return out
+    groups = split_groups(records)
+    x = F.normalize(records.clean.double(), dim=1)
+    x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)  # a bias
+    kernel = x @ x.T
+    targets = F.one_hot(torch.from_numpy(labels), len(classes)).double()
+    for c, name in enumerate(classes):
+        own = list(dict.fromkeys(groups[labels == c].tolist()))  # in folder order
+        out[name]["bursts"] = len(own)
+        if len(own) < 2 or len(set(labels.tolist())) < 2:
+            continue
+        right = frames = 0
+        for g in own[-max_bursts:]:
+            test = torch.from_numpy(np.flatnonzero(groups == g))
+            train = torch.from_numpy(np.flatnonzero(groups != g))
+            k_train = kernel[train][:, train]
+            alpha = torch.linalg.solve(k_train + RIDGE * torch.eye(len(train), dtype=x.dtype), targets[train])
+            guess = (kernel[test][:, train] @ alpha).argmax(1).numpy()
+            right += int((guess == labels[test.numpy()]).sum())
+            frames += len(test)
+        out[name].update(accuracy=right / frames, frames=frames, bursts_left_out=min(len(own), max_bursts))
+    return out
