@@ -102,10 +102,10 @@ def test_the_estimate_leaves_each_burst_out(backbone, tmp_path):
     est = burst_estimates(backbone.records(scan_folder(data)))
     assert set(est) == {"dots", "blocks"}
     for e in est.values():  # circles and squares: every left-out burst is recognised
-        assert e["bursts"] == 3 and e["frames"] == 12 and e["accuracy"] == 1.0
+        assert e["bursts"] == e["groups"] == 3 and e["frames"] == 12 and e["accuracy"] == 1.0
     one = write_captures(tmp_path / "one", bursts=("aa",))
     est = burst_estimates(backbone.records(scan_folder(one)))
-    assert all(e["accuracy"] is None and e["bursts"] == 1 for e in est.values())
+    assert all(e["accuracy"] is None and e["bursts"] == e["groups"] == 1 for e in est.values())
 
 
 def test_a_class_that_looks_like_another_is_estimated_low(backbone, tmp_path):

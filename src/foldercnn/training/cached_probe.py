@@ -317,22 +317,24 @@ def split_groups(records):
 
 
 def burst_estimates(records, max_bursts=ESTIMATE_BURSTS):
-    """{class: {"accuracy", "bursts", "frames"}}: each group (burst) of a class left out in turn, a ridge-regression
-    head on the features of every other image, the share of the left-out frames it gets right; accuracy None for a
-    class with fewer than two groups (leaving its only burst out leaves nothing of it to learn from)."""
+    """{class: {"accuracy", "groups", "bursts", "frames"}}: each group of a class (a burst, with its look-alikes:
+    the split's groups) left out in turn, a ridge-regression head on the features of every other image, the share
+    of the left-out frames it gets right. bursts: the class's Teach-panel bursts (a file of its own counts as one);
+    accuracy None for a class with fewer than two groups (leaving its only group out leaves nothing to learn)."""
     labels = records.files.labels.numpy()
     classes = records.files.classes
-    out = {c: {"accuracy": None, "bursts": 0, "frames": 0} for c in classes}
+    out = {c: {"accuracy": None, "groups": 0, "bursts": 0, "frames": 0} for c in classes}
     if len(labels) == 0:
         return out
     groups = split_groups(records)
+    bursts = burst_group_ids(records.files.paths)
     x = F.normalize(records.clean.double(), dim=1)
     x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)  # a bias
     kernel = x @ x.T
     targets = F.one_hot(torch.from_numpy(labels), len(classes)).double()
     for c, name in enumerate(classes):
         own = list(dict.fromkeys(groups[labels == c].tolist()))  # in folder order
-        out[name]["bursts"] = len(own)
+        out[name].update(groups=len(own), bursts=len(set(bursts[labels == c].tolist())))
         if len(own) < 2 or len(set(labels.tolist())) < 2:
             continue
         right = frames = 0
@@ -344,5 +346,5 @@ def burst_estimates(records, max_bursts=ESTIMATE_BURSTS):
             guess = (kernel[test][:, train] @ alpha).argmax(1).numpy()
             right += int((guess == labels[test.numpy()]).sum())
             frames += len(test)
-        out[name].update(accuracy=right / frames, frames=frames, bursts_left_out=min(len(own), max_bursts))
+        out[name].update(accuracy=right / frames, frames=frames, left_out=min(len(own), max_bursts))
     return out
