@@ -10,13 +10,14 @@ import httpx
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from foldercnn.data.captures import capture_name
 from foldercnn.data.folders import scan_folder
 from foldercnn.models.file import read_metadata
 from foldercnn.training.cached_probe import Backbone, burst_estimates, cacheable, train_cached
 from foldercnn.training.options import TrainOptions
-from foldercnn.training.transfer import _fit_heads, _head
+from foldercnn.training.transfer import FullBatchAdam, _fit_heads, _head
 from test_teach import start_teach_server, wait_job
 from testkit import draw_shape, stop
 
@@ -60,6 +61,22 @@ def test_only_a_frozen_probe_on_clean_views_trains_on_kept_features():
         TrainOptions.of(recipe="hands"),  # landmarks, not image features
     ):
         assert not cacheable(options.make_recipe(), options), options.recipe
+
+
+def test_the_written_out_adam_steps_as_torch_adam_does():
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(40, 8, generator=g), torch.arange(40) % 2
+    ours, theirs = torch.nn.Linear(8, 2), torch.nn.Linear(8, 2)
+    theirs.load_state_dict(ours.state_dict())
+    opts = FullBatchAdam(ours.parameters(), lr=0.01), torch.optim.Adam(theirs.parameters(), lr=0.01)
+    for _ in range(30):
+        for model, opt in zip((ours, theirs), opts):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+    torch.testing.assert_close(ours.weight, theirs.weight)
+    torch.testing.assert_close(ours.bias, theirs.bias)
+    assert not torch.allclose(ours.weight, torch.nn.Linear(8, 2).weight)
 
 
 def test_heads_fitted_together_equal_heads_fitted_alone():

@@ -209,6 +209,10 @@ def cmd_models(args):
 
 
 def serve(args, model, teach_dir):
+    if teach_dir is not None and not args.teach_cold:
+        from .deploy.teach_worker import prestart
+
+        prestart(args.teach_recipe, args.teach_runs)  # its start overlaps the server's own
     from .deploy.serve import run_server
     from .deploy.teach import TeachConfig
 

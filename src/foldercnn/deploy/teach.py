@@ -313,10 +313,11 @@ def warm_worker(config):
     given; else None (jobs are `foldercnn train` subprocesses)."""
     from ..training.cached_probe import cacheable
     from ..training.options import TrainOptions
-    from .teach_worker import WarmWorker
+    from .teach_worker import WarmWorker, discard_prestarted
 
     options = TrainOptions.of(recipe=config.recipe, seed=config.seed)
     if not config.warm or config.train_args or not cacheable(options.make_recipe(), options):
+        discard_prestarted()
         return None
     return WarmWorker(config.recipe, config.runs_dir)
 

@@ -29,6 +29,40 @@ class WorkerDied(FolderCNNError):
     pass
 
 
+_PRESTARTED: dict = {}  # (recipe, store folder) -> a worker process started early (prestart)
+
+
+def spawn(recipe, store_dir):
+    """A new worker process, below this process's CPU priority (/predict keeps its latency while it works)."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "foldercnn.deploy.teach_worker", recipe, str(store_dir)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        errors="replace",
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    )
+    try:
+        os.setpriority(os.PRIO_PROCESS, process.pid, 10)
+    except (AttributeError, OSError):
+        pass
+    return process
+
+
+def prestart(recipe, runs_dir):
+    """Start the worker of a teaching server about to start, before the server's own imports: the two start at
+    the same time (a worker takes ~3 s to import PyTorch and load its backbone). The WarmWorker made later in this
+    process adopts it; one that is not needed (a recipe without kept features) is stopped (discard_prestarted)."""
+    store_dir = Path(runs_dir) / FEATURES_DIR
+    _PRESTARTED[(recipe, str(store_dir))] = spawn(recipe, store_dir)
+
+
+def discard_prestarted():
+    while _PRESTARTED:
+        _PRESTARTED.popitem()[1].kill()
+
+
 # ---- the worker process --------------------------------------------------------------------------------------
 
 
@@ -128,9 +162,6 @@ class WarmWorker:
         self._ids = 0
         self.stderr_tail = []
 
-    def command(self):
-        return [sys.executable, "-m", "foldercnn.deploy.teach_worker", self.recipe, str(self.store_dir)]
-
     def busy(self):
         return self._lock.locked()
 
@@ -143,19 +174,8 @@ class WarmWorker:
             if self.alive():
                 return
             self._events = queue.Queue()
-            self.process = subprocess.Popen(
-                self.command(),
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-                errors="replace",
-                env=dict(os.environ, PYTHONUNBUFFERED="1"),
-            )
-            try:  # below the server's priority: /predict keeps its latency while captures are featurised
-                os.setpriority(os.PRIO_PROCESS, self.process.pid, 10)
-            except (AttributeError, OSError):
-                pass
+            early = _PRESTARTED.pop((self.recipe, str(self.store_dir)), None)
+            self.process = early if early is not None and early.poll() is None else spawn(self.recipe, self.store_dir)
             events, process = self._events, self.process
             threading.Thread(target=self._read, args=(process, events), daemon=True).start()
             threading.Thread(target=_keep_tail, args=(process.stderr, self.stderr_tail), daemon=True).start()

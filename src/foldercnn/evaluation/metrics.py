@@ -6,7 +6,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from sklearn.metrics import confusion_matrix, precision_recall_fscore_support, roc_auc_score
 
 from ..data.folders import load_folder, scan_folder
 from ..models.inference import DEFAULT_UNCERTAIN_BELOW
@@ -105,6 +104,8 @@ def metrics_from_predictions(y_true, y_pred, classes):
 
     A class the model never predicts gets precision 0 (not NaN, not a warning): it helps nobody.
     """
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support  # 1.5 s to import: when used
+
     labels = list(range(len(classes)))
     p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
     per_class = {
@@ -161,6 +162,8 @@ def _auroc(wrong, score):
     """AUROC of `score` for telling wrong predictions from right ones; None when only one outcome occurs."""
     if len(wrong) == 0 or wrong.all() or not wrong.any():
         return None
+    from sklearn.metrics import roc_auc_score
+
     return float(roc_auc_score(wrong.astype(int), score))
 
 

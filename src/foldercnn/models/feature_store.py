@@ -38,10 +38,12 @@ class FeatureStore:
     """Records by file digest: get, put, drop; a record that cannot be read is treated as missing."""
 
     def __init__(self, root, described=None):
-        self.root = Path(root)
-        if described is not None and not (self.root / DESCRIPTION).exists():
+        self.root, self.described = Path(root), described  # nothing is written before the first record
+
+    def _describe(self):
+        if self.described is not None and not (self.root / DESCRIPTION).exists():
             with contextlib.suppress(OSError):
-                write_text(self.root / DESCRIPTION, json.dumps(described, indent=1) + "\n")
+                write_text(self.root / DESCRIPTION, json.dumps(self.described, indent=1) + "\n")
 
     def _path(self, digest):
         return self.root / digest[:2] / f"{digest}.safetensors"
@@ -70,6 +72,7 @@ class FeatureStore:
         with contextlib.suppress(OSError):  # a full or read-only disk only costs computing them again
             with atomic_path(self._path(digest)) as tmp:
                 save_file(record, str(tmp))
+            self._describe()
 
     def drop(self, digest):
         with contextlib.suppress(OSError):

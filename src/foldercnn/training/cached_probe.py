@@ -23,7 +23,6 @@ from ..data.decode import decode_images
 from ..data.duplicates import file_digests, near_duplicate_groups
 from ..data.folders import group_split, scan_folder, summarize_skipped
 from ..errors import FolderCNNError
-from ..evaluation.report import write_report
 from ..events import Events
 from ..files import check_out_dir
 from ..models.feature_store import THUMB, FeatureStore, backbone_key
@@ -31,7 +30,6 @@ from ..models.file import save_model
 from ..models.preprocess import decode_size, eval_batches
 from ..models.registry import create_model, get_spec
 from ..models.summary import summary
-from ..plots import training_curves
 from .finish import calibrate, describe_calibration, fit_unfamiliarity, model_metadata, unfamiliarity_sample
 from .run import RunContext, save_options
 from .transfer import Features, HeadSearch, fit_head_on_features
@@ -286,6 +284,9 @@ def train_cached(data_dir, out_dir, options, backbone, events=None):
         out_dir / rf.MODEL, model, model_metadata(job, train, val, result, calibration, timing), unfamiliarity
     )
     events.emit("saved", model=str(model_path), progress=0.95)  # a teaching server swaps it in now
+    from ..evaluation.report import write_report  # matplotlib: imported by the first job, after its swap
+    from ..plots import training_curves
+
     rf.write_history(out_dir / rf.HISTORY, result.history)
     training_curves(
         result.history,

@@ -6,6 +6,7 @@ fitting the head takes seconds; the result is an ordinary whole-network model fi
 recipe: new backgrounds, rotations, capture effects), so the head learns what survives those changes.
 """
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -64,6 +65,32 @@ def augmented_features(model, data, recipe, run, generator, batch_size=64):
     return torch.cat(out)
 
 
+class FullBatchAdam:
+    """torch.optim.Adam's update (betas 0.9 and 0.999, eps 1e-8), written out for a few tensors: the first step of
+    any torch.optim optimizer in a process imports torch._dynamo, 2.3 s (benchmarks/README.md), which was most of
+    the time a teaching worker takes from start to its first model."""
+
+    def __init__(self, params, lr, betas=(0.9, 0.999), eps=1e-8):
+        self.params, self.lr, self.betas, self.eps, self.steps = list(params), lr, betas, eps, 0
+        self.m = [torch.zeros_like(p) for p in self.params]
+        self.v = [torch.zeros_like(p) for p in self.params]
+
+    def zero_grad(self):
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self):
+        self.steps += 1
+        b1, b2 = self.betas
+        step_size = self.lr / (1 - b1**self.steps)
+        correction2 = math.sqrt(1 - b2**self.steps)
+        for p, m, v in zip(self.params, self.m, self.v):
+            m.lerp_(p.grad, 1 - b1)
+            v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+            p.addcdiv_(m, (v.sqrt() / correction2).add_(self.eps), value=-step_size)
+
+
 def _fit_heads(features, labels, num_classes, weight_decays, steps, seed, record=None):
     """Multinomial logistic regression by full-batch AdamW, one head per weight decay, fitted together as one wide
     linear layer (the features are read once per step, not once per candidate: benchmarks/README.md); each
@@ -78,7 +105,7 @@ def _fit_heads(features, labels, num_classes, weight_decays, steps, seed, record
         wide.bias.zero_()
     lr = 0.01
     keep = 1 - lr * torch.tensor(weight_decays, dtype=torch.float32).repeat_interleave(num_classes)
-    opt = torch.optim.Adam(wide.parameters(), lr=lr)
+    opt = FullBatchAdam(wide.parameters(), lr=lr)
     for step in range(1, steps + 1):
         logits = wide(features).view(len(features), k, num_classes)
         loss = sum(F.cross_entropy(logits[:, j], labels) for j in range(k))
