@@ -88,14 +88,15 @@ def overview(url):
     return httpx.get(url + "/teach/classes", timeout=60).json()
 
 
-def wait_featurised(url, images, timeout=1200):
-    """The warm worker's state once every posted image has its features (None without a worker)."""
+def wait_featurised(url, timeout=1200):
+    """The warm worker's state once every image of the folder has its features (None without a worker)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         o = overview(url)
+        images = sum(c["images"] for c in o["classes"])
         if o["warm"] is None or (o["warm"]["up_to_date"] and o["warm"]["images_featurised"] == images):
             return o
-        time.sleep(0.2)
+        time.sleep(0.5)
     raise SystemExit(f"features not ready after {timeout} s")
 
 
@@ -166,7 +167,7 @@ def bench_set(bench, counts, recipe, work):
                 for i in bench.order[c][posted[c] : n]:
                     post_photo(warm_url, bench.classes[c], bench.paths[i])
                 posted[c] = n
-            state = wait_featurised(warm_url, n * len(posted))
+            state = wait_featurised(warm_url)
             t_post = time.perf_counter() - t
             used = {i for c in posted for i in bench.order[c][: posted[c]]}
             rest = bench.rest(used)
@@ -227,7 +228,7 @@ def costs(bench, warm_url, cold_url, warm_runs, posted):
     photo = bench.paths[bench.order[0][-1]]
     idle = latencies(warm_url, photo, lambda: True)
     print(latency_line(bench.name, "idle", idle, idle), flush=True)
-    extra = bench.order[0][posted[0] : posted[0] + 20]
+    extra = bench.order[0][-20:]  # photos posted at no count (unless one is almost the whole set), deleted after
     if extra:
         done = []
 
@@ -243,6 +244,9 @@ def costs(bench, warm_url, cold_url, warm_runs, posted):
         busy = latencies(warm_url, photo, lambda: not done or not overview(warm_url)["warm"]["up_to_date"], limit=1000)
         poster.join()
         print(latency_line(bench.name, f"while {len(extra)} new photos are featurised", busy, idle), flush=True)
+        for capture in overview(warm_url)["classes"][0]["captures"][: len(extra)]:  # newest first: the extra ones
+            httpx.delete(f"{warm_url}/teach/classes/{bench.classes[0]}/images/{capture}").raise_for_status()
+        wait_featurised(warm_url)
     for mode, url in (("warm", warm_url), ("cold", cold_url)):
         busy: list = []
         train(url, during=lambda running, url=url, busy=busy: busy.extend(latencies(url, photo, running, limit=1000)))

@@ -15,7 +15,14 @@ import torch.nn.functional as F
 from foldercnn.data.captures import capture_name
 from foldercnn.data.folders import scan_folder
 from foldercnn.models.file import read_metadata
-from foldercnn.training.cached_probe import Backbone, burst_estimates, cacheable, train_cached
+from foldercnn.training.cached_probe import (
+    RIDGE,
+    Backbone,
+    burst_estimates,
+    cacheable,
+    left_out_guesses,
+    train_cached,
+)
 from foldercnn.training.options import TrainOptions
 from foldercnn.training.transfer import FullBatchAdam, _fit_heads, _head
 from test_teach import start_teach_server, wait_job
@@ -123,6 +130,23 @@ def test_the_estimate_leaves_each_burst_out(backbone, tmp_path):
     one = write_captures(tmp_path / "one", bursts=("aa",))
     est = burst_estimates(backbone.records(scan_folder(one)))
     assert all(e["accuracy"] is None and e["bursts"] == e["groups"] == 1 for e in est.values())
+
+
+def test_one_inverse_gives_what_a_fit_per_left_out_group_gives():
+    g = torch.Generator().manual_seed(2)
+    features = torch.randn(30, 6, generator=g) + torch.arange(30).remainder(3)[:, None]
+    labels = (torch.arange(30) % 3).numpy()
+    groups = np.arange(30) // 3
+    fast = left_out_guesses(features, labels, 3, groups)
+    x = torch.nn.functional.normalize(features.double(), dim=1)
+    x = torch.cat([x, torch.ones(30, 1, dtype=x.dtype)], 1)
+    y = torch.nn.functional.one_hot(torch.as_tensor(labels), 3).double()
+    for group in range(10):
+        test, train = groups == group, groups != group
+        xt = x[torch.from_numpy(train)]
+        w = xt.T @ torch.linalg.solve(xt @ xt.T + RIDGE * torch.eye(len(xt), dtype=x.dtype), y[torch.from_numpy(train)])
+        np.testing.assert_array_equal(fast[test], (x[torch.from_numpy(test)] @ w).argmax(1).numpy())
+    assert 0 < (fast == labels).mean() < 1  # a case where leaving out matters
 
 
 def test_a_class_that_looks_like_another_is_estimated_low(backbone, tmp_path):
