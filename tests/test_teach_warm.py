@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from foldercnn.data.captures import capture_name
 from foldercnn.data.folders import scan_folder
+from foldercnn.errors import FolderCNNError
 from foldercnn.models.file import read_metadata
 from foldercnn.training.cached_probe import (
     RIDGE,
@@ -175,6 +176,19 @@ def test_a_job_on_kept_features_writes_a_complete_run(backbone, options, tmp_pat
     classifier = foldercnn.load(model_path)
     answers = classifier.predict_many([str(p) for p in sorted((data / "dots").iterdir())])
     assert all(a.label == "dots" for a in answers), answers
+
+
+def test_a_job_on_kept_features_refuses_a_class_without_usable_images(backbone, options, tmp_path):
+    data = write_captures(tmp_path / "data")
+    for n in range(1, 6):
+        (data / "blocks" / capture_name("zz", n)).write_bytes(b"broken")
+    for f in (data / "blocks").glob("cap-aa-*"):
+        f.unlink()
+    for f in (data / "blocks").glob("cap-bb-*"):
+        f.unlink()
+    with pytest.raises(FolderCNNError, match="no usable images in the class folder.*blocks"):
+        train_cached(data, tmp_path / "run", options, backbone)
+    assert not (tmp_path / "run" / "model.safetensors").exists()
 
 
 @pytest.mark.slow

@@ -93,7 +93,8 @@ def serve_requests(recipe_name, store_dir, stdin=sys.stdin, stdout=sys.stdout):
     from ..training.options import TrainOptions
     from ..training.recipes import get_recipe
 
-    runtime.setup()
+    # a core left to the server: two threads on two busy cores stall each other (benchmarks/README.md)
+    runtime.setup(threads=max(1, runtime.physical_cores() - 1))
     lock = threading.Lock()
 
     def say(event):

@@ -79,6 +79,8 @@ class Records:
     thumbs: np.ndarray
     skipped: list
     computed: int  # records computed now (the others were on disk)
+    digests: tuple = ()  # each file's sha256, in files order
+    backbone: object = None  # the Backbone that read them (it remembers the last folder's groups)
 
 
 def store_for(recipe, store_dir):
@@ -101,6 +103,17 @@ class Backbone:
         self.computed = 0  # records this process computed (what the cache saved is the rest)
         self._digests = {}  # (path, size, mtime_ns) -> sha256: an unchanged file is read once
         self._summaries = {}
+        self._groups = (None, None)  # (paths and digests, the split's groups) of the last folder grouped
+
+    def groups(self, records):
+        """The split's groups of records, remembered for the folder as it is: the estimate after the last capture
+        and the Train that follows group the same files once (seconds at 1,500 images: benchmarks/README.md)."""
+        key = (tuple(map(str, records.files.paths)), records.digests)
+        if self._groups[0] != key:
+            paths = records.files.paths
+            groups = merge_groups(near_duplicate_groups(records.thumbs, paths), burst_group_ids(paths))
+            self._groups = (key, np.asarray(groups))
+        return self._groups[1]
 
     def digests(self, paths):
         out = [None] * len(paths)
@@ -145,6 +158,8 @@ class Backbone:
             np.stack([got[i]["thumb"] for i in keep]) if keep else np.empty((0, THUMB, THUMB, 3), np.uint8),
             skipped,
             len(missing),
+            tuple(digests[i] for i in keep),
+            self,
         )
 
     @torch.no_grad()
@@ -214,13 +229,7 @@ class CachedJob:
 
 def split_records(records, options, events):
     """(train, val) positions: the held-out split of job.py's hold_out, near-duplicates judged on thumbnails."""
-    grouped = options.split == "groups"
-    paths = records.files.paths
-    groups = (
-        merge_groups(near_duplicate_groups(records.thumbs, paths), burst_group_ids(paths))
-        if grouped
-        else torch.arange(len(paths))
-    )
+    groups = split_groups(records) if options.split == "groups" else torch.arange(len(records.files))
     train_idx, val_idx, _ = group_split(records.files.labels, groups, options.held_out, options.seed)
     if len(val_idx) == 0:
         raise FolderCNNError("too few images to hold out a validation split")
@@ -312,6 +321,8 @@ RIDGE = 1.0  # the ridge penalty of the estimate's linear head, on unit-length f
 
 def split_groups(records):
     """The split's groups: a Teach-panel burst, near-duplicates, any other image alone."""
+    if records.backbone is not None:
+        return records.backbone.groups(records)
     paths = records.files.paths
     return np.asarray(merge_groups(near_duplicate_groups(records.thumbs, paths), burst_group_ids(paths)))
 
