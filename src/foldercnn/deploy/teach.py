@@ -10,6 +10,7 @@ job is a real `foldercnn train` subprocess. Both run at a lower CPU priority so 
 when a job succeeds, the new model file is loaded and swapped in, and a failed job leaves the old model serving.
 """
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -213,7 +214,7 @@ class Teacher:
     def _run(self, job):
         if self.worker is not None:
             return self._run_warm(job)
-        try:
+        with finishing(job):
             code, stderr_tail = self._train(job)
             if code != 0:
                 job.error = job.error or f"training stopped with exit code {code}: " + (
@@ -226,11 +227,6 @@ class Teacher:
             self.swap(model_path)
             job.result = job_result(model_path, self.folder.classes())
             job.state, job.stage, job.progress = "done", "serving the new model", 1.0
-        except Exception as e:  # the old model keeps serving; the page says why
-            job.error = str(e) if isinstance(e, FolderCNNError) else f"{type(e).__name__}: {e}"
-            job.state = "failed"
-        finally:
-            job.seconds = time.time() - job.started
 
     def _run_warm(self, job):
         """A job in the warm worker: the model is swapped in as soon as its file is written (the report follows)."""
@@ -245,7 +241,7 @@ class Teacher:
                 job.served_seconds = served[0] - job.started
                 job.result = job_result(event["model"], self.folder.classes())
 
-        try:
+        with finishing(job):
             code, _ = self.worker.request(
                 "train",
                 on_event,
@@ -253,16 +249,14 @@ class Teacher:
                 out_dir=str(job.run_dir),
                 options={"recipe": self.config.recipe, "seed": self.config.seed, "resume": "ignore"},
             )
-            if code != 0 or not served:
+            if not served:
                 job.error = job.error or f"training stopped (worker exit code {code})"
                 job.state = "failed"
                 return
+            if code != 0:  # the new model is complete and serving; only what follows it (the report) failed
+                job.log.append(f"after the model was served: {job.error}")
+                job.error = None
             job.state, job.stage, job.progress = "done", "serving the new model", 1.0
-        except Exception as e:  # the old model keeps serving; the page says why
-            job.error = str(e) if isinstance(e, FolderCNNError) else f"{type(e).__name__}: {e}"
-            job.state = "failed"
-        finally:
-            job.seconds = time.time() - job.started
 
     def _train(self, job):
         """Run the job's `foldercnn train --events -`, following its events; (exit code, last lines of stderr)."""
@@ -306,6 +300,18 @@ class Teacher:
                 process.wait(10)
             except subprocess.TimeoutExpired:
                 process.kill()
+
+
+@contextlib.contextmanager
+def finishing(job):
+    """However a job ends: an exception fails it with its reason (the old model keeps serving); its seconds."""
+    try:
+        yield
+    except Exception as e:  # the page says why
+        job.error = str(e) if isinstance(e, FolderCNNError) else f"{type(e).__name__}: {e}"
+        job.state = "failed"
+    finally:
+        job.seconds = time.time() - job.started
 
 
 def warm_worker(config):
