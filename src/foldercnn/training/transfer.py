@@ -168,12 +168,6 @@ def linear_probe(model, train, val, recipe, run, search=HeadSearch()):
     return fit_head_on_features(model, features, run, search)
 
 
-def _scores(head, f, y):
-    with torch.no_grad():
-        logits = head(f)
-        return F.cross_entropy(logits, y).item(), (logits.argmax(1) == y).float().mean().item()
-
-
 def _best_candidate(tried, search):
     """Index into tried [(weight decay, val accuracy, val loss)] of the weight decay the search keeps."""
     best = max(range(len(tried)), key=lambda k: (tried[k][1], -tried[k][2]))
