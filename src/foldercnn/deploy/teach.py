@@ -25,10 +25,10 @@ from ..errors import FolderCNNError, OptionError
 from ..events import read_event
 from ..files import check_out_dir
 from .teach_folder import MIN_IMAGES_PER_CLASS, TeachError, TeachFolder, check_class_name  # noqa: F401 (API)
+from .teach_worker import keep_tail
 
 LOG_LINES = 200
 DEFAULT_RECIPE = "transfer"
-STDERR_LINES = 20  # kept to explain a job that died without an error event (a crash)
 
 
 @dataclass
@@ -277,7 +277,7 @@ class Teacher:
         except (AttributeError, OSError):
             pass
         stderr_tail = []
-        drain = threading.Thread(target=_keep_tail, args=(process.stderr, stderr_tail), daemon=True)
+        drain = threading.Thread(target=keep_tail, args=(process.stderr, stderr_tail), daemon=True)
         drain.start()
         for line in process.stdout:
             event = read_event(line)
@@ -326,13 +326,6 @@ def warm_worker(config):
         discard_prestarted()
         return None
     return WarmWorker(config.recipe, config.runs_dir)
-
-
-def _keep_tail(stream, tail):
-    for line in stream:
-        if line.strip():
-            tail.append(line.rstrip())
-            del tail[:-STDERR_LINES]
 
 
 def follow(job, event):

@@ -179,7 +179,7 @@ class WarmWorker:
             self.process = early if early is not None and early.poll() is None else spawn(self.recipe, self.store_dir)
             events, process = self._events, self.process
             threading.Thread(target=self._read, args=(process, events), daemon=True).start()
-            threading.Thread(target=_keep_tail, args=(process.stderr, self.stderr_tail), daemon=True).start()
+            threading.Thread(target=keep_tail, args=(process.stderr, self.stderr_tail), daemon=True).start()
             first = self._next(events, process, READY_TIMEOUT)
             if first.get("event") != "ready":
                 raise WorkerDied(f"the training worker did not start: {first.get('message', first)}")
@@ -244,7 +244,8 @@ class WarmWorker:
                 process.kill()
 
 
-def _keep_tail(stream, tail, lines=20):
+def keep_tail(stream, tail, lines=20):
+    """The last `lines` non-empty lines of a stream, kept to explain a process that died without an error event."""
     for line in stream:
         if line.strip():
             tail.append(line.rstrip())

@@ -320,11 +320,8 @@ RIDGE = 1.0  # the ridge penalty of the estimate's linear head, on unit-length f
 
 
 def split_groups(records):
-    """The split's groups: a Teach-panel burst, near-duplicates, any other image alone."""
-    if records.backbone is not None:
-        return records.backbone.groups(records)
-    paths = records.files.paths
-    return np.asarray(merge_groups(near_duplicate_groups(records.thumbs, paths), burst_group_ids(paths)))
+    """The split's groups: a Teach-panel burst, near-duplicates, any other image alone (Backbone.groups)."""
+    return records.backbone.groups(records)
 
 
 def left_out_guesses(features, labels, num_classes, groups):
