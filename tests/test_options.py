@@ -32,6 +32,8 @@ def test_keyword_values_split_into_options_and_recipe_overrides():
         ({"time_budget": -1}, "time_budget"),
         ({"uncertain_below": 1.5}, "uncertain_below"),
         ({"val_dir": "v", "val_fraction": 0.3}, "val_fraction"),
+        ({"refit": True, "val_dir": "v"}, "refit"),
+        ({"refit": True, "time_budget": 60}, "refit"),
     ],
 )
 def test_a_bad_value_names_the_option_not_a_flag(values, option):

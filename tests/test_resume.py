@@ -151,3 +151,33 @@ def test_restart_ignores_a_checkpoint_and_old_run_folders_still_work(interrupted
     assert foldercnn.load(trained_model.model_path).predict(next(shapes_dirs[1].rglob("*.png"))).label
     r = run_cli("report", trained_model.out_dir)
     assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.slow
+def test_a_run_killed_during_its_refit_resumes_the_split_and_refits_to_the_same_model(shapes_dirs, tmp_path):
+    """--refit: the split's finished checkpoint is kept until the refitted model is written, so a kill during the
+    refit costs only the refit; the resumed run saves the model an uninterrupted one saves, bit for bit."""
+    data = shapes_dirs[0]
+    clean = run_cli(*train_args(data, tmp_path / "clean", "--refit"))
+    assert clean.returncode == 0, clean.stderr
+    run, events = tmp_path / "killed", tmp_path / "events.jsonl"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "foldercnn.cli", *train_args(data, run, "--refit", "--events", str(events))],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 300
+    while proc.poll() is None and time.time() < deadline:
+        if events.is_file() and '"name": "refit"' in events.read_text():
+            break
+        time.sleep(0.02)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=60) == -signal.SIGKILL, "the run ended before it could be killed during its refit"
+    assert (run / "checkpoint.safetensors").is_file() and not (run / "model.safetensors").exists()
+    resumed = run_cli(*train_args(data, run, "--refit"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "continuing the interrupted run" in resumed.stdout and "refit: a fresh model" in resumed.stdout
+    a, b = load_file(str(run / "model.safetensors")), load_file(str(tmp_path / "clean" / "model.safetensors"))
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+    assert not (run / "checkpoint.safetensors").exists()

@@ -170,6 +170,9 @@ COMBINATIONS = [
     (["--recipe", "fast", "--fine-tune"], "follows a linear probe"),
     (["--recipe", "seed", "--model", "effnet-lite0", "--fine-tune"], "follows a linear probe"),
     (["--recipe", "fast", "--model", "hand-landmarks"], "not trained on pixels"),
+    (["--recipe", "transfer", "--refit"], "--refit is for recipes trained by the loop"),
+    (["--refit", "--time-budget", "30"], "--refit cannot be combined with a time budget"),
+    (["--refit", "--val", "."], "a validation folder holds none out"),
     (
         ["--model", "resnet-9000"],
         "unknown model 'resnet-9000' (available: effnet-lite0, effnet-lite1, effnet-lite2, fast-cnn, hand-landmarks, "

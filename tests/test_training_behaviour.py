@@ -97,3 +97,25 @@ def test_temperature_is_fitted_on_the_validation_split(trained_model, shapes_dir
     cal = clf.metadata["calibration"]
     assert cal["temperature"] == pytest.approx(t, rel=1e-6) and cal["rule"] == rule
     assert cal["fitted_on"] == f"validation split ({len(val)} images)"
+
+
+def test_a_refit_trains_on_the_whole_folder_and_is_calibrated_without_its_held_out_images(shapes_dirs, tmp_path):
+    """refit: after the split's fit, every refit epoch sees all 120 images of the folder (batches of 8: 15 steps),
+    the split's fit only its training share; the stored temperature and validation NLL are those of the split's
+    model (the same run without refit) on the images it never trained on, not of the saved, refitted model."""
+    kw = dict(recipe="fast", epochs=3, image_size=32, batch_size=8, seed=0, log=lambda *a: None)
+    plain = foldercnn.train(shapes_dirs[0], tmp_path / "plain", **kw)
+    refit = foldercnn.train(shapes_dirs[0], tmp_path / "refit", refit=True, **kw)
+    n_all = refit.n_train + refit.n_val
+    assert n_all == 120 and plain.refit_history == []
+    assert [h["images"] for h in refit.refit_history] == [n_all] * plain.best_epoch
+    assert all(h["images"] == 8 * -(-refit.n_train // 8) for h in refit.history)
+    saved, first = foldercnn.load(refit.model_path), foldercnn.load(plain.model_path)
+    assert saved.metadata["refit"]["n_train"] == n_all
+    assert saved.metadata["refit"]["images_seen"] == n_all * plain.best_epoch
+    cal, first_cal = saved.metadata["calibration"], first.metadata["calibration"]
+    assert cal["temperature"] == first_cal["temperature"] and cal["val_nll_before"] == first_cal["val_nll_before"]
+    _, val, _ = prepare_data(shapes_dirs[0], get_recipe("fast", image_size=32), TrainOptions(seed=0), lambda *a: None)
+    own = batched_logits(saved.model, val.take(slice(None)), saved.mean, saved.std)
+    assert float(torch.nn.functional.cross_entropy(own, val.labels)) != pytest.approx(cal["val_nll_before"], rel=1e-3)
+    assert "Then refitted: a fresh model trained on all 120 images" in (tmp_path / "refit" / "report.html").read_text()

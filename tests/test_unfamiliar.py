@@ -38,6 +38,23 @@ def test_far_point_is_unfamiliar_and_a_class_mean_is_not(d, rank):
     assert float((fitted.unfamiliarity(xv) > 1).float().mean()) <= 0.02
 
 
+def test_a_refitted_score_carries_the_first_models_held_out_margin():
+    """A model refitted on all its images has no held-out features: its threshold is the first model's, as a
+    multiple of each model's own training scores (the refitted features here lie in another space, wider)."""
+    x, y, means = gaussians(600)
+    xv, yv, _ = gaussians(150, seed=1)
+    xv = xv - gaussians(150, seed=1)[2][yv] + means[yv]
+    first = unfamiliar.fit(x, y, xv, yv)
+    other, y2, _ = gaussians(900, d=12, seed=3, spread=2.0)
+    refitted = unfamiliar.refitted(first, x, other, y2, num_classes=3)
+    own = lambda f, feats: float(torch.quantile(f.score(feats).double(), unfamiliar.QUANTILE))
+    assert refitted.feature_dim == 12 and own(refitted, other) != pytest.approx(own(first, x), rel=0.05)
+    assert refitted.threshold / own(refitted, other) == pytest.approx(first.threshold / own(first, x), rel=1e-6)
+    assert "first model" in refitted.rule
+    with pytest.raises(ValueError, match="no usable threshold"):
+        unfamiliar.refitted(unfamiliar.Unfamiliarity(first.means, first.basis, first.weights), x, other, y2)
+
+
 @pytest.mark.parametrize("n", [12, 60, 200])
 def test_few_images_give_what_the_full_covariance_gives(n):
     """Fewer images than feature dimensions: the n x n Gram route matches the D x D covariance route."""

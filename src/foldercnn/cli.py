@@ -61,6 +61,7 @@ def train_options(args):
         device=args.device,
         time_budget=args.time_budget,
         fine_tune=args.fine_tune,
+        refit=args.refit,
         uncertain_below=args.uncertain_below,
         resume="ignore" if args.restart else RESUME_MODES[args.resume],
         **_overrides(args),

@@ -126,6 +126,13 @@ def build_parser():
         action="store_true",
         help="for a recipe with a linear probe (transfer): then also train the last blocks",
     )
+    p.add_argument(
+        "--refit",
+        action="store_true",
+        help="after the held-out split has chosen the epochs, train a fresh model on the whole folder for that many "
+        "(about twice the time); its calibration and unfamiliarity threshold come from the first model's held-out "
+        "images",
+    )
     again = p.add_mutually_exclusive_group()
     again.add_argument(
         "--resume",

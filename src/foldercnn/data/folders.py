@@ -143,6 +143,24 @@ class DecodedImages:
             None if self.stamps is None else [self.stamps[i] for i in picked],
         )
 
+    def union(self, other):
+        """This set and `other`, two subsets of one decoded set (a split's two sides), in the folder's order."""
+        if other.images is not self.images or self.rows is None or other.rows is None:
+            raise ValueError("union: both sets must be subsets of one decoded set")
+        rows = torch.cat([self.rows, other.rows])
+        order = rows.argsort().tolist()
+        stamps = None if self.stamps is None or other.stamps is None else self.stamps + other.stamps
+        return DecodedImages(
+            self.images,
+            torch.cat([self.labels, other.labels])[order],
+            [(self.paths + other.paths)[i] for i in order],
+            self.classes,
+            [],
+            rows[order],
+            self.readahead,
+            None if stamps is None else [stamps[i] for i in order],
+        )
+
 
 def decode_cached(files, size, root, desc="decoding", stamps=None):
     """decode_images through the on-disk decode cache (see cache.py); returns the same triple + hit flag."""

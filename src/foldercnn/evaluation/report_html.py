@@ -115,6 +115,16 @@ def _model_section(meta, model_summary):
     return "".join(out)
 
 
+def _refit_sentence(refit):
+    if not refit:
+        return ""
+    return (
+        f" Then refitted: a fresh model trained on all {refit['n_train']} images of the folder for {refit['epochs']} "
+        f"epochs ({refit['seconds']:.1f} s); that is the saved model, its temperature and unfamiliarity threshold "
+        "measured on the held-out images with the model above, which never trained on them."
+    )
+
+
 def _training_section(run, meta, history):
     m, t = meta.get("metrics", {}), meta.get("timing", {})
     out = [
@@ -124,6 +134,7 @@ def _training_section(run, meta, history):
         f"{'' if (meta.get('recipe') or {}).get('keep') != 'last' else '; this recipe keeps the last epoch'}). "
         f"Decoding took {t.get('data_seconds', 0):.1f} s and training {t.get('train_seconds', 0):.1f} s."
         + (" Training was interrupted." if m.get("interrupted") else "")
+        + _refit_sentence(meta.get("refit"))
         + "</p>",
         _img(run / rf.CURVES, "accuracy and loss per epoch for training and validation"),
     ]

@@ -277,3 +277,23 @@ def fit(train_features, train_labels, val_features, val_labels, num_classes=None
     fitted.threshold = threshold if math.isfinite(threshold) and threshold > 0 else math.inf
     fitted.rule = rule
     return fitted
+
+
+def refitted(first, first_train_features, train_features, train_labels, num_classes=None):
+    """The score of a model refitted on all its images (training's `refit`), whose own features have no held-out
+    images: the Gaussians on its training features; the threshold `first`'s (fitted on the split's first model,
+    thresholded on images that model never saw) as a multiple of the QUANTILE of first's own training scores,
+    times the QUANTILE of the refitted model's training scores."""
+    x, y = torch.as_tensor(train_features).float(), torch.as_tensor(train_labels).long()
+    num_classes = int(y.max()) + 1 if num_classes is None else int(num_classes)
+    own = float(torch.quantile(first.score(torch.as_tensor(first_train_features).float()).double(), QUANTILE))
+    if not (math.isfinite(first.threshold) and own > 0):
+        raise ValueError("the first model's score has no usable threshold to carry over")
+    ratio = first.threshold / own
+    fitted = _fit_gaussians(x, y, num_classes, min(first.rank, x.shape[1]))
+    fitted.threshold = ratio * float(torch.quantile(fitted.score(x).double(), QUANTILE))
+    fitted.rule = (
+        f"the first model's {first.rule} were {ratio:.3g}x its training scores' {QUANTILE:g} quantile; "
+        "the same multiple of this model's"
+    )
+    return fitted

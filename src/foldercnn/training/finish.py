@@ -145,4 +145,20 @@ def model_metadata(job, train, val, result, calibration, timing):
         },
         "timing": timing,
         "data": data_summary(job.data_dir, options, train, val, job.skipped),
+        **refit_metadata(job),
+    }
+
+
+def refit_metadata(job):
+    """{"refit": ...} for a model refitted on the whole folder (training/job.py, Job.refit), else {}. Its metrics
+    stay the split's model's: no image it was not trained on is left to measure it with."""
+    summary = getattr(job, "refit_summary", None)
+    if not summary:
+        return {}
+    return {
+        "refit": {
+            **summary,
+            "trained_on": "every image of the training folder, the held-out split included",
+            "calibrated_on": "the held-out split, scored by the first model, which was trained without it",
+        }
     }

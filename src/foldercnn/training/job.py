@@ -7,7 +7,7 @@ write the model file and the report. Everything the job does is told as events (
 
 import contextlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -17,10 +17,11 @@ from .. import run_folder as rf
 from .. import runtime
 from ..data.augment import augment_batch
 from ..data.hands import draw_skeleton, find_hands
-from ..errors import FolderCNNError
+from ..errors import FolderCNNError, OptionError
 from ..evaluation.report import write_report
 from ..events import Events, console
 from ..files import check_out_dir
+from ..models import unfamiliar
 from ..models.file import save_model
 from ..models.registry import create_model, get_spec
 from ..models.summary import count_parameters, summary
@@ -28,6 +29,7 @@ from ..plots import augmentation_preview, sample_grid, training_curves
 from . import checkpoint as ckpt
 from . import distributed
 from .finish import calibrate, describe_calibration, final_pass, fit_unfamiliarity, model_metadata, unfamiliarity_sample
+from .loop import fit
 from .options import TrainOptions
 from .prepare import prepare_data
 from .recipes import check_recipe
@@ -50,6 +52,18 @@ class TrainResult:
     seconds: dict
     fine_tuned_epochs: int = 0
     main_process: bool = True  # False on the other ranks of a torchrun launch: they wrote and printed nothing
+    refit_history: list = field(default_factory=list)  # the refit's epochs (history stays the split's)
+
+
+@dataclass
+class FirstModel:
+    """What the split's model says of the held-out images it never trained on (before a refit replaces it)."""
+
+    val_logits: torch.Tensor
+    val_features: torch.Tensor
+    val_labels: torch.Tensor
+    unfamiliarity: object  # models/unfamiliar.Unfamiliarity fitted with this model, or None
+    sample_features: torch.Tensor | None  # its features of the training images the score was fitted on
 
 
 def train_folder(data_dir, out_dir, options=None, *, log=print, on_event=None, **values):
@@ -69,6 +83,10 @@ def train_folder(data_dir, out_dir, options=None, *, log=print, on_event=None, *
         options = options or TrainOptions.of(**values)
         recipe = options.make_recipe()
         check_recipe(recipe, fine_tune=options.fine_tune)
+        if options.refit and recipe.linear_probe:
+            raise OptionError(
+                "refit", f"is for recipes trained by the loop (fast, seed); recipe '{recipe.name}' fits a linear probe"
+            )
         distributed.check_world(recipe, distributed.launched_world_size())
         check_out_dir(out_dir, [data_dir, options.val_dir])
         ranks, device = distributed.start(runtime.choose_device(options.device))
@@ -102,6 +120,7 @@ class Job:
         self.data_dir, self.out_dir, self.options, self.recipe, self.ctx = data_dir, out_dir, options, recipe, ctx
         self.events, self.is_main = ctx.events, ctx.ranks.is_main
         self.fine_tuned_epochs, self.skipped, self.seconds, self.model_summary = 0, [], {}, None
+        self.refit_summary = None  # what the refit did, for the model file; None: no refit
 
     def run(self, t0):
         """The steps of a run, in order; returns the TrainResult."""
@@ -123,12 +142,16 @@ class Job:
         if self.is_main:
             draw_previews(self.out_dir, self.data_dir, train, self.recipe, self.options.seed)
         result = self.train(model, train, val)
+        first, refitted = None, None
+        if self.options.refit:
+            first = self.first_model(model, train, val) if self.is_main else None
+            refitted = self.refit(model, train, val, result)
         if not self.is_main:  # rank 0 evaluates, calibrates and writes; wait until the run folder is complete
             self.ctx.ranks.barrier()
-            return self.result(result, train, val, main_process=False)
-        model_path = self.finish(model, train, val, result)
+            return self.result(result, train, val, main_process=False, refitted=refitted)
+        model_path = self.finish(model, train, val, result, first if self.refit_summary else None)
         self.ctx.ranks.barrier()
-        return self.result(result, train, val, model_path=model_path)
+        return self.result(result, train, val, model_path=model_path, refitted=refitted)
 
     def writer(self, train, val):
         """The run writer, with what identifies this run's data, split and recipe for a later resume."""
@@ -167,7 +190,12 @@ class Job:
         self.events.stage("training", 0.2, "training")
         t1 = time.perf_counter()
         result, self.fine_tuned_epochs = run_training(
-            model, train, val, self.recipe, self.ctx.but(events=self.events.span(0.2, 0.7)), self.options.fine_tune
+            model,
+            train,
+            val,
+            self.recipe,
+            self.ctx.but(events=self.events.span(0.2, 0.45 if self.options.refit else 0.7)),
+            self.options.fine_tune,
         )
         self.seconds["train"] = time.perf_counter() - t1
         if result.best_state is None:
@@ -175,10 +203,58 @@ class Job:
         model.load_state_dict(result.best_state)
         return result
 
-    def finish(self, model, train, val, result):
-        """Calibrate, fit the unfamiliarity score, write the model file, history, curves and report."""
+    def first_model(self, model, train, val):
+        """The split's model on its held-out images and its unfamiliarity score, kept for the refitted model's file:
+        the refitted model trains on those images, so it cannot be calibrated on them."""
         val_logits, val_features, answered = final_pass(model, val, self.recipe, self.ctx.device)
-        val_logits, val_features, val_labels = val_logits[answered], val_features[answered], val.labels[answered]
+        val_labels = val.labels[answered]
+        fitted, sample_features = None, None
+        if get_spec(self.recipe.model).unfamiliarity:
+            sample = unfamiliarity_sample(train, self.options.seed, self.events)
+            _, sample_features, _ = final_pass(model, sample, self.recipe, self.ctx.device)
+            fitted = fit_unfamiliarity(
+                sample_features, sample.labels, val_features[answered], val_labels, len(train.classes), self.events
+            )
+        return FirstModel(val_logits[answered], val_features[answered], val_labels, fitted, sample_features)
+
+    def refit(self, model, train, val, split_fit):
+        """A fresh model (the same initial weights) trained on the whole folder for the epochs the split chose;
+        `model` is left with its weights. Returns the refit's FitResult; an interrupted refit keeps the first model."""
+        everything = train.union(val)
+        recipe = replace(self.recipe, epochs=split_fit.best_epoch, keep="last")
+        self.events(
+            f"refit: a fresh model on all {len(everything)} images for {recipe.epochs} epochs (the split's choice); "
+            "its validation figures below are of images it trains on"
+        )
+        self.events.stage("refit", 0.45, "training again on the whole folder")
+        t1 = time.perf_counter()
+        torch.manual_seed(self.options.seed)
+        fresh = create_model(recipe.model, len(train.classes), pretrained=recipe.pretrained, **recipe.model_args)
+        # no checkpoint of its own: a run killed here resumes the split's last one, then refits again
+        run = self.ctx.but(events=self.events.span(0.45, 0.7), writer=RunWriter(), resume=None)
+        refitted = fit(fresh, everything, val, recipe, run)
+        self.seconds["refit"] = time.perf_counter() - t1
+        if refitted.interrupted or len(refitted.history) < recipe.epochs:
+            self.events("refit interrupted: keeping the model trained on the split")
+            return refitted
+        model.load_state_dict(refitted.best_state)
+        self.refit_summary = {
+            "epochs": recipe.epochs,
+            "n_train": len(everything),
+            "images_seen": sum(h["images"] for h in refitted.history),
+            "seconds": self.seconds["refit"],
+            "first_model": {"n_train": len(train), "n_val": len(val), "best_epoch": split_fit.best_epoch},
+        }
+        return refitted
+
+    def finish(self, model, train, val, result, first=None):
+        """Calibrate, fit the unfamiliarity score, write the model file, history, curves and report. first: the
+        split's model's scores (FirstModel) when `model` was refitted on the whole folder."""
+        if first is None:
+            val_logits, val_features, answered = final_pass(model, val, self.recipe, self.ctx.device)
+            val_logits, val_features, val_labels = val_logits[answered], val_features[answered], val.labels[answered]
+        else:  # the temperature of the model that never saw these images, as cross-fitted calibration does
+            val_logits, val_features, val_labels = first.val_logits, first.val_features, first.val_labels
         if self.fine_tuned_epochs and self.recipe.wise_ft:
             self.events(
                 f"validation accuracy of the ensembled weights: "
@@ -186,9 +262,14 @@ class Job:
             )
         self.events.stage("calibration", 0.7, "calibrating")
         calibration = calibrate(val_logits, val_labels, self.options.uncertain_below)
+        if first is not None:
+            calibration["fitted_on"] += ", scored by the model trained without them before the refit"
         self.events(describe_calibration(calibration))
         self.events.stage("unfamiliarity", 0.8, "fitting the unfamiliarity score")
-        unfamiliarity = self.unfamiliarity(model, train, val_features, val_labels)
+        if first is None:
+            unfamiliarity = self.unfamiliarity(model, train, val_features, val_labels)
+        else:
+            unfamiliarity = self.refitted_unfamiliarity(model, train.union(val), first)
         self.events.stage("report", 0.9, "writing the model file and the report")
         timing = {"data_seconds": self.seconds["data"], "train_seconds": self.seconds["train"]}
         model_path = save_model(
@@ -229,7 +310,24 @@ class Job:
             self.events,
         )
 
-    def result(self, fitted, train, val, model_path=None, main_process=True):
+    def refitted_unfamiliarity(self, model, everything, first):
+        """The refitted model's score: its Gaussians on its own training features, the first model's held-out
+        threshold carried over as a multiple of training scores (models/unfamiliar.py, refitted)."""
+        if first.unfamiliarity is None:
+            return None
+        sample = unfamiliarity_sample(everything, self.options.seed, self.events)
+        _, features, _ = final_pass(model, sample, self.recipe, self.ctx.device)
+        try:
+            fitted = unfamiliar.refitted(
+                first.unfamiliarity, first.sample_features, features, sample.labels, len(everything.classes)
+            )
+        except ValueError as e:
+            self.events(f"no unfamiliarity score: {e}")
+            return None
+        self.events(f"unfamiliarity: threshold {fitted.threshold:.4g} ({fitted.rule})")
+        return fitted
+
+    def result(self, fitted, train, val, model_path=None, main_process=True, refitted=None):
         return TrainResult(
             self.out_dir,
             model_path or self.out_dir / rf.MODEL,
@@ -244,6 +342,7 @@ class Job:
             dict(self.seconds),
             self.fine_tuned_epochs,
             main_process,
+            refitted.history if refitted is not None and self.refit_summary else [],
         )
 
 

@@ -30,6 +30,7 @@ class TrainOptions:
     device: str = "auto"  # auto: the CUDA GPU when PyTorch sees one, else the CPU
     time_budget: float | None = None  # seconds of wall clock for the whole run; epochs then follow the clock
     fine_tune: bool = False  # after a linear probe, also train the model's last blocks
+    refit: bool = False  # after the split chose the epochs, train a fresh model on the whole folder for that many
     uncertain_below: float = DEFAULT_UNCERTAIN_BELOW  # answers below this calibrated probability are uncertain
     resume: str = "auto"  # auto: continue an interrupted run found in the run folder; require, ignore, force
 
@@ -58,6 +59,12 @@ class TrainOptions:
             raise OptionError("val_fraction", "cannot be given with val_dir (a validation folder); give one of them")
         if self.val_fraction is not None and not 0.0 < self.val_fraction < 1.0:
             raise OptionError("val_fraction", f"must be between 0 and 1, got {self.val_fraction}")
+        if self.refit and self.val_dir is not None:
+            raise OptionError(
+                "refit", "trains again on the images a split held out; a validation folder holds none out"
+            )
+        if self.refit and self.time_budget is not None:
+            raise OptionError("refit", "cannot be combined with a time budget (its epochs are the split's choice)")
         if self.time_budget is not None and not self.time_budget > 0:
             raise OptionError("time_budget", f"must be positive, got {self.time_budget}")
         if not 0.0 <= self.uncertain_below <= 1.0:
@@ -83,6 +90,7 @@ class TrainOptions:
                     "seed": self.seed,
                     "precision": precision,
                     "fine_tune": self.fine_tune,
+                    "refit": self.refit,
                     "split": self.split,
                 },
                 default=_plain,
