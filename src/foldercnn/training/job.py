@@ -60,7 +60,6 @@ class FirstModel:
     """What the split's model says of the held-out images it never trained on (before a refit replaces it)."""
 
     val_logits: torch.Tensor
-    val_features: torch.Tensor
     val_labels: torch.Tensor
     unfamiliarity: object  # models/unfamiliar.Unfamiliarity fitted with this model, or None
     sample_features: torch.Tensor | None  # its features of the training images the score was fitted on
@@ -215,7 +214,7 @@ class Job:
             fitted = fit_unfamiliarity(
                 sample_features, sample.labels, val_features[answered], val_labels, len(train.classes), self.events
             )
-        return FirstModel(val_logits[answered], val_features[answered], val_labels, fitted, sample_features)
+        return FirstModel(val_logits[answered], val_labels, fitted, sample_features)
 
     def refit(self, model, train, val, split_fit):
         """A fresh model (the same initial weights) trained on the whole folder for the epochs the split chose;
@@ -254,7 +253,7 @@ class Job:
             val_logits, val_features, answered = final_pass(model, val, self.recipe, self.ctx.device)
             val_logits, val_features, val_labels = val_logits[answered], val_features[answered], val.labels[answered]
         else:  # the temperature of the model that never saw these images, as cross-fitted calibration does
-            val_logits, val_features, val_labels = first.val_logits, first.val_features, first.val_labels
+            val_logits, val_features, val_labels = first.val_logits, None, first.val_labels
         if self.fine_tuned_epochs and self.recipe.wise_ft:
             self.events(
                 f"validation accuracy of the ensembled weights: "
