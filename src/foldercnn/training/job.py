@@ -120,6 +120,7 @@ class Job:
         self.events, self.is_main = ctx.events, ctx.ranks.is_main
         self.fine_tuned_epochs, self.skipped, self.seconds, self.model_summary = 0, [], {}, None
         self.refit_summary = None  # what the refit did, for the model file; None: no refit
+        self.everything = None  # with a refit: the split's two sides together, what the refit trained on
 
     def run(self, t0):
         """The steps of a run, in order; returns the TrainResult."""
@@ -219,7 +220,7 @@ class Job:
     def refit(self, model, train, val, split_fit):
         """A fresh model (the same initial weights) trained on the whole folder for the epochs the split chose;
         `model` is left with its weights. Returns the refit's FitResult; an interrupted refit keeps the first model."""
-        everything = train.union(val)
+        everything = self.everything = train.union(val)
         recipe = replace(self.recipe, epochs=split_fit.best_epoch, keep="last")
         self.events(
             f"refit: a fresh model on all {len(everything)} images for {recipe.epochs} epochs (the split's choice); "
@@ -268,7 +269,7 @@ class Job:
         if first is None:
             unfamiliarity = self.unfamiliarity(model, train, val_features, val_labels)
         else:
-            unfamiliarity = self.refitted_unfamiliarity(model, train.union(val), first)
+            unfamiliarity = self.refitted_unfamiliarity(model, self.everything, first)
         self.events.stage("report", 0.9, "writing the model file and the report")
         timing = {"data_seconds": self.seconds["data"], "train_seconds": self.seconds["train"]}
         model_path = save_model(
