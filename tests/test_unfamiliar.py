@@ -60,16 +60,36 @@ def test_few_images_give_what_the_full_covariance_gives(n):
     """Fewer images than feature dimensions: the n x n Gram route matches the D x D covariance route."""
     d, rank = 320, 64
     g = torch.Generator().manual_seed(n)
-    x = (torch.randn(n, d, generator=g) @ torch.randn(d, d, generator=g)).double() * 0.1
-    centred = x - x.mean(0)
-    fast = unfamiliar._low_rank_from_gram(centred, rank)
-    full = unfamiliar._from_covariance(centred.T @ centred / n, (centred.square().sum(1) ** 2).mean(), n, rank)
-    assert fast[3] == pytest.approx(full[3], rel=1e-9)  # the Ledoit-Wolf weight
-    assert fast[2] == pytest.approx(full[2], rel=1e-6)  # inv_rest
-    probe = (torch.randn(40, d, generator=g) @ torch.randn(d, d, generator=g)).float() * 0.1
-    means = torch.zeros(1, d)
-    score = lambda basis, weights, inv_rest, a: unfamiliar.Unfamiliarity(means, basis, weights, inv_rest).score(probe)
-    torch.testing.assert_close(score(*fast), score(*full), rtol=1e-4, atol=0)
+    x = (torch.randn(n, d, generator=g) @ torch.randn(d, d, generator=g)) * 0.1
+    y = torch.zeros(n, dtype=torch.long)
+    fast = unfamiliar._Sums(x, y, 1, rank, by_gram=True).fit()[0]
+    full = unfamiliar._Sums(x, y, 1, rank, by_gram=False).fit()[0]
+    centred = x.double() - x.double().mean(0)
+    assert fast.shrinkage == pytest.approx(unfamiliar.ledoit_wolf_shrinkage(centred), rel=1e-9)
+    assert fast.shrinkage == pytest.approx(full.shrinkage, rel=1e-9)
+    assert fast.inv_rest == pytest.approx(full.inv_rest, rel=1e-6)
+    probe = (torch.randn(40, d, generator=g) @ torch.randn(d, d, generator=g)) * 0.1
+    torch.testing.assert_close(fast.score(probe), full.score(probe), rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("by_gram", [True, False])
+def test_a_fit_without_some_rows_is_the_fit_of_the_others(by_gram):
+    """The threshold's leave-out fits subtract the left-out rows from sums over all rows and follow the whole
+    fit's directions a few steps: they score as a fit of a copy of the kept rows does."""
+    d, rank = 300, 64
+    x, y, _ = gaussians(250 if by_gram else 900, d=d, spread=2.0)
+    x = x @ torch.randn(d, d, generator=torch.Generator().manual_seed(1)) * 0.2  # a decaying, unequal spectrum
+    drop = torch.arange(0, len(x), 7)
+    keep = torch.ones(len(x), dtype=torch.bool)
+    keep[drop] = False
+    sums = unfamiliar._Sums(x, y, 3, rank)
+    assert sums.by_gram == by_gram
+    left_out = sums.fit(drop, sums.fit()[1])[0]
+    alone = unfamiliar._fit_gaussians(x[keep], y[keep], 3, rank)
+    torch.testing.assert_close(left_out.means, alone.means)
+    assert left_out.shrinkage == pytest.approx(alone.shrinkage, rel=1e-9)
+    probe = x[drop] + torch.randn(len(drop), d, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(left_out.score(probe), alone.score(probe), rtol=2e-3, atol=0)
 
 
 def test_the_chunked_fit_of_a_subset_is_the_fit_of_those_rows(monkeypatch):

@@ -11,7 +11,9 @@ validation features are cut into k-means clusters, and each cluster's validation
 that never saw that cluster. A random validation split holds near-copies of training images (frames of one
 video, renders of one hand); the plain "95% of validation passes" rule then flags almost every truly new image
 (measured on Rock-Paper-Scissors: ~99% of the test set). Only training and validation features are used:
-no test folder ever changes the threshold.
+no test folder ever changes the threshold. The cluster-held-out fits subtract the left-out rows from sums over all
+rows (exact) and take their top eigen-directions by a few steps of subspace iteration from the whole fit's: their
+threshold is that of fits from scratch to ~1e-4, in a quarter of the time (benchmarks/fit_parts.py).
 
 What it is good for (measured, see README "Unfamiliar images"): telling that images come from another
 domain than the training folder (CGI hands vs real photos: AUROC ~1.0). It is a weak detector of wrong
@@ -123,107 +125,146 @@ def ledoit_wolf_shrinkage(centred):
     """Ledoit-Wolf (2004) weight a of mu*I in (1-a)*S + a*mu*I for centred rows (N, D)."""
     x = centred.double()
     s = x.T @ x / len(x)
-    return _ledoit_wolf(s, (x.square().sum(1) ** 2).mean(), len(x))
+    fourth = float((x.square().sum(1) ** 2).mean())
+    return _ledoit_wolf(len(x), float(torch.trace(s)), float((s * s).sum()), fourth, s.shape[0])
 
 
-def _ledoit_wolf(cov, mean_fourth, n):
-    """The Ledoit-Wolf weight from S = R^T R / n and the mean of ||r||^4 over the centred rows r: the sum of
-    (x^2)^T (x^2) that their formula needs, taken row by row."""
-    d = cov.shape[0]
-    mu = torch.diagonal(cov).sum() / d
-    beta = (mean_fourth - (cov * cov).sum()) / n
-    delta = ((cov - mu * torch.eye(d, dtype=cov.dtype)) ** 2).sum()
+def _ledoit_wolf(n, trace, fro2, mean_fourth, d):
+    """The Ledoit-Wolf weight from S = R^T R / n's trace and ||S||_F^2 and the mean of ||r||^4 over the centred
+    rows r: the sum of (x^2)^T (x^2) that their formula needs, taken row by row."""
+    mu = trace / d
+    beta = (mean_fourth - fro2) / n
+    delta = fro2 - 2 * mu * trace + mu * mu * d  # ||S - mu I||_F^2
     return float(min(beta, delta) / delta) if delta > 0 else 0.0
+
+
+def _shrunk(n, d, trace, fro2, mean_fourth, lam, vecs, rank):
+    """(basis (D, rank), weights (rank,), inv_rest, a) of the shrunk covariance (1 - a) S + a mu I from S's
+    trace, ||S||_F^2, the rows' mean ||r||^4 and S's top eigenpairs (lam descending, vecs (D, len(lam)): all D when
+    rank >= D, else at least `rank` or every non-zero one): the top `rank` directions exactly, with their
+    precisions (minus inv_rest when low rank); the other D - rank share their mean variance, whose inverse is
+    inv_rest (the shrunk matrix's trace is S's, so that mean needs no other eigenvalue)."""
+    a = _ledoit_wolf(n, trace, fro2, mean_fourth, d)
+    mu = trace / d
+    floor = 1e-12 * mu + 1e-30
+    k = min(rank, len(lam))
+    top = ((1 - a) * lam[:k] + a * mu).clamp_min(floor)
+    if rank >= d:
+        return vecs.float().contiguous(), (1.0 / top).float(), 0.0, a
+    rest_sum = trace - float(top.sum()) - (rank - k) * a * mu  # S's directions beyond k have a * mu, like the rest
+    inv_rest = float(1.0 / max(rest_sum / (d - rank), floor))
+    basis = torch.zeros(d, rank, dtype=torch.float64)
+    basis[:, :k] = vecs[:, :k]
+    weights = torch.zeros(rank, dtype=torch.float64)
+    weights[:k] = 1.0 / top - inv_rest
+    return basis.float().contiguous(), weights.float(), inv_rest, a
 
 
 # Rows are taken CHUNK at a time, in float64: a fit holds D x D matrices, never float64 copies of all N features
 # (at 64,000 images of 256-d features those copies took ~0.5 GB per fit, and the threshold makes ~15 fits).
 CHUNK = 4096
+OVERSAMPLE = 32  # directions followed beyond the rank kept, in a leave-out fit's subspace iteration
+ITERATIONS = 4  # steps of that iteration from the whole fit's directions (benchmarks/README.md)
 
 
 def _chunks(idx):
     return (idx[k : k + CHUNK] for k in range(0, len(idx), CHUNK))
 
 
-def _class_means(x, y, idx, num_classes):
-    sums = torch.zeros(num_classes, x.shape[1], dtype=torch.float64)
-    counts = torch.zeros(num_classes, dtype=torch.float64)
-    for j in _chunks(idx):
-        sums.index_add_(0, y[j], x[j].double())
-        counts += torch.bincount(y[j], minlength=num_classes)
-    return sums / counts[:, None]
+def _top_eigen(matrix, count, start=None):
+    """The top `count` eigenpairs of a symmetric positive semi-definite matrix, descending: exactly, or from
+    `start`'s columns (the directions of a fit on nearly the same rows) by ITERATIONS steps of subspace iteration
+    and a Rayleigh-Ritz step."""
+    if start is None or start.shape[1] >= matrix.shape[0]:
+        lam, vecs = torch.linalg.eigh(matrix)
+        return lam.flip(0)[:count], vecs.flip(1)[:, :count]
+    q = start
+    for _ in range(ITERATIONS):
+        q = torch.linalg.qr(matrix @ q).Q
+    lam, v = torch.linalg.eigh(q.T @ matrix @ q)
+    return lam.flip(0)[:count], (q @ v).flip(1)[:, :count]
 
 
-def _scatter(x, y, idx, means):
-    """S = R^T R / n and the mean of ||r||^4, r = a row minus its class mean, over the rows idx."""
-    d = x.shape[1]
-    s, fourth = torch.zeros(d, d, dtype=torch.float64), torch.zeros((), dtype=torch.float64)
-    for j in _chunks(idx):
-        r = x[j].double() - means[y[j]]
-        s += r.T @ r
-        fourth += (r.square().sum(1) ** 2).sum()
-    return s / len(idx), fourth / len(idx)
+class _Sums:
+    """Sums over the rows idx (default: all) of x, read CHUNK rows at a time, from which a fit without some of the
+    rows subtracts theirs (the cluster-held-out fits of the threshold, ~15 per model): per class the count and the
+    sum of the rows, each row's squared norm, and X X^T (fewer rows than dimensions and a low rank: S's non-zero
+    eigenvalues from the n x n Gram matrix) or X^T X."""
+
+    def __init__(self, x, y, num_classes, rank, idx=None, by_gram=None):
+        self.x, self.y, self.rank = x, y, rank
+        self.idx = torch.arange(len(x)) if idx is None else torch.as_tensor(idx, dtype=torch.long)
+        n, d = len(self.idx), x.shape[1]
+        self.by_gram = (n < d and rank < d) if by_gram is None else by_gram
+        self.sums = torch.zeros(num_classes, d, dtype=torch.float64)
+        self.counts = torch.zeros(num_classes, dtype=torch.float64)
+        self.square = torch.empty(n, dtype=torch.float64)
+        self.second = None if self.by_gram else torch.zeros(d, d, dtype=torch.float64)
+        for k in range(0, n, CHUNK):
+            rows = x[self.idx[k : k + CHUNK]].double()
+            labels = y[self.idx[k : k + CHUNK]]
+            self.sums.index_add_(0, labels, rows)
+            self.counts += torch.bincount(labels, minlength=num_classes)
+            self.square[k : k + len(rows)] = rows.square().sum(1)
+            if self.second is not None:
+                self.second += rows.T @ rows
+        self.gram = None
+        if self.by_gram:
+            rows = x[self.idx].double()
+            self.gram = rows @ rows.T
+
+    def fit(self, drop=None, start=None):
+        """(Unfamiliarity, start) without the rows at positions `drop` of idx, exact or from `start` (what the fit
+        on every row returned: S's top rank + OVERSAMPLE eigenvectors, or the Gram matrix's; see _top_eigen)."""
+        keep = torch.ones(len(self.idx), dtype=torch.bool)
+        if drop is not None:
+            keep[drop] = False
+        pos = keep.nonzero().flatten()
+        x, y = self.x[self.idx[pos]], self.y[self.idx[pos]]
+        sums, counts = self.sums.clone(), self.counts.clone()
+        if drop is not None and len(drop):
+            gone = self.x[self.idx[drop]].double()
+            sums.index_add_(0, self.y[self.idx[drop]], -gone)
+            counts -= torch.bincount(self.y[self.idx[drop]], minlength=len(counts))
+        means = sums / counts[:, None]
+        n, d = len(pos), x.shape[1]
+        along = _rows_dot_means(x, means)  # (n, C)
+        own = along.gather(1, y[:, None]).flatten()
+        norms = self.square[pos] - 2 * own + (means * means).sum(1)[y]  # ||x - its class mean||^2, per row
+        trace, fourth = float(norms.sum() / n), float((norms * norms).mean())
+        count = min(self.rank + OVERSAMPLE, d)
+        if self.by_gram:  # the centred rows' Gram matrix: X X^T - X m^T - m X^T + m m^T, m the rows' class means
+            gram = self.gram[pos][:, pos]
+            cross = along[:, y]
+            gram -= cross
+            gram -= cross.T
+            gram += (means @ means.T)[y][:, y]
+            gram /= n
+            lam, u = _top_eigen(gram, count, None if start is None else start[pos])
+            fro2 = float((gram * gram).sum())
+            nonzero = int((lam > 1e-10 * lam[0].clamp_min(1e-300)).sum())
+            k = min(nonzero, self.rank)
+            vecs = (x.double() - means[y]).T @ (u[:, :k] / torch.sqrt(n * lam[:k]))  # S's, from the Gram's
+            lam, directions = lam[:k], u
+        else:
+            second = self.second
+            if drop is not None and len(drop):
+                second = second - gone.T @ gone
+            cov = (second - (means.T * counts) @ means) / n
+            lam, vecs = _top_eigen(cov, d if self.rank >= d else count, start)
+            fro2 = float((cov * cov).sum())
+            directions = vecs
+        basis, weights, inv_rest, a = _shrunk(n, d, trace, fro2, fourth, lam, vecs, self.rank)
+        return Unfamiliarity(means.float(), basis, weights, inv_rest, shrinkage=a), directions
+
+
+def _rows_dot_means(x, means):
+    return torch.cat([x[k : k + CHUNK].double() @ means.T for k in range(0, len(x), CHUNK)])
 
 
 def _fit_gaussians(x, y, num_classes, rank, idx=None):
     """Class means and the shrunk shared covariance of the rows idx (default: all) of x."""
-    idx = torch.arange(len(x)) if idx is None else idx
-    means = _class_means(x, y, idx, num_classes)
-    d = x.shape[1]
-    if len(idx) < d and rank < d:  # fewer images than dimensions (e.g. taught from a few photos): n x n is faster
-        basis, weights, inv_rest, a = _low_rank_from_gram(x[idx].double() - means[y[idx]], rank)
-    else:
-        cov, fourth = _scatter(x, y, idx, means)
-        basis, weights, inv_rest, a = _from_covariance(cov, fourth, len(idx), rank)
-    return Unfamiliarity(means.float(), basis, weights, inv_rest, shrinkage=a)
-
-
-def _from_covariance(cov, mean_fourth, n, rank):
-    """(basis (D, rank), weights (rank,), inv_rest, a) of the shrunk covariance (1 - a) S + a mu I, S = R^T R / n:
-    its top `rank` eigen-directions exactly, with their precisions (minus inv_rest when low rank); the others
-    share their mean variance, whose inverse is inv_rest."""
-    d = cov.shape[0]
-    mu = torch.diagonal(cov).sum() / d
-    a = _ledoit_wolf(cov, mean_fourth, n)
-    cov = (1 - a) * cov + a * mu * torch.eye(d, dtype=cov.dtype)
-    evals, evecs = torch.linalg.eigh(cov)  # ascending
-    evals, evecs = evals.flip(0).clamp_min(1e-12 * float(mu) + 1e-30), evecs.flip(1)
-    if rank >= d:
-        basis, weights, inv_rest = evecs, 1.0 / evals, 0.0
-    else:  # the top `rank` directions exactly; the other D - rank share their mean variance
-        inv_rest = float(1.0 / evals[rank:].mean())
-        basis, weights = evecs[:, :rank], 1.0 / evals[:rank] - inv_rest
-    return basis.float().contiguous(), weights.float(), inv_rest, a
-
-
-def _low_rank_from_gram(centred, rank):
-    """What _from_covariance computes — the top `rank` eigen-directions of (1 - a) S + a mu I, S = X^T X / n, with
-    their precisions minus inv_rest, and inv_rest from the mean of the other eigenvalues — from the n x n Gram
-    matrix X X^T / n, which shares S's non-zero eigenvalues: for 60 images of 1280-d features, a 60 x 60
-    eigen-decomposition instead of 1280 x 1280 (the fits of the cluster-held-out threshold took ~4.5 s there).
-    S has at most n non-zero eigenvalues; the other D - n directions of the shrunk matrix all have a * mu."""
-    x = centred
-    n, d = x.shape
-    gram = x @ x.T / n
-    trace = torch.trace(gram)
-    mu = trace / d
-    s_fro2 = (gram * gram).sum()  # ||S||_F^2
-    beta = ((x.square().sum(1) ** 2).sum() / n - s_fro2) / n  # the terms of ledoit_wolf_shrinkage, via rows
-    delta = s_fro2 - 2 * mu * trace + mu * mu * d
-    a = float(min(beta, delta) / delta) if delta > 0 else 0.0
-    lam, u = torch.linalg.eigh(gram)
-    lam, u = lam.flip(0), u.flip(1)
-    nonzero = int((lam > 1e-10 * lam[0].clamp_min(1e-300)).sum())
-    lam, u = lam[:nonzero], u[:, :nonzero]
-    floor = 1e-12 * float(mu) + 1e-30
-    evals = torch.cat([(1 - a) * lam + a * mu, (a * mu).expand(d - nonzero)]).clamp_min(floor)
-    inv_rest = float(1.0 / evals[rank:].mean())
-    k = min(rank, nonzero)
-    basis = torch.zeros(d, rank, dtype=x.dtype)
-    basis[:, :k] = x.T @ u[:, :k] / torch.sqrt(n * lam[:k])  # S's eigenvectors from the Gram matrix's
-    weights = 1.0 / evals[:rank] - inv_rest  # zero beyond k: those directions have a * mu, like the rest
-    weights[k:] = 0.0
-    return basis.float().contiguous(), weights.float(), inv_rest, a
+    return _Sums(x, y, num_classes, rank, idx).fit()[0]
 
 
 def _kmeans(z, k, seed=0, iters=30):
@@ -237,9 +278,10 @@ def _kmeans(z, k, seed=0, iters=30):
     return torch.cdist(z, centres).argmin(1)
 
 
-def held_out_scores(x, y, xv, yv, num_classes, rank, clusters_per_class=CLUSTERS_PER_CLASS, seed=0):
+def held_out_scores(x, y, xv, yv, num_classes, rank, clusters_per_class=CLUSTERS_PER_CLASS, seed=0, whole=None):
     """Validation scores, each from a fit that left out the k-means cluster (of its class's training +
-    validation features, L2-normalised) the validation image falls in."""
+    validation features, L2-normalised) the validation image falls in. whole: the _Sums of x and the directions
+    of its fit on every row (made if None)."""
     cx, cv = torch.empty(len(x), dtype=torch.long), torch.empty(len(xv), dtype=torch.long)
     for c in range(num_classes):
         it, iv = (y == c).nonzero().flatten(), (yv == c).nonzero().flatten()
@@ -248,12 +290,17 @@ def held_out_scores(x, y, xv, yv, num_classes, rank, clusters_per_class=CLUSTERS
             continue
         a = _kmeans(z, min(clusters_per_class, len(z)), seed) + c * clusters_per_class
         cx[it], cv[iv] = a[: len(it)], a[len(it) :]
+    if whole is None:
+        sums = _Sums(x, y, num_classes, rank)
+        whole = sums, sums.fit()[1]
+    sums, start = whole
+    start = start if rank < x.shape[1] else None  # full rank: exact (D <= FULL_RANK_MAX)
     out = []
     for h in cv.unique():
         keep = (cx != h).nonzero().flatten()
         if len(y[keep].unique()) < num_classes:  # a class would vanish from the fit: skip this cluster
             continue
-        out.append(_fit_gaussians(x, y, num_classes, rank, keep).score(xv[cv == h]))
+        out.append(sums.fit((cx == h).nonzero().flatten(), start)[0].score(xv[cv == h]))
     return torch.cat(out) if out else torch.empty(0)
 
 
@@ -268,8 +315,9 @@ def fit(train_features, train_labels, val_features, val_labels, num_classes=None
     if any(int((y == c).sum()) == 0 for c in range(num_classes)):
         raise ValueError("every class needs training features to fit the unfamiliarity score")
     rank = min(default_rank(x.shape[1]) if rank is None else int(rank), x.shape[1])
-    fitted = _fit_gaussians(x, y, num_classes, rank)
-    val = held_out_scores(x, y, xv, yv, num_classes, rank, seed=seed)
+    sums = _Sums(x, y, num_classes, rank)
+    fitted, start = sums.fit()
+    val = held_out_scores(x, y, xv, yv, num_classes, rank, seed=seed, whole=(sums, start))
     rule = RULE
     if len(val) == 0:  # no cluster could be left out (tiny data): fall back to the plain validation scores
         val, rule = fitted.score(xv), f"{QUANTILE:g} quantile of validation scores"

@@ -106,18 +106,27 @@ def _fit_heads(features, labels, num_classes, weight_decays, steps, seed, record
     lr = 0.01
     keep = 1 - lr * torch.tensor(weight_decays, dtype=torch.float32).repeat_interleave(num_classes)
     opt = FullBatchAdam(wide.parameters(), lr=lr)
+    columns = features.T.contiguous()  # (D, N): W @ X^T and G^T @ X are the fast products (benchmarks/README.md)
+    targets = F.one_hot(labels, num_classes).T.float().repeat(k, 1).view(k, num_classes, -1)
     for step in range(1, steps + 1):
-        logits = wide(features).view(len(features), k, num_classes)
-        loss = sum(F.cross_entropy(logits[:, j], labels) for j in range(k))
-        opt.zero_grad()
-        loss.backward()
-        with torch.no_grad():  # AdamW's decoupled weight decay, one rate per head
-            wide.weight.mul_(keep[:, None])
+        with torch.no_grad():
+            _cross_entropy_gradient(wide, features, columns, targets)
+            wide.weight.mul_(keep[:, None])  # AdamW's decoupled weight decay, one rate per head
             wide.bias.mul_(keep)
         opt.step()
         if record:
             record(step, wide)
     return wide
+
+
+def _cross_entropy_gradient(wide, features, columns, targets):
+    """Each head's mean cross-entropy gradient, written out ((softmax - one-hot) / N) with the products in the
+    orientation the CPU's BLAS runs fastest (benchmarks/README.md), into the layer's .grad."""
+    k, num_classes, n = targets.shape
+    logits = (wide.weight @ columns + wide.bias[:, None]).view(k, num_classes, n)
+    delta = (logits.softmax(1) - targets).view(k * num_classes, n) / n
+    wide.weight.grad = delta @ features
+    wide.bias.grad = delta.sum(1)
 
 
 def _head(wide, j, num_classes):
