@@ -10,6 +10,7 @@ model loaded between jobs (deploy/teach_worker.py keeps one per teaching server)
 
 import contextlib
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -270,21 +271,32 @@ def train_cached(data_dir, out_dir, options, backbone, events=None):
         records.clean[val_idx],
         val.labels,
     )
-    with one_thread_when_small(features.train):
-        result = fit_head_on_features(model, features, ctx.but(events=events.span(0.2, 0.7)), HeadSearch())
-    model.load_state_dict(result.best_state)
-    seconds["train"] = time.perf_counter() - t1
-
-    with torch.no_grad():
-        val_logits = model.head(features.val)
-    events.stage("calibration", 0.7, "calibrating")
-    calibration = calibrate(val_logits, val.labels, options.uncertain_below)
-    events(describe_calibration(calibration))
-    events.stage("unfamiliarity", 0.8, "fitting the unfamiliarity score")
-    sample = unfamiliarity_sample(train, options.seed, events)
-    unfamiliarity = fit_unfamiliarity(
-        records.clean[sample.rows], sample.labels, features.val, val.labels, len(folder.classes), events
-    )
+    # the unfamiliarity score needs no head: fitted on a second thread meanwhile (benchmarks/README.md)
+    said = []
+    sample = unfamiliarity_sample(train, options.seed, said.append)
+    with ThreadPoolExecutor(1) as pool:
+        fitting = pool.submit(
+            fit_unfamiliarity,
+            records.clean[sample.rows],
+            sample.labels,
+            features.val,
+            val.labels,
+            len(folder.classes),
+            said.append,
+        )
+        with one_thread_when_small(features.train):
+            result = fit_head_on_features(model, features, ctx.but(events=events.span(0.2, 0.7)), HeadSearch())
+        model.load_state_dict(result.best_state)
+        seconds["train"] = time.perf_counter() - t1
+        with torch.no_grad():
+            val_logits = model.head(features.val)
+        events.stage("calibration", 0.7, "calibrating")
+        calibration = calibrate(val_logits, val.labels, options.uncertain_below)
+        events(describe_calibration(calibration))
+        events.stage("unfamiliarity", 0.8, "fitting the unfamiliarity score")
+        unfamiliarity = fitting.result()
+    for line in said:
+        events(line)
     events.stage("report", 0.9, "writing the model file and the report")
     job = CachedJob(Path(data_dir), options, recipe, ctx, records.skipped)
     timing = {"data_seconds": seconds["data"], "train_seconds": seconds["train"]}
