@@ -63,15 +63,10 @@ def autograd_heads(features, labels, num_classes, weight_decays, steps, seed):
     """_fit_heads as it was: autograd's backward through one wide linear layer."""
     import torch.nn.functional as F
 
-    from foldercnn.training.transfer import FullBatchAdam
+    from foldercnn.training.transfer import FullBatchAdam, initial_wide
 
     k = len(weight_decays)
-    wide = torch.nn.Linear(features.shape[1], k * num_classes)
-    with torch.no_grad():
-        for j in range(k):
-            g = torch.Generator().manual_seed(seed)
-            wide.weight[j * num_classes : (j + 1) * num_classes].normal_(0, 0.01, generator=g)
-        wide.bias.zero_()
+    wide = initial_wide(features.shape[1], k, num_classes, seed)
     keep = 1 - 0.01 * torch.tensor(weight_decays, dtype=torch.float32).repeat_interleave(num_classes)
     opt = FullBatchAdam(wide.parameters(), lr=0.01)
     for _ in range(steps):

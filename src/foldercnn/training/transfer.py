@@ -91,18 +91,24 @@ class FullBatchAdam:
             p.addcdiv_(m, (v.sqrt() / correction2).add_(self.eps), value=-step_size)
 
 
+def initial_wide(dim, k, num_classes, seed):
+    """A wide linear layer of k heads, each starting from the same seeded weights."""
+    wide = torch.nn.Linear(dim, k * num_classes)
+    with torch.no_grad():
+        for j in range(k):
+            g = torch.Generator().manual_seed(seed)
+            wide.weight[j * num_classes : (j + 1) * num_classes].normal_(0, 0.01, generator=g)
+        wide.bias.zero_()
+    return wide
+
+
 def _fit_heads(features, labels, num_classes, weight_decays, steps, seed, record=None):
     """Multinomial logistic regression by full-batch AdamW, one head per weight decay, fitted together as one wide
     linear layer (the features are read once per step, not once per candidate: benchmarks/README.md); each
     head starts from the same seeded weights and has its own loss and decoupled weight decay, as if fitted alone.
     Returns the wide layer, its K * num_classes outputs head by head."""
     k = len(weight_decays)
-    wide = torch.nn.Linear(features.shape[1], k * num_classes)
-    with torch.no_grad():
-        for j in range(k):
-            g = torch.Generator().manual_seed(seed)
-            wide.weight[j * num_classes : (j + 1) * num_classes].normal_(0, 0.01, generator=g)
-        wide.bias.zero_()
+    wide = initial_wide(features.shape[1], k, num_classes, seed)
     lr = 0.01
     keep = 1 - lr * torch.tensor(weight_decays, dtype=torch.float32).repeat_interleave(num_classes)
     opt = FullBatchAdam(wide.parameters(), lr=lr)
