@@ -167,10 +167,6 @@ OVERSAMPLE = 32  # directions followed beyond the rank kept, in a leave-out fit'
 ITERATIONS = 4  # steps of that iteration from the whole fit's directions (benchmarks/README.md)
 
 
-def _chunks(idx):
-    return (idx[k : k + CHUNK] for k in range(0, len(idx), CHUNK))
-
-
 def _top_eigen(matrix, count, start=None):
     """The top `count` eigenpairs of a symmetric positive semi-definite matrix, descending: exactly, or from
     `start`'s columns (the directions of a fit on nearly the same rows) by ITERATIONS steps of subspace iteration
