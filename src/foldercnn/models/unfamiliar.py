@@ -213,16 +213,14 @@ class _Sums:
     def fit(self, drop=None, start=None):
         """(Unfamiliarity, start) without the rows at positions `drop` of idx, exact or from `start` (what the fit
         on every row returned: S's top rank + OVERSAMPLE eigenvectors, or the Gram matrix's; see _top_eigen)."""
+        drop = torch.empty(0, dtype=torch.long) if drop is None else drop
         keep = torch.ones(len(self.idx), dtype=torch.bool)
-        if drop is not None:
-            keep[drop] = False
+        keep[drop] = False
         pos = keep.nonzero().flatten()
         x, y = self.x[self.idx[pos]], self.y[self.idx[pos]]
-        sums, counts = self.sums.clone(), self.counts.clone()
-        if drop is not None and len(drop):
-            gone = self.x[self.idx[drop]].double()
-            sums.index_add_(0, self.y[self.idx[drop]], -gone)
-            counts -= torch.bincount(self.y[self.idx[drop]], minlength=len(counts))
+        gone, gone_labels = self.x[self.idx[drop]].double(), self.y[self.idx[drop]]
+        sums = self.sums.index_add(0, gone_labels, -gone)
+        counts = self.counts - torch.bincount(gone_labels, minlength=len(self.counts))
         means = sums / counts[:, None]
         n, d = len(pos), x.shape[1]
         along = _rows_dot_means(x, means)  # (n, C)
@@ -244,9 +242,7 @@ class _Sums:
             vecs = (x.double() - means[y]).T @ (u[:, :k] / torch.sqrt(n * lam[:k]))  # S's, from the Gram's
             lam, directions = lam[:k], u
         else:
-            second = self.second
-            if drop is not None and len(drop):
-                second = second - gone.T @ gone
+            second = self.second - gone.T @ gone if len(drop) else self.second
             cov = (second - (means.T * counts) @ means) / n
             lam, vecs = _top_eigen(cov, d if self.rank >= d else count, start)
             fro2 = float((cov * cov).sum())
@@ -294,8 +290,7 @@ def held_out_scores(x, y, xv, yv, num_classes, rank, clusters_per_class=CLUSTERS
     start = start if rank < x.shape[1] else None  # full rank: exact (D <= FULL_RANK_MAX)
     out = []
     for h in cv.unique():
-        keep = (cx != h).nonzero().flatten()
-        if len(y[keep].unique()) < num_classes:  # a class would vanish from the fit: skip this cluster
+        if len(y[cx != h].unique()) < num_classes:  # a class would vanish from the fit: skip this cluster
             continue
         out.append(sums.fit((cx == h).nonzero().flatten(), start)[0].score(xv[cv == h]))
     return torch.cat(out) if out else torch.empty(0)
