@@ -16,8 +16,9 @@ would flatter), and the warm worker's leave-one-burst-out estimate per class bes
 Then, at the last count below 100: the first Train right after a server restart (the worker starting, its features
 kept); /predict latency, one client posting one photo at a time as the page's camera view does, idle, while 20 new
 photos are being featurised, and during a warm and a cold job; the worker's peak resident memory and the size of the
-feature store per 1,000 captures. With --recipe other than the default's kind (e.g. hands) the warm server trains as
-the cold one does (no worker).
+feature store per 1,000 captures. With --recipe hands the worker keeps the hand found in each capture (the cold job
+then reads the hands the worker found from the shared hand cache, as a cold job does for captures seen before);
+with a recipe that cannot keep features (e.g. fast) the warm server trains as the cold one does (no worker).
 """
 
 import argparse
@@ -183,8 +184,10 @@ def bench_set(bench, counts, recipe, work):
                     flush=True,
                 )
             estimates = {c["name"]: c["estimate"] for c in state["classes"]}
+            worker = overview(warm_url)["warm"] or {}
             print(
-                f"    posting and featurising {n * len(posted)} photos: {t_post:.0f} s; estimate vs rest per class: "
+                f"    posting and featurising {n * len(posted)} photos: {t_post:.0f} s; warm worker's peak resident "
+                f"memory after its job: {worker.get('worker_rss_mb')} MB; estimate vs rest per class: "
                 + ", ".join(
                     f"{c} ~{_pct(estimates.get(c))} ({(estimates.get(c) or {}).get('bursts', 0)} bursts) vs "
                     f"{per_class[c]:.0%}"

@@ -60,13 +60,13 @@ def backbone(options, tmp_path_factory):
 
 
 def test_only_a_frozen_probe_on_clean_views_trains_on_kept_features():
-    plain = TrainOptions.of(recipe="transfer")
-    assert cacheable(plain.make_recipe(), plain)
+    for plain in (TrainOptions.of(recipe="transfer"), TrainOptions.of(recipe="hands")):  # hands: views of landmarks
+        assert cacheable(plain.make_recipe(), plain), plain.recipe
     for options in (
         TrainOptions.of(recipe="transfer", fine_tune=True),  # the backbone changes
         TrainOptions.of(recipe="robust"),  # random augmented views
         TrainOptions.of(recipe="fast"),  # no frozen backbone
-        TrainOptions.of(recipe="hands"),  # landmarks, not image features
+        TrainOptions.of(recipe="hands", val_dir="elsewhere"),  # a validation folder is not kept
     ):
         assert not cacheable(options.make_recipe(), options), options.recipe
 

@@ -1,6 +1,7 @@
 """The warm trainer of a teaching server: one long-lived process that keeps the recipe's pretrained backbone
-loaded, computes each capture's features as it arrives (training/cached_probe.py keeps them on disk, by file
-content, beside the runs), and trains on them when asked, so pressing Train only fits the head.
+(for `hands`, MediaPipe Hands) loaded, computes each capture's features (the hand found in it) as it arrives
+(training/cached_probe.py keeps them on disk, by file content, beside the runs), and trains on them when asked,
+so pressing Train only fits the head.
 
 The server (`WarmWorker`) talks to it by JSON lines: on its stdin one request per line, `{"id", "op", ...}` with op
 "featurise" (every image of the teaching folder, then the leave-one-burst-out estimate) or "train"; on its stdout
@@ -70,26 +71,12 @@ def _rss_mb():
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
-def _warm_up(backbone):
-    """The first head fit of a process pays for PyTorch's first calls (seconds): pay it before the first Train."""
-    import torch
-
-    from ..training.run import RunContext
-    from ..training.transfer import Features, HeadSearch, fit_head_on_features
-
-    g = torch.Generator().manual_seed(0)
-    f = torch.randn(64, backbone.dim, generator=g)
-    y = torch.arange(64) % 2
-    model = backbone.new_model(2)
-    fit_head_on_features(model, Features(f, y, f[:8], y[:8]), RunContext(), HeadSearch(steps=60))
-
-
 def serve_requests(recipe_name, store_dir, stdin=sys.stdin, stdout=sys.stdout):
     """The worker's loop: load the backbone, answer requests until stdin closes."""
     from .. import runtime
     from ..data.folders import scan_folder
     from ..events import Events
-    from ..training.cached_probe import Backbone, burst_estimates, train_cached
+    from ..training.cached_probe import backbone_for, burst_estimates, train_cached
     from ..training.options import TrainOptions
     from ..training.recipes import get_recipe
 
@@ -103,8 +90,8 @@ def serve_requests(recipe_name, store_dir, stdin=sys.stdin, stdout=sys.stdout):
             stdout.flush()
 
     t0 = time.perf_counter()
-    backbone = Backbone(get_recipe(recipe_name), store_dir)
-    _warm_up(backbone)
+    backbone = backbone_for(get_recipe(recipe_name), store_dir)
+    backbone.warm_up()
     say({"event": "ready", "pid": os.getpid(), "seconds": round(time.perf_counter() - t0, 2), "rss_mb": _rss_mb()})
     for line in stdin:
         try:

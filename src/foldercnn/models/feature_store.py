@@ -1,7 +1,8 @@
 """Features of a frozen pretrained backbone, kept on disk per image file: one small safetensors file per file
 content (sha256 of its bytes), under a folder named by the backbone and its input, so a renamed or moved file
 costs nothing and a changed one is computed anew. What a record holds: the pooled features of the image and of
-its mirror image (float32), and a THUMB-pixel thumbnail (uint8) for the near-duplicate check of the split."""
+its mirror image (float32; a hand-landmarks store keeps the hand found and no mirror image), and a THUMB-pixel
+thumbnail (uint8) for the near-duplicate check of the split."""
 
 import contextlib
 import hashlib
@@ -19,8 +20,9 @@ THUMB = 48  # the near-duplicate check shrinks to 16 px and crops from 48 px (da
 DESCRIPTION = "store.json"
 
 
-def backbone_key(architecture, arch_args, image_size, mean, std, fit):
-    """The folder name of one backbone's features: everything that changes them, hashed."""
+def backbone_key(architecture, arch_args, image_size, mean, std, fit, finder=None):
+    """The folder name of one backbone's features: everything that changes them, hashed (finder: how a
+    hand-landmarks store's hands are found)."""
     described = {
         "version": STORE_VERSION,
         "architecture": architecture,
@@ -30,6 +32,8 @@ def backbone_key(architecture, arch_args, image_size, mean, std, fit):
         "std": list(std),
         "fit": fit,
     }
+    if finder is not None:
+        described["finder"] = finder
     text = json.dumps(described, sort_keys=True)
     return f"{architecture}-{hashlib.sha256(text.encode()).hexdigest()[:12]}", described
 
@@ -49,13 +53,13 @@ class FeatureStore:
         return self.root / digest[:2] / f"{digest}.safetensors"
 
     def get(self, digest, dim=None):
-        """{"clean": (D,), "flip": (D,), "thumb": (THUMB, THUMB, 3)} or None."""
+        """{"clean": (D,), "flip": (D,) (where one was kept), "thumb": (THUMB, THUMB, 3)} or None."""
         try:
             record = load_file(self._path(digest))
         except (OSError, SafetensorError, ValueError):
             return None
-        clean, flip, thumb = record.get("clean"), record.get("flip"), record.get("thumb")
-        if clean is None or flip is None or thumb is None or clean.shape != flip.shape or clean.ndim != 1:
+        clean, flip, thumb = record.get("clean"), record.get("flip", record.get("clean")), record.get("thumb")
+        if clean is None or thumb is None or clean.shape != flip.shape or clean.ndim != 1:
             return None
         if (dim is not None and clean.shape[0] != dim) or thumb.shape != (THUMB, THUMB, 3):
             return None
@@ -64,11 +68,10 @@ class FeatureStore:
         return record
 
     def put(self, digest, clean, flip, thumb):
-        record = {
-            "clean": np.ascontiguousarray(clean, np.float32),
-            "flip": np.ascontiguousarray(flip, np.float32),
-            "thumb": np.ascontiguousarray(thumb, np.uint8),
-        }
+        """flip None: a record without a mirror image's features."""
+        record = {"clean": np.ascontiguousarray(clean, np.float32), "thumb": np.ascontiguousarray(thumb, np.uint8)}
+        if flip is not None:
+            record["flip"] = np.ascontiguousarray(flip, np.float32)
         with contextlib.suppress(OSError):  # a full or read-only disk only costs computing them again
             with atomic_path(self._path(digest)) as tmp:
                 save_file(record, str(tmp))

@@ -21,9 +21,16 @@ def hand_pass(model, images_uint8_nhwc):
     """(logits, features, FoundHands) of a landmark model on decoded images; the rows of images without a hand
     are zeros (FoundHands.found says which)."""
     from ..data.hands import find_hands
-    from .landmarks import hand_features
 
     found = find_hands(np.asarray(images_uint8_nhwc))
+    return (*landmark_logits(model, found), found)
+
+
+@torch.no_grad()
+def landmark_logits(model, found):
+    """(logits, features) of a landmark model on hands already found (data/hands.FoundHands); zeros where none."""
+    from .landmarks import hand_features
+
     keep = torch.from_numpy(found.found)
     logits = torch.zeros(len(keep), model.head.out_features)
     feats = torch.zeros(len(keep), model.head.in_features)
@@ -32,7 +39,7 @@ def hand_pass(model, images_uint8_nhwc):
             torch.from_numpy(hand_features(found.points[found.found], found.world[found.found]))
         ).float()
         logits[keep] = model.head(feats[keep]).float()
-    return logits, feats, found
+    return logits, feats
 
 
 @torch.no_grad()

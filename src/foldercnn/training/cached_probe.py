@@ -23,15 +23,20 @@ from ..data.captures import burst_group_ids, merge_groups
 from ..data.decode import decode_images
 from ..data.duplicates import file_digests, near_duplicate_groups
 from ..data.folders import group_split, scan_folder, summarize_skipped
+from ..data.hands import FoundHands, describe_finder, find_hands, shared_finder
+from ..data.hands_cache import RECORD, _from_record, _record
 from ..errors import FolderCNNError
 from ..events import Events
 from ..files import check_out_dir
 from ..models.feature_store import THUMB, FeatureStore, backbone_key
 from ..models.file import save_model
+from ..models.inference import landmark_logits
+from ..models.landmarks import hand_features
 from ..models.preprocess import decode_size, eval_batches
 from ..models.registry import create_model, get_spec
 from ..models.summary import summary
 from .finish import calibrate, describe_calibration, fit_unfamiliarity, model_metadata, unfamiliarity_sample
+from .hands import probe_on_hands
 from .run import RunContext, save_options
 from .transfer import Features, HeadSearch, fit_head_on_features
 
@@ -40,16 +45,12 @@ CHUNK = 8  # images decoded and passed through the backbone at a time (peak memo
 
 def cacheable(recipe, options):
     """Whether a run's features are a function of each file alone: a frozen pretrained image backbone, clean and
-    mirrored views only, the validation split held out of the folder."""
-    return bool(
-        recipe.linear_probe
-        and recipe.pretrained
-        and recipe.probe_views == 0
-        and not recipe.tta
-        and not options.fine_tune
-        and options.val_dir is None
-        and get_spec(recipe.model).input == "image"
-    )
+    mirrored views only, or the hands found in each image (their random views are of the landmarks, drawn at
+    training time); the validation split held out of the folder."""
+    if options.fine_tune or options.val_dir is not None or not recipe.linear_probe or recipe.tta:
+        return False
+    kind = get_spec(recipe.model).input
+    return kind == "hand-landmarks" or (kind == "image" and recipe.pretrained and recipe.probe_views == 0)
 
 
 @dataclass
@@ -87,8 +88,17 @@ class Records:
 def store_for(recipe, store_dir):
     """The FeatureStore of a recipe's backbone under store_dir (no model is loaded)."""
     spec = get_spec(recipe.model)
-    key, described = backbone_key(recipe.model, recipe.model_args, recipe.image_size, recipe.mean, recipe.std, spec.fit)
+    finder = describe_finder() if spec.input == "hand-landmarks" else None  # a new finder finds other hands
+    key, described = backbone_key(
+        recipe.model, recipe.model_args, recipe.image_size, recipe.mean, recipe.std, spec.fit, finder
+    )
     return FeatureStore(Path(store_dir) / key, described)
+
+
+def backbone_for(recipe, store_dir):
+    """The Backbone that keeps a cacheable recipe's features: image features, or the hands found."""
+    kind = HandBackbone if get_spec(recipe.model).input == "hand-landmarks" else Backbone
+    return kind(recipe, store_dir)
 
 
 class Backbone:
@@ -99,12 +109,24 @@ class Backbone:
         self.recipe, self.device = recipe, torch.device(device)
         self.size = decode_size(recipe.image_size, spec.fit)
         self.store = store_for(recipe, store_dir)
-        self.model = create_model(recipe.model, 2, pretrained=True, **recipe.model_args).to(self.device).eval()
-        self.dim = self.model.head.in_features
+        self.dim = self._load()
         self.computed = 0  # records this process computed (what the cache saved is the rest)
         self._digests = {}  # (path, size, mtime_ns) -> sha256: an unchanged file is read once
         self._summaries = {}
         self._groups = (None, None)  # (paths and digests, the split's groups) of the last folder grouped
+
+    def _load(self):
+        """Load what computes a record; returns the width of its `clean` vector."""
+        recipe = self.recipe
+        self.model = create_model(recipe.model, 2, pretrained=True, **recipe.model_args).to(self.device).eval()
+        return self.model.head.in_features
+
+    def warm_up(self):
+        """The first head fit of a process pays for PyTorch's first calls (seconds): pay it before the first Train."""
+        g = torch.Generator().manual_seed(0)
+        f = torch.randn(64, self.dim, generator=g)
+        y = torch.arange(64) % 2
+        fit_head_on_features(self.new_model(2), Features(f, y, f[:8], y[:8]), RunContext(), HeadSearch(steps=60))
 
     def groups(self, records):
         """The split's groups of records, remembered for the folder as it is: the estimate after the last capture
@@ -155,7 +177,9 @@ class Backbone:
         return Records(
             files,
             torch.from_numpy(np.stack([got[i]["clean"] for i in keep])) if keep else torch.empty(0, self.dim),
-            torch.from_numpy(np.stack([got[i]["flip"] for i in keep])) if keep else torch.empty(0, self.dim),
+            torch.from_numpy(np.stack([got[i].get("flip", got[i]["clean"]) for i in keep]))
+            if keep
+            else torch.empty(0, self.dim),
             np.stack([got[i]["thumb"] for i in keep]) if keep else np.empty((0, THUMB, THUMB, 3), np.uint8),
             skipped,
             len(missing),
@@ -176,8 +200,7 @@ class Backbone:
             clean.append(self.model.features(x).float().cpu())
             flip.append(self.model.features(x.flip(-1)).float().cpu())
         clean, flip = torch.cat(clean).numpy(), torch.cat(flip).numpy()
-        thumbs = F.adaptive_avg_pool2d(pixels.permute(0, 3, 1, 2).float(), THUMB).round().clamp(0, 255)
-        thumbs = thumbs.to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        thumbs = thumbnails(pixels)
         out = []
         for k, i in enumerate(good):
             self.store.put(digests[i], clean[k], flip[k], thumbs[k])
@@ -199,6 +222,113 @@ class Backbone:
         if num_classes not in self._summaries:
             self._summaries[num_classes] = summary(model, self.recipe.image_size)
         return self._summaries[num_classes]
+
+    def fit(self, model, records, train, val, options, ctx):
+        """The probe on the records of the split's two sides (Labelled with rows): returns (FitResult, validation
+        logits and labels of the images the model answers, the unfamiliarity score or None)."""
+        features = Features(
+            torch.cat([records.clean[train.rows], records.flip[train.rows]]),
+            torch.cat([train.labels, train.labels]),
+            records.clean[val.rows],
+            val.labels,
+        )
+        # the unfamiliarity score needs no head: fitted on a second thread meanwhile (benchmarks/README.md)
+        said = []
+        sample = unfamiliarity_sample(train, options.seed, said.append)
+        with ThreadPoolExecutor(1) as pool:
+            fitting = pool.submit(
+                fit_unfamiliarity,
+                records.clean[sample.rows],
+                sample.labels,
+                features.val,
+                val.labels,
+                len(train.classes),
+                said.append,
+            )
+            with one_thread_when_small(features.train):
+                result = fit_head_on_features(model, features, ctx, HeadSearch())
+            model.load_state_dict(result.best_state)
+            with torch.no_grad():
+                val_logits = model.head(features.val)
+            unfamiliarity = fitting.result()
+        for line in said:
+            ctx.events(line)
+        return result, val_logits, val.labels, unfamiliarity
+
+    def estimate_features(self, records):
+        """(features of the rows the leave-one-burst-out estimate can answer, which rows those are)."""
+        return records.clean, np.ones(len(records.clean), bool)
+
+
+def thumbnails(pixels):
+    """(N, THUMB, THUMB, 3) uint8 thumbnails of (N, H, W, 3) uint8 pixels, for the split's near-duplicate check."""
+    pixels = torch.as_tensor(np.ascontiguousarray(pixels))
+    thumbs = F.adaptive_avg_pool2d(pixels.permute(0, 3, 1, 2).float(), THUMB).round().clamp(0, 255)
+    return thumbs.to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+class HandBackbone(Backbone):
+    """The hands recipe's: MediaPipe Hands loaded once; a record is the hand found in the image (data/hands_cache.py's
+    layout: a hand or its absence), so a job only draws the landmarks' views and fits the head."""
+
+    def _load(self):
+        self.model = None
+        self.finder = shared_finder()
+        self.finder.find(np.zeros((64, 64, 3), np.uint8))  # starts the cascade's graphs (~0.3 s each)
+        return RECORD
+
+    def warm_up(self):
+        found = FoundHands.empty(4)
+        found.stage[:], found.world[:] = 0, np.random.default_rng(0).normal(0, 0.04, found.world.shape)
+        found.points[..., :2] = found.world[..., :2] + 0.5
+        labels = torch.tensor([0, 1, 0, 1])
+        probe_on_hands(self.new_model(2), (found, labels), (found, labels), self.recipe, RunContext())
+
+    @torch.no_grad()
+    def _compute(self, paths, digests, skipped):
+        """Decode as the cold job does, find the hands in this process (a process running MediaPipe never forks)."""
+        array, good, bad = decode_images(paths, self.size, desc=None)
+        skipped.extend((paths[i], reason) for i, reason in bad)
+        if not len(good):
+            return []
+        pixels = np.ascontiguousarray(array[: len(good)])
+        found = find_hands(pixels, pool_from=len(pixels) + 1)
+        thumbs = thumbnails(pixels)
+        out = []
+        for k, i in enumerate(good):
+            record = _record(found, k)
+            self.store.put(digests[i], record, None, thumbs[k])
+            self.computed += 1
+            out.append((i, {"clean": record, "thumb": thumbs[k]}))
+        return out
+
+    def new_model(self, num_classes):
+        return create_model(self.recipe.model, num_classes)
+
+    def fit(self, model, records, train, val, options, ctx):
+        hands = records_to_hands(records.clean.numpy())
+        val_hands = hands.take(val.rows.numpy())
+        result = probe_on_hands(
+            model, (hands.take(train.rows.numpy()), train.labels), (val_hands, val.labels), self.recipe, ctx
+        )
+        model.load_state_dict(result.best_state)
+        val_logits, _ = landmark_logits(model, val_hands)
+        answered = torch.from_numpy(val_hands.found)
+        ctx.events("unfamiliarity: a photo without a hand found is what this model calls unfamiliar")
+        return result, val_logits[answered], val.labels[answered], None
+
+    def estimate_features(self, records):
+        hands = records_to_hands(records.clean.numpy())
+        f = torch.from_numpy(hand_features(hands.points[hands.found], hands.world[hands.found]))
+        return (f - f.mean(0)) / f.std(0).clamp_min(1e-3) if len(f) > 1 else f, hands.found
+
+
+def records_to_hands(records):
+    """FoundHands of (N, RECORD) hand records."""
+    found = FoundHands.empty(len(records))
+    for i, r in enumerate(records):
+        _from_record(found, i, r)
+    return found
 
 
 SMALL_HEAD = 1 << 20  # feature values below which a second thread costs more than it gives (benchmarks/README.md)
@@ -265,38 +395,13 @@ def train_cached(data_dir, out_dir, options, backbone, events=None):
     t1 = time.perf_counter()
     ctx = RunContext(backbone.device, "fp32", options.seed, events)
     model = backbone.new_model(len(folder.classes))
-    features = Features(
-        torch.cat([records.clean[train_idx], records.flip[train_idx]]),
-        torch.cat([train.labels, train.labels]),
-        records.clean[val_idx],
-        val.labels,
+    result, val_logits, val_labels, unfamiliarity = backbone.fit(
+        model, records, train, val, options, ctx.but(events=events.span(0.2, 0.7))
     )
-    # the unfamiliarity score needs no head: fitted on a second thread meanwhile (benchmarks/README.md)
-    said = []
-    sample = unfamiliarity_sample(train, options.seed, said.append)
-    with ThreadPoolExecutor(1) as pool:
-        fitting = pool.submit(
-            fit_unfamiliarity,
-            records.clean[sample.rows],
-            sample.labels,
-            features.val,
-            val.labels,
-            len(folder.classes),
-            said.append,
-        )
-        with one_thread_when_small(features.train):
-            result = fit_head_on_features(model, features, ctx.but(events=events.span(0.2, 0.7)), HeadSearch())
-        model.load_state_dict(result.best_state)
-        seconds["train"] = time.perf_counter() - t1
-        with torch.no_grad():
-            val_logits = model.head(features.val)
-        events.stage("calibration", 0.7, "calibrating")
-        calibration = calibrate(val_logits, val.labels, options.uncertain_below)
-        events(describe_calibration(calibration))
-        events.stage("unfamiliarity", 0.8, "fitting the unfamiliarity score")
-        unfamiliarity = fitting.result()
-    for line in said:
-        events(line)
+    seconds["train"] = time.perf_counter() - t1
+    events.stage("calibration", 0.7, "calibrating")
+    calibration = calibrate(val_logits, val_labels, options.uncertain_below)
+    events(describe_calibration(calibration))
     events.stage("report", 0.9, "writing the model file and the report")
     job = CachedJob(Path(data_dir), options, recipe, ctx, records.skipped)
     timing = {"data_seconds": seconds["data"], "train_seconds": seconds["train"]}
@@ -366,7 +471,10 @@ def burst_estimates(records):
         return out
     groups = split_groups(records)
     bursts = burst_group_ids(records.files.paths)
-    guesses = left_out_guesses(records.clean, labels, len(classes), groups)
+    features, answered = records.backbone.estimate_features(records)
+    guesses = np.full(len(labels), -1)  # a frame without a hand found is not right
+    if answered.sum() >= 2:
+        guesses[answered] = left_out_guesses(features, labels[answered], len(classes), groups[answered])
     for c, name in enumerate(classes):
         own = labels == c
         n_groups = len(set(groups[own].tolist()))

@@ -51,10 +51,18 @@ def landmark_probe(model, train, val, recipe, run):
     t = time.perf_counter()
     run.events.stage("hands", 0.0, "finding the hands")
     found_train, found_val = hands_of(train, run.events), hands_of(val, run.events)
+    return probe_on_hands(model, (found_train, train.labels), (found_val, val.labels), recipe, run, t)
+
+
+def probe_on_hands(model, train, val, recipe, run, t=None):
+    """landmark_probe on hands already found: train and val are (FoundHands, labels) of every image of each side
+    (the kept-landmarks job of a teaching server, training/cached_probe.py, reads them from disk)."""
+    t = time.perf_counter() if t is None else t
+    (found_train, labels_train), (found_val, labels_val) = train, val
     keep_train, keep_val = found_train.found, found_val.found
-    for name, data, keep in (("training", train, keep_train), ("validation", val, keep_val)):
+    for name, keep in (("training", keep_train), ("validation", keep_val)):
         run.events(
-            f"hands: found in {int(keep.sum())} of {len(data)} {name} images"
+            f"hands: found in {int(keep.sum())} of {len(keep)} {name} images"
             + (f"; the {int((~keep).sum())} without one are left out" if not keep.all() else "")
         )
     if keep_train.sum() < 2 or keep_val.sum() < 1:
@@ -64,7 +72,7 @@ def landmark_probe(model, train, val, recipe, run):
         )
     hands_train, hands_val = found_train.take(keep_train), found_val.take(keep_val)
     f_train = hand_features(hands_train.points, hands_train.world)
-    y_train = train.labels[torch.from_numpy(keep_train)]
+    y_train = labels_train[torch.from_numpy(keep_train)]
     if recipe.probe_views:
         p, w = augmented_views(hands_train, recipe.probe_views, run.seed)
         f_train = np.concatenate([f_train, hand_features(p, w)])
@@ -77,7 +85,7 @@ def landmark_probe(model, train, val, recipe, run):
         model.features(f_train),
         y_train,
         model.features(f_val),
-        val.labels[torch.from_numpy(keep_val)],
+        labels_val[torch.from_numpy(keep_val)],
         time.perf_counter() - t,
     )
     run.events(
