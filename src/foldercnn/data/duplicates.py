@@ -26,6 +26,7 @@ CANDIDATE = 0.85  # the lowest whole-image cosine of a planted copy cropped 5% p
 THUMB = 16
 CROP_SCALES = (0.95, 0.9)
 _CHUNK = 2048
+_CROP_CHUNK = 256  # images whose 18 crops are made at once (each chunk's crops are held twice while stacked)
 
 
 def _unit(x):
@@ -53,8 +54,8 @@ def crop_descriptors(images, side=48):
     """(N, H, W, 3) uint8 -> (N, 18, 768): crops at CROP_SCALES, 3 x 3 positions each, of a `side`-pixel copy."""
     images = torch.as_tensor(images)
     out = torch.empty(len(images), 9 * len(CROP_SCALES), 3 * THUMB * THUMB)
-    for start in range(0, len(images), _CHUNK):
-        x = _small(images[start : start + _CHUNK], side)
+    for start in range(0, len(images), _CROP_CHUNK):
+        x = _small(images[start : start + _CROP_CHUNK], side)
         crops = []
         for scale in CROP_SCALES:
             c = int(round(side * scale))
@@ -82,12 +83,18 @@ def refine_pairs(pairs, a_images, a, b_images=None, b=None):
         return torch.empty(0)
     i = torch.tensor([p[0] for p in pairs])
     j = torch.tensor([p[1] for p in pairs])
-    b_images, b = (a_images, a) if b_images is None else (b_images, b)
-    used_a, i_local = i.unique(return_inverse=True)
-    used_b, j_local = j.unique(return_inverse=True)
-    a_crops = crop_descriptors(torch.as_tensor(a_images)[used_a])
-    b_crops = crop_descriptors(torch.as_tensor(b_images)[used_b])
-    whole = (a[i] * b[j]).sum(-1)
+    if b_images is None:  # pairs within one set: one crop descriptor per image involved, on either side
+        b = a
+        used, local = torch.cat([i, j]).unique(return_inverse=True)
+        a_crops = b_crops = crop_descriptors(torch.as_tensor(a_images)[used])
+        i_local, j_local = local[: len(i)], local[len(i) :]
+    else:
+        used_a, i_local = i.unique(return_inverse=True)
+        used_b, j_local = j.unique(return_inverse=True)
+        a_crops = crop_descriptors(torch.as_tensor(a_images)[used_a])
+        b_crops = crop_descriptors(torch.as_tensor(b_images)[used_b])
+    # in chunks: all pairs at once held (pairs, 768) floats three times (780 MB at 74,000 pairs: benchmarks/README.md)
+    whole = torch.cat([(a[i[k : k + _CHUNK]] * b[j[k : k + _CHUNK]]).sum(-1) for k in range(0, len(i), _CHUNK)])
     return torch.maximum(
         whole, torch.maximum(_best_crop_match(i_local, a_crops, j, b), _best_crop_match(j_local, b_crops, i, a))
     )
