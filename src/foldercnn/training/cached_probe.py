@@ -5,7 +5,9 @@ training job only splits, fits the head, the temperature and the unfamiliarity s
 The same run folder and model file as `train_folder` with the same recipe (job.py); what differs: the
 near-duplicate check of the split looks at 48-pixel thumbnails kept with the features instead of the decoded
 images, and features are computed in float32 (the probe's own pass uses the run's precision). `Backbone` keeps the
-model loaded between jobs (deploy/teach_worker.py keeps one per teaching server).
+model loaded between jobs (deploy/teach_worker.py keeps one per teaching server). The `hands` recipe's
+`HandBackbone` keeps MediaPipe Hands loaded instead and the hand found in each image: its random views are of the
+landmarks, drawn by each job, so they too need nothing but what is kept.
 """
 
 import contextlib
