@@ -189,26 +189,30 @@ class Backbone:
             self,
         )
 
-    @torch.no_grad()
     def _compute(self, paths, digests, skipped):
-        """Decode, pass through the backbone (float32, eval mode, the image and its mirror image), store."""
+        """Decode, compute each image's record (_records_of), store."""
         array, good, bad = decode_images(paths, self.size, desc=None)
         skipped.extend((paths[i], reason) for i, reason in bad)
         if not len(good):
             return []
-        pixels = torch.from_numpy(np.ascontiguousarray(array[: len(good)]))
+        out = []
+        for i, record in zip(good, self._records_of(np.ascontiguousarray(array[: len(good)]))):
+            self.store.put(digests[i], record["clean"], record.get("flip"), record["thumb"])
+            self.computed += 1
+            out.append((i, record))
+        return out
+
+    @torch.no_grad()
+    def _records_of(self, pixels):
+        """Records of decoded images: the backbone's features of each and of its mirror image (float32, eval
+        mode), its thumbnail."""
         clean, flip = [], []
-        for x in eval_batches(pixels, self.recipe.mean, self.recipe.std, self.device):
+        for x in eval_batches(torch.from_numpy(pixels), self.recipe.mean, self.recipe.std, self.device):
             clean.append(self.model.features(x).float().cpu())
             flip.append(self.model.features(x.flip(-1)).float().cpu())
         clean, flip = torch.cat(clean).numpy(), torch.cat(flip).numpy()
         thumbs = thumbnails(pixels)
-        out = []
-        for k, i in enumerate(good):
-            self.store.put(digests[i], clean[k], flip[k], thumbs[k])
-            self.computed += 1
-            out.append((i, {"clean": clean[k], "flip": flip[k], "thumb": thumbs[k]}))
-        return out
+        return [{"clean": clean[k], "flip": flip[k], "thumb": thumbs[k]} for k in range(len(pixels))]
 
     def new_model(self, num_classes):
         """The backbone's architecture with its pretrained weights and a fresh head for `num_classes`."""
@@ -286,23 +290,11 @@ class HandBackbone(Backbone):
         labels = torch.tensor([0, 1, 0, 1])
         probe_on_hands(self.new_model(2), (found, labels), (found, labels), self.recipe, RunContext())
 
-    @torch.no_grad()
-    def _compute(self, paths, digests, skipped):
-        """Decode as the cold job does, find the hands in this process (a process running MediaPipe never forks)."""
-        array, good, bad = decode_images(paths, self.size, desc=None)
-        skipped.extend((paths[i], reason) for i, reason in bad)
-        if not len(good):
-            return []
-        pixels = np.ascontiguousarray(array[: len(good)])
+    def _records_of(self, pixels):
+        """The hand found in each image (in this process: one running MediaPipe never forks), its thumbnail."""
         found = find_hands(pixels, pool_from=len(pixels) + 1)
         thumbs = thumbnails(pixels)
-        out = []
-        for k, i in enumerate(good):
-            record = _record(found, k)
-            self.store.put(digests[i], record, None, thumbs[k])
-            self.computed += 1
-            out.append((i, {"clean": record, "thumb": thumbs[k]}))
-        return out
+        return [{"clean": _record(found, k), "thumb": thumbs[k]} for k in range(len(pixels))]
 
     def new_model(self, num_classes):
         return create_model(self.recipe.model, num_classes)
