@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -227,9 +228,17 @@ def compare_recipes(data, seeds, work):
     )
 
 
+def variant(text):
+    """Recipe overrides from JSON; an "augment" object changes only the fields it names of fast's augmentation."""
+    overrides = json.loads(text)
+    if isinstance(overrides.get("augment"), dict):
+        overrides["augment"] = replace(get_recipe("fast").augment, **overrides["augment"])
+    return overrides
+
+
 def variants(data, seeds, work, spec):
     """Part 6: today's fast recipe and each variant, seed by seed, on the same warm decode cache."""
-    named = [("fast (today)", {})] + [(n, json.loads(j)) for n, j in (v.split("=", 1) for v in spec.split(";"))]
+    named = [("fast (today)", {})] + [(n, variant(j)) for n, j in (v.split("=", 1) for v in spec.split(";"))]
     print("\n6. variants of the fast recipe (train s: from decoded images to the saved model; decode is part 1's)")
     rows = {}
     for s in seeds:

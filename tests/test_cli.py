@@ -128,6 +128,10 @@ def torch_equal(x, y):
             "argument --val-fraction: 1.5 is not a number",
         ),
         (["train", "{data}", "--out", "{tmp}/r", "--fine-tune"], "follows a linear probe"),
+        (
+            ["train", "{data}", "--out", "{tmp}/r", "--image-size", "32", "--start-size", "40"],
+            "--start-size must not exceed image_size (32), got 40",
+        ),
     ],
 )
 def test_errors_are_clear_without_traceback(args, message, cli, tmp_path, shapes_dirs, trained_model):

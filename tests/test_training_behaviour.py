@@ -119,3 +119,41 @@ def test_a_refit_trains_on_the_whole_folder_and_is_calibrated_without_its_held_o
     own = batched_logits(saved.model, val.take(slice(None)), saved.mean, saved.std)
     assert float(torch.nn.functional.cross_entropy(own, val.labels)) != pytest.approx(cal["val_nll_before"], rel=1e-3)
     assert "Then refitted: a fresh model trained on all 120 images" in (tmp_path / "refit" / "report.html").read_text()
+
+
+def test_progressive_resizing_grows_the_training_batches_and_validates_at_full_size(shapes_dirs):
+    """start_size 16 -> image_size 48 in 16 px steps by 3/4 of the run: the training batches the network sees
+    grow 16, 32, 48 in that order; validation always runs at 48."""
+    data = load_folder(scan_folder(shapes_dirs[0]), 48)
+    train_idx, val_idx = stratified_split(data.labels, 0.3, seed=0)
+    recipe = get_recipe("fast", epochs=4, image_size=48, start_size=16, batch_size=16)
+    model = create_model("fast-cnn", 3)
+    sides = {True: [], False: []}
+    model[0][0].register_forward_hook(lambda m, i, o: sides[m.training].append(i[0].shape[-1]))
+    fit(model, data.subset(train_idx), data.subset(val_idx), recipe, RunContext(precision="fp32"))
+    grown = sides[True]
+    assert grown == sorted(grown) and grown[0] == 16 and grown[-1] == 48 and set(grown) == {16, 32, 48}
+    assert set(sides[False]) == {48}
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({"recipe": "seed", "start_size": 64}, "start_size needs a model that works at any input size"),
+        ({"recipe": "fast", "start_size": 128}, "start_size must not exceed image_size (96), got 128"),
+        ({"recipe": "fast", "start_size": 2}, "start_size between"),
+    ],
+)
+def test_a_start_size_that_cannot_work_is_refused(overrides, message):
+    with pytest.raises(foldercnn.FolderCNNError) as e:
+        get_recipe(overrides.pop("recipe"), **overrides)
+    assert message in str(e.value)
+
+
+def test_the_default_growth_is_dropped_where_it_cannot_apply():
+    """fast grows from 48 px; at a smaller --image-size, or with a --model whose layers depend on the input size,
+    it trains at one size instead of being refused. An explicit start_size is still checked."""
+    assert get_recipe("fast").start_size == 48
+    assert get_recipe("fast", image_size=32).start_size == 0
+    assert get_recipe("fast", model="tutorial-cnn", image_size=96).start_size == 0
+    assert get_recipe("fast", start_size=0).start_size == 0

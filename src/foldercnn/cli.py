@@ -30,6 +30,7 @@ def _overrides(args):
         epochs=args.epochs,
         batch_size=args.batch_size,
         image_size=args.image_size,
+        start_size=args.start_size,
         lr=args.lr,
         augment=False if args.no_augment else None,
     )

@@ -59,6 +59,11 @@ def _add_training_options(p, default_recipe="fast", recipe_help=None):
     p.add_argument("--epochs", type=whole(1, 100_000))
     p.add_argument("--batch-size", type=whole(1, 65_536))
     p.add_argument("--image-size", type=whole(1, 100_000), help="side of the square network input, in pixels")
+    p.add_argument(
+        "--start-size",
+        type=whole(0, 100_000),
+        help="train from this side up to --image-size (progressive resizing; 0: off; default: the recipe's)",
+    )
     p.add_argument("--lr", type=number(0, 10, lo_open=True), help="learning rate")
     p.add_argument(
         "--no-augment",

@@ -43,6 +43,16 @@ def lr_factor(schedule, progress):
     raise FolderCNNError(f"unknown schedule '{schedule}'")
 
 
+def train_side(recipe, progress):
+    """The side of the training batches at `progress` in [0, 1]: recipe.start_size, growing in steps of 16 px
+    to image_size by 3/4 of the run (progressive resizing: early epochs are cheaper); image_size without it."""
+    start, end = recipe.start_size, recipe.image_size
+    if not start or start >= end:
+        return end
+    grown = (end - start) * min(1.0, progress / 0.75)
+    return min(end, start + 16 * int(grown // 16))
+
+
 class WeightEMA:
     """Exponential moving average of a model's weights (batch-norm statistics copied as they are).
 
@@ -118,8 +128,9 @@ class TrainBatches:
     the next batch's read started early (memory-mapped sets), device move, augmentation, normalisation, channels
     last. `step` counts the batches drawn; it seeds each rank's augmentation under DDP."""
 
-    def __init__(self, train, recipe, run, generator):
+    def __init__(self, train, recipe, run, generator, progress):
         self.train, self.recipe, self.run, self.generator = train, recipe, run, generator
+        self.progress = progress  # the share of the run done (Fit.progress): decides the side of each batch
         self.order = BatchStream(len(train), min(recipe.batch_size, len(train)), generator)
         self.step = 0
 
@@ -137,8 +148,12 @@ class TrainBatches:
         idx = ranks.shard(global_idx)
         self.train.prefetch(ranks.shard(self.order.peek()))  # its reads overlap this step (memory-mapped sets)
         y = to_device(self.train.labels[idx], device)
+        x = to_unit(to_device(self.train.take(idx), device))
+        side = train_side(self.recipe, self.progress()) if self.recipe.start_size else None
+        if side is not None and x.shape[-2:] != (side, side):
+            x = F.interpolate(x, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
         x = augment_batch(
-            to_unit(to_device(self.train.take(idx), device)),
+            x,
             self.recipe.augment,
             ranks.augmentation_generator(self.run.seed, self.step, self.generator),
         )
@@ -187,7 +202,7 @@ class Fit:
         self.net = run.ranks.wrap(model, run.device)  # what the steps call: DDP around model, or model itself
         self.optimizer = make_optimizer(model, recipe)
         self.ema = WeightEMA(model, recipe.ema) if recipe.ema else None
-        self.batches = TrainBatches(train, recipe, run, self.generator)
+        self.batches = TrainBatches(train, recipe, run, self.generator, self.progress)
         self.steps = recipe.steps_per_epoch or math.ceil(len(train) / recipe.batch_size)
         self.epochs = recipe.epochs if run.deadline is None else 1_000_000
         self.result, self.best, self.first_epoch, spent = FitResult(), None, 1, 0.0
