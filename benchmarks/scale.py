@@ -4,10 +4,11 @@
         [--steps 60] [--image-size 64] [--resume] [--ddp] [--work DIR]
 
 Size sweep: for each size k, a folder of k symlinked copies of rps/train (k x 2,520 images), trained with the fast
-recipe at --image-size px (default 64) for --steps steps of batch 64 (image-by-image split, 1% held out), in a child
-process placed in a memory cgroup limited to --memory-limit-mb (cgroup v2 or v1, when this process may create one;
-otherwise the limit is not applied and the table says so). Decoded images live in the memory-mapped decode cache
-(data/cache.py), so the cache may grow past the limit: the kernel drops its clean pages instead of killing the run.
+recipe at one --image-size px (default 64, no progressive resizing) for --steps steps of batch 64 (image-by-image
+split, 1% held out), in a child process placed in a memory cgroup limited to --memory-limit-mb (cgroup v2 or v1, when
+this process may create one; otherwise the limit is not applied and the table says so). Decoded images live in the
+memory-mapped decode cache (data/cache.py), so the cache may grow past the limit: the kernel drops its clean pages
+instead of killing the run.
 Per size: the decode seconds, training seconds per 1,000 images (the steps only), the child's peak RSS and the
 cgroup's peak (RSS plus page cache charged to it), and the cache's size on disk.
 
@@ -35,8 +36,8 @@ foldercnn.runtime.setup()
 data, out, steps, image_size, batch_size = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:6])
 t = time.perf_counter()
 result = foldercnn.train(data, out, recipe="fast", image_size=image_size, batch_size=batch_size, epochs=1,
-                         steps_per_epoch=steps, split="images", val_fraction=0.01, seed=0, resume="ignore",
-                         log=lambda *a: None)
+                         steps_per_epoch=steps, start_size=0, split="images", val_fraction=0.01, seed=0,
+                         resume="ignore", log=lambda *a: None)
 row = result.history[0]
 print(json.dumps({"data_s": result.seconds["data"], "train_s": row["train_seconds"], "images": row["images"],
                   "total_s": time.perf_counter() - t,
@@ -172,6 +173,8 @@ def resume_cost(args, work):
         "fast",
         "--image-size",
         "64",
+        "--start-size",
+        "0",
         "--epochs",
         "3",
         "--split",
