@@ -149,8 +149,8 @@ class TrainBatches:
         self.train.prefetch(ranks.shard(self.order.peek()))  # its reads overlap this step (memory-mapped sets)
         y = to_device(self.train.labels[idx], device)
         x = to_unit(to_device(self.train.take(idx), device))
-        side = train_side(self.recipe, self.progress()) if self.recipe.start_size else None
-        if side is not None and x.shape[-2:] != (side, side):
+        side = train_side(self.recipe, self.progress())
+        if self.recipe.start_size and x.shape[-2:] != (side, side):
             x = F.interpolate(x, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
         x = augment_batch(
             x,
