@@ -1,12 +1,14 @@
 """Transfer learning on Rock-Paper-Scissors: pretrained EfficientNet-Lite0, linear probe and fine-tuning.
 
     python benchmarks/transfer.py --data ../shared/data/rps [--seeds 0,1,2] [--fine-tune-epochs 1]
+        [--runs probe,fine-tune,fine-tune-112,fine-tune-112-whole,fast]
 
 Per seed (the seed picks the 20% validation split carved from train/ and the head's initialisation):
 wall clock from the raw folder to a saved model (decode, feature extraction, head fitting, fine-tuning),
 then test accuracy on test/ (372 images, never used for selection). Then single-image predict latency and
 batch throughput of the resulting model file, and the `fast` recipe's figures beside them.
-Each run starts with a cold decode cache.
+Each run starts with a cold decode cache. `fine-tune-112`: 2 fine-tuning epochs at 112 px; `fine-tune-112-whole` the
+same with nothing kept of the frozen layers (KEEP_MAX_BYTES 0), so every pass after the probe runs the whole network.
 """
 
 import argparse
@@ -21,19 +23,20 @@ import torch
 
 import foldercnn
 from foldercnn import runtime
+from foldercnn.training import transfer
 
 
 def quiet(*args):
     pass
 
 
-def run(data, work, seed, recipe, **kw):
-    os.environ["FOLDERCNN_CACHE"] = str(work / f"cache-{recipe}-{seed}-{len(kw)}")  # cold every time
+def run(data, work, seed, recipe, keep=True, **kw):
+    transfer.KEEP_MAX_BYTES = 1 << 30 if keep else 0
+    name = f"{recipe}-{seed}-{len(list(work.iterdir()))}"  # a new folder and cache for every run
+    os.environ["FOLDERCNN_CACHE"] = str(work / f"cache-{name}")  # cold every time
     lines = []
     t = time.perf_counter()
-    result = foldercnn.train(
-        data / "train", work / f"{recipe}-{seed}-{len(kw)}", recipe=recipe, seed=seed, log=lines.append, **kw
-    )
+    result = foldercnn.train(data / "train", work / name, recipe=recipe, seed=seed, log=lines.append, **kw)
     total = time.perf_counter() - t
     acc = foldercnn.evaluate(foldercnn.load(result.model_path), data / "test").accuracy
     feat = next((line for line in lines if str(line).startswith("features:")), "")
@@ -68,7 +71,11 @@ def main():
     ap.add_argument("--data", default="../shared/data/rps")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--fine-tune-epochs", type=int, default=1)
-    ap.add_argument("--runs", default="probe,fine-tune,fast", help="which of probe, fine-tune, fast to run")
+    ap.add_argument(
+        "--runs",
+        default="probe,fine-tune,fast",
+        help="which of probe, fine-tune, fine-tune-112, fine-tune-112-whole, fast to run",
+    )
     args = ap.parse_args()
     data = Path(args.data).resolve()
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -82,6 +89,12 @@ def main():
             f"probe + fine-tune {args.fine_tune_epochs} ep",
             "transfer",
             {"fine_tune": True, "epochs": args.fine_tune_epochs},
+        ),
+        "fine-tune-112": ("fine-tune 2 ep at 112 px", "transfer", {"fine_tune": True, "epochs": 2, "image_size": 112}),
+        "fine-tune-112-whole": (
+            "  the same, nothing kept",
+            "transfer",
+            {"fine_tune": True, "epochs": 2, "image_size": 112, "keep": False},
         ),
         "fast": ("fast recipe (from scratch)", "fast", {}),
     }

@@ -76,6 +76,7 @@ def test_transfer_recipe_round_trip(shapes_dirs, tmp_path):
     again = foldercnn.load(result.model_path)
     files = sorted(shapes_dirs[1].rglob("*.png"))[:4]
     assert [p.probabilities for p in again.predict_many(files)] == [p.probabilities for p in clf.predict_many(files)]
+    lines = []
     tuned = foldercnn.train(
         shapes_dirs[0],
         tmp_path / "tuned",
@@ -84,8 +85,11 @@ def test_transfer_recipe_round_trip(shapes_dirs, tmp_path):
         epochs=1,
         fine_tune=True,
         seed=0,
-        log=lambda *a: None,
+        log=lines.append,
     )
+    # the probe before a fine-tuning skips the mirrored views; the frozen layers' outputs are kept for later passes
+    assert any(f"features: {tuned.n_train} training views" in str(line) for line in lines), lines
+    assert any(f"outputs kept for {tuned.n_train} training and {tuned.n_val} validation" in str(line) for line in lines)
     meta = read_metadata(tuned.model_path)
     assert meta["fine_tuned"] is True and meta["fine_tuned_epochs"] == 1 == tuned.fine_tuned_epochs
     # observed in the weights: the frozen early blocks are still ImageNet's, the last blocks moved

@@ -151,10 +151,21 @@ class EfficientNetLite(nn.Module):
 
     def feature_map(self, x):
         """(N, 3, H, W) normalised images -> (N, 1280, H/32, W/32): the head convolution's output."""
+        return self.tail_map(self.frozen_prefix(x, 0), 0)
+
+    def frozen_prefix(self, x, tuned_blocks):
+        """The layers that fine-tuning the last `tuned_blocks` blocks leaves frozen: normalised images -> the input
+        of the first tuned block (with 0, of the head convolution)."""
         x = torch.nn.functional.relu6(self._bn0(self._conv_stem(x)))
-        for block in self._blocks:
+        for block in self._blocks[: len(self._blocks) - tuned_blocks]:
             x = block(x)
-        return torch.nn.functional.relu6(self._bn1(self._conv_head(x)))
+        return x
+
+    def tail_map(self, h, tuned_blocks):
+        """The rest of feature_map after frozen_prefix(x, tuned_blocks): feature_map(x) == tail_map(prefix, k)."""
+        for block in self._blocks[len(self._blocks) - tuned_blocks :]:
+            h = block(h)
+        return torch.nn.functional.relu6(self._bn1(self._conv_head(h)))
 
     def map_layers(self):
         return [self._conv_stem, *self._blocks, self._conv_head]

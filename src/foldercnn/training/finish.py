@@ -13,6 +13,7 @@ from ..models.inference import batched_logits, hand_pass, takes_hands
 from ..models.preprocess import default_preprocessing
 from ..models.registry import get_spec
 from .prepare import data_summary
+from .transfer import tail_pass
 
 FINAL_PASS_CHUNK = 1024  # images copied out of the (memory-mapped) decoded set at a time
 # Above this many training images the unfamiliarity score is fitted on a stratified sample of that many
@@ -33,6 +34,17 @@ def final_pass(model, data, recipe, device):
             torch.from_numpy(np.concatenate([p[2].found for p in parts])),
         )
     logits, features = image_pass(model, data, recipe, device)
+    return logits, features, torch.ones(len(logits), dtype=torch.bool)
+
+
+def kept_or_final_pass(model, data, recipe, device, frozen=None, which=None):
+    """final_pass; or, where the outputs of the layers that stayed frozen were kept for these images (which:
+    "train" or "val" of a transfer.FrozenOutputs) in float32 and no test-time augmentation is asked, the same
+    pass over the trained layers alone."""
+    kept = None if frozen is None or which is None else getattr(frozen, which)
+    if kept is None or frozen.precision != "fp32" or recipe.tta:
+        return final_pass(model, data, recipe, device)
+    logits, features = tail_pass(model, frozen, which, device)
     return logits, features, torch.ones(len(logits), dtype=torch.bool)
 
 

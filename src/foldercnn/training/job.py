@@ -28,7 +28,15 @@ from ..models.summary import count_parameters, summary
 from ..plots import augmentation_preview, sample_grid, training_curves
 from . import checkpoint as ckpt
 from . import distributed
-from .finish import calibrate, describe_calibration, final_pass, fit_unfamiliarity, model_metadata, unfamiliarity_sample
+from .finish import (
+    calibrate,
+    describe_calibration,
+    final_pass,
+    fit_unfamiliarity,
+    kept_or_final_pass,
+    model_metadata,
+    unfamiliarity_sample,
+)
 from .loop import fit
 from .options import TrainOptions
 from .prepare import prepare_data
@@ -251,7 +259,9 @@ class Job:
         """Calibrate, fit the unfamiliarity score, write the model file, history, curves and report. first: the
         split's model's scores (FirstModel) when `model` was refitted on the whole folder."""
         if first is None:
-            val_logits, val_features, answered = final_pass(model, val, self.recipe, self.ctx.device)
+            val_logits, val_features, answered = kept_or_final_pass(
+                model, val, self.recipe, self.ctx.device, result.frozen, "val"
+            )
             val_logits, val_features, val_labels = val_logits[answered], val_features[answered], val.labels[answered]
         else:  # the temperature of the model that never saw these images, as cross-fitted calibration does
             val_logits, val_features, val_labels = first.val_logits, None, first.val_labels
@@ -267,7 +277,7 @@ class Job:
         self.events(describe_calibration(calibration))
         self.events.stage("unfamiliarity", 0.8, "fitting the unfamiliarity score")
         if first is None:
-            unfamiliarity = self.unfamiliarity(model, train, val_features, val_labels)
+            unfamiliarity = self.unfamiliarity(model, train, val_features, val_labels, result.frozen)
         else:
             unfamiliarity = self.refitted_unfamiliarity(model, self.everything, first)
         self.events.stage("report", 0.9, "writing the model file and the report")
@@ -295,12 +305,14 @@ class Job:
         )
         return model_path
 
-    def unfamiliarity(self, model, train, val_features, val_labels):
+    def unfamiliarity(self, model, train, val_features, val_labels, frozen=None):
         if not get_spec(self.recipe.model).unfamiliarity:  # benchmarks/README.md: landmark distances told nothing
             self.events("unfamiliarity: a photo without a hand found is what this model calls unfamiliar")
             return None
         sample = unfamiliarity_sample(train, self.options.seed, self.events)
-        _, sample_features, sample_answered = final_pass(model, sample, self.recipe, self.ctx.device)
+        _, sample_features, sample_answered = kept_or_final_pass(
+            model, sample, self.recipe, self.ctx.device, frozen, "train" if sample is train else None
+        )
         return fit_unfamiliarity(
             sample_features[sample_answered],
             sample.labels[sample_answered],

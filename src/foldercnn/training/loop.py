@@ -168,6 +168,7 @@ class FitResult:
     best_state: dict | None = None
     best_epoch: int = 0
     interrupted: bool = False
+    frozen: object = None  # training/transfer.FrozenOutputs of a probe or fine-tuning, for the passes after it
 
 
 def _is_better(stats, best):
@@ -179,7 +180,7 @@ def _is_better(stats, best):
     return best is None or stats["val_accuracy"] >= best["val_accuracy"]
 
 
-def fit(model, train, val, recipe, run=None):
+def fit(model, train, val, recipe, run=None, evaluate=None):
     """Train `model` on decoded images; validate every epoch. Ctrl-C stops after keeping the best so far.
 
     run (a RunContext): device, precision, seed, events (an "epoch" event per epoch), the writer (history and
@@ -187,16 +188,19 @@ def fit(model, train, val, recipe, run=None):
     time.perf_counter() value; training then runs epochs until it (not recipe.epochs), and the learning-rate
     schedule follows elapsed time instead of steps, so it still ends at zero. Under torchrun (run.ranks) each rank
     trains on its share of every global batch through DistributedDataParallel; a Ctrl-C then stops the run (the
-    last checkpoint keeps it), since the ranks cannot agree on where they were stopped.
+    last checkpoint keeps it), since the ranks cannot agree on where they were stopped. evaluate: model ->
+    (validation loss, accuracy), for a caller that scores the validation images faster than evaluate_model does
+    (a fine-tuning on the kept outputs of its frozen layers).
     """
-    return Fit(model, train, val, recipe, run or RunContext()).run()
+    return Fit(model, train, val, recipe, run or RunContext(), evaluate).run()
 
 
 class Fit:
     """One call of `fit`: its state lives here, so several fits can run side by side."""
 
-    def __init__(self, model, train, val, recipe, run):
+    def __init__(self, model, train, val, recipe, run, evaluate=None):
         self.model, self.val, self.recipe, self.run_ = model, val, recipe, run
+        self.evaluate = evaluate or (lambda scored: evaluate_model(scored, val, recipe, run))
         self.generator = torch.Generator().manual_seed(run.seed)  # batch order (same on every rank), augmentation
         model.to(run.device).to(memory_format=torch.channels_last).train()
         self.net = run.ranks.wrap(model, run.device)  # what the steps call: DDP around model, or model itself
@@ -313,7 +317,7 @@ class Fit:
         recipe, run, result = self.recipe, self.run_, self.result
         (loss_sum, correct, seen), train_seconds = sums, time.perf_counter() - start
         scored = self.ema.model if self.ema else self.model
-        val_loss, val_acc = evaluate_model(scored, self.val, recipe, run)
+        val_loss, val_acc = self.evaluate(scored)
         self.val_seconds = time.perf_counter() - start - train_seconds
         stats = {
             "epoch": epoch,

@@ -6,7 +6,7 @@ import torch
 from ..models.inference import takes_hands
 from .hands import landmark_probe
 from .loop import fit
-from .transfer import linear_probe
+from .transfer import linear_probe, tail_scores
 
 
 def run_training(model, train, val, recipe, run, fine_tune=False):
@@ -16,7 +16,14 @@ def run_training(model, train, val, recipe, run, fine_tune=False):
         return fit(model, train, val, recipe, run), 0
     if takes_hands(model):
         return landmark_probe(model, train, val, recipe, run), 0
-    probe = linear_probe(model, train, val, recipe, run.but(events=run.events.span(0.0, 0.5 if fine_tune else 1.0)))
+    probe = linear_probe(
+        model,
+        train,
+        val,
+        recipe,
+        run.but(events=run.events.span(0.0, 0.5 if fine_tune else 1.0)),
+        tuned_blocks=recipe.fine_tune_blocks if fine_tune else None,
+    )
     if not fine_tune:
         return probe, 0
     return fine_tune_after_probe(model, train, val, recipe, run, probe)
@@ -29,6 +36,9 @@ def fine_tune_after_probe(model, train, val, recipe, run, probe):
     model.load_state_dict(probe.best_state)
     probe_row = dict(probe.history[-1], epoch=0)
     model.freeze_for_fine_tuning(recipe.fine_tune_blocks)
+    frozen, evaluate = probe.frozen, None
+    if frozen is not None and frozen.val is not None and not recipe.tta:
+        evaluate = lambda scored: tail_scores(scored, frozen, val.labels, run.device)  # noqa: E731
     try:
         result = fit(
             model,
@@ -36,9 +46,11 @@ def fine_tune_after_probe(model, train, val, recipe, run, probe):
             val,
             recipe,
             run.but(events=run.events.span(0.5, 1.0), writer=run.writer.with_history_prefix([probe_row])),
+            evaluate,
         )
     finally:
         model.unfreeze()
+    result.frozen = frozen  # the tuned blocks changed, the layers before them did not
     epochs_done = len(result.history)
     result.history = [probe_row] + result.history
     if result.best_state is None:

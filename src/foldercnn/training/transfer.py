@@ -28,6 +28,24 @@ class Features:
     val: torch.Tensor
     val_labels: torch.Tensor
     seconds: float = 0.0  # how long computing them took (spread over the history's rows)
+    frozen: "FrozenOutputs | None" = None  # kept for the passes after the head is fitted
+
+
+# The frozen layers' outputs are kept for later passes up to this size, else those passes recompute them
+KEEP_MAX_BYTES = 1 << 30
+
+
+@dataclass
+class FrozenOutputs:
+    """What the layers that stay frozen make of the clean training and validation images, kept from the probe's
+    feature pass so that the fine-tuning's validation and the passes after training (calibration, the
+    unfamiliarity score) run only what was trained. tuned_blocks: the fine-tuned blocks, whose input these are;
+    None: a probe alone, and these are the pooled features themselves. A set is None where it was not kept."""
+
+    tuned_blocks: int | None
+    precision: str
+    train: torch.Tensor | None
+    val: torch.Tensor | None
 
 
 @dataclass(frozen=True)
@@ -50,6 +68,61 @@ def extract_features(model, data, recipe, run, flip=False):
         with runtime.autocast(run.device, run.precision):
             out.append(model.features(x.flip(-1) if flip else x).float().cpu())
     return torch.cat(out)
+
+
+@torch.no_grad()
+def features_keeping_prefix(model, data, recipe, run, tuned_blocks):
+    """(extract_features' features, the frozen layers' outputs on the way (FrozenOutputs), or None where they would
+    take more than KEEP_MAX_BYTES)."""
+    model.eval()
+    out, kept = [], []
+    for x, _ in eval_batches(data, recipe.mean, recipe.std, run.device):
+        with runtime.autocast(run.device, run.precision):
+            h = model.frozen_prefix(x, tuned_blocks)
+            out.append(model.pool_features(model.tail_map(h, tuned_blocks)).float().cpu())
+        if kept is not None and h[0].numel() * h.element_size() * len(data) <= KEEP_MAX_BYTES:
+            kept.append(h.cpu())
+        else:
+            kept = None
+    return torch.cat(out), (torch.cat(kept) if kept else None)
+
+
+def describe_kept(frozen):
+    """One line on which frozen outputs a fine-tuning keeps (FrozenOutputs)."""
+    kept = [(name, t) for name, t in (("training", frozen.train), ("validation", frozen.val)) if t is not None]
+    if not kept:
+        return "frozen layers' outputs not kept (over 1 GiB): later passes run the whole network"
+    size = sum(t.numel() * t.element_size() for _, t in kept) / 2**20
+    return (
+        f"frozen layers' outputs kept for {' and '.join(f'{len(t)} {name}' for name, t in kept)} images "
+        f"({size:.0f} MB): validation and the passes after training run only the {frozen.tuned_blocks} tuned blocks"
+    )
+
+
+@torch.no_grad()
+def tail_pass(model, frozen, which, device, batch_size=256):
+    """(logits, penultimate features) of the model on kept FrozenOutputs (which: "train" or "val"): only the tuned
+    blocks and the head run, in eval mode, in the precision the outputs were made in."""
+    was_training = model.training
+    model.eval()
+    logits, feats = [], []
+    kept = getattr(frozen, which)
+    for start in range(0, len(kept), batch_size):
+        h = kept[start : start + batch_size].to(device)
+        with runtime.autocast(device, frozen.precision):
+            f = h if frozen.tuned_blocks is None else model.pool_features(model.tail_map(h, frozen.tuned_blocks))
+            lg = model.head(f)
+        feats.append(f.float().cpu())
+        logits.append(lg.float().cpu())
+    model.train(was_training)
+    return torch.cat(logits), torch.cat(feats)
+
+
+def tail_scores(model, frozen, labels, device):
+    """(mean cross-entropy, accuracy) on the kept validation outputs: the loop's evaluate_model without rerunning
+    the frozen layers."""
+    logits, _ = tail_pass(model, frozen, "val", device)
+    return F.cross_entropy(logits, labels).item(), (logits.argmax(1) == labels).float().mean().item()
 
 
 @torch.no_grad()
@@ -154,11 +227,19 @@ def _wide_scores(wide, num_classes, f, y):
         ]
 
 
-def probe_features(model, train, val, recipe, run, flips=True):
+def probe_features(model, train, val, recipe, run, flips=True, tuned_blocks=None):
     """Features of the training images (clean, recipe.probe_views augmented views, mirrored) and of the
-    validation images, from the frozen backbone."""
+    validation images, from the frozen backbone; the outputs of the layers that stay frozen (FrozenOutputs) for a
+    fine-tuning of the last tuned_blocks blocks after it, or of the whole backbone (None)."""
     t = time.perf_counter()
-    f_train, y_train = [extract_features(model, train, recipe, run)], [train.labels]
+    if tuned_blocks is None:
+        f_clean, f_val = extract_features(model, train, recipe, run), extract_features(model, val, recipe, run)
+        frozen = FrozenOutputs(None, run.precision, f_clean, f_val)
+    else:
+        f_clean, kept_train = features_keeping_prefix(model, train, recipe, run, tuned_blocks)
+        f_val, kept_val = features_keeping_prefix(model, val, recipe, run, tuned_blocks)
+        frozen = FrozenOutputs(tuned_blocks, run.precision, kept_train, kept_val)
+    f_train, y_train = [f_clean], [train.labels]
     g = torch.Generator().manual_seed(run.seed)
     for _ in range(recipe.probe_views):  # with the clean views: better CGI -> real (benchmarks/README.md)
         f_train.append(augmented_features(model, train, recipe, run, g))
@@ -166,20 +247,23 @@ def probe_features(model, train, val, recipe, run, flips=True):
     if flips:
         f_train.append(extract_features(model, train, recipe, run, flip=True))
         y_train.append(train.labels)
-    f_val = extract_features(model, val, recipe, run)
-    return Features(torch.cat(f_train), torch.cat(y_train), f_val, val.labels, time.perf_counter() - t)
+    return Features(torch.cat(f_train), torch.cat(y_train), f_val, val.labels, time.perf_counter() - t, frozen)
 
 
-def linear_probe(model, train, val, recipe, run, search=HeadSearch()):
+def linear_probe(model, train, val, recipe, run, search=HeadSearch(), tuned_blocks=None):
     """Fit model.head on frozen features; the weight decay is chosen on the validation split. With a deadline,
-    the weight-decay search stops trying candidates once it has passed (at least one is always fitted)."""
+    the weight-decay search stops trying candidates once it has passed (at least one is always fitted).
+    tuned_blocks: the blocks a fine-tuning will train next (their input is kept: FrozenOutputs)."""
     model.to(run.device).to(memory_format=torch.channels_last)
     run.events.stage("features", 0.0, "computing the pretrained features")
-    features = probe_features(model, train, val, recipe, run)
+    # a fine-tuning after the probe sees mirrored views itself: its probe skips them (benchmarks/README.md)
+    features = probe_features(model, train, val, recipe, run, flips=tuned_blocks is None, tuned_blocks=tuned_blocks)
     run.events(
         f"features: {len(features.train)} training views and {len(features.val)} validation images in "
         f"{features.seconds:.1f}s"
     )
+    if tuned_blocks is not None:
+        run.events(describe_kept(features.frozen))
     return fit_head_on_features(model, features, run, search)
 
 
@@ -243,4 +327,5 @@ def fit_head_on_features(model, features, run, search=HeadSearch()):
         history=history,
         best_epoch=len(history),
         best_state={k: v.detach().clone() for k, v in model.state_dict().items()},
+        frozen=features.frozen,
     )
