@@ -1,6 +1,6 @@
 """Calibration on Rock-Paper-Scissors: is a model's confidence right on the test images?
 
-    python benchmarks/calibration.py --data ../shared/data/rps [--recipes fast,transfer,seed] [--seeds 0,1,2]
+    python benchmarks/calibration.py --data ../shared/data/rps [--recipes fast,probe,seed] [--seeds 0,1,2]
 
 For each recipe and seed: train on train/ (temperature fitted on the 20% validation split carved from it),
 then evaluate on test/ (372 images, never used for training, selection or calibration). Prints accuracy,
@@ -32,7 +32,7 @@ def run(data, work, recipe, seed, epochs):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True, type=Path)
-    ap.add_argument("--recipes", default="fast,transfer")
+    ap.add_argument("--recipes", default="fast,probe")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--seed-epochs", type=int, default=None, help="epochs for the seed recipe (default 25)")
     args = ap.parse_args()

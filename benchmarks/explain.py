@@ -7,7 +7,7 @@ camera's frame rate with the overlay on, and the share of the map on the subject
 
 pointing: a synthetic set (tests/testkit.make_pointing_set) where the class is the pattern of one small red patch
 at a random place among distractor patches of every pattern in other colours; each architecture trains on 150
-images per class (fast-cnn and tutorial-cnn from scratch, EfficientNet-Lite0/1/2 as the transfer recipe's linear
+images per class (fast-cnn and tutorial-cnn from scratch, EfficientNet-Lite0/1/2 as the probe recipe's linear
 probe) and is tested on 30 new ones per class: a hit when the maximum of the map (upsampled to the image) lies
 within the patch grown by the pointing game's usual tolerance (15 px at 224 px, scaled to the image size); and
 for the default method the share of the map's mass on the patch beside the patch's share of the image.
@@ -50,9 +50,9 @@ from testkit import make_pointing_set, pointing_hits, running_server  # noqa: E4
 ARCHITECTURES = {
     "fast-cnn": ("fast", {"epochs": 15}, 64),
     "tutorial-cnn": ("seed", {"epochs": 10}, 96),
-    "effnet-lite0": ("transfer", {}, 224),
-    "effnet-lite1": ("transfer", {"model": "effnet-lite1"}, 224),
-    "effnet-lite2": ("transfer", {"model": "effnet-lite2"}, 224),
+    "effnet-lite0": ("probe", {}, 224),
+    "effnet-lite1": ("probe", {"model": "effnet-lite1"}, 224),
+    "effnet-lite2": ("probe", {"model": "effnet-lite2"}, 224),
 }
 
 

@@ -1,6 +1,6 @@
 """ONNX export against the PyTorch path, per model family: parity and speed, side by side in one process.
 
-    python benchmarks/export.py --data ../shared/data/rps [--families fast,seed,transfer] [--seed-epochs 2]
+    python benchmarks/export.py --data ../shared/data/rps [--families fast,seed,probe] [--seed-epochs 2]
 
 For each family a model is trained on train/ (the `seed` recipe for only --seed-epochs epochs: parity and
 speed do not need a good model), exported to fp32 ONNX and int8 ONNX (calibrated on 100 training images), and
@@ -22,7 +22,7 @@ from foldercnn.data.decode import decode_images, walk_images
 from foldercnn.deploy.export import calibration_sample, export_onnx, median_seconds, quantize_int8
 from foldercnn.deploy.onnx_predict import OnnxClassifier
 
-RECIPES = {"fast": dict(recipe="fast"), "seed": dict(recipe="seed"), "transfer": dict(recipe="transfer")}
+RECIPES = {"fast": dict(recipe="fast"), "seed": dict(recipe="seed"), "probe": dict(recipe="probe")}
 
 
 def labelled(folder, classes, size):
@@ -35,7 +35,7 @@ def labelled(folder, classes, size):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True, type=Path)
-    ap.add_argument("--families", default="fast,seed,transfer")
+    ap.add_argument("--families", default="fast,seed,probe")
     ap.add_argument("--seed-epochs", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()

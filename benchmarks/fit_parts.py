@@ -37,7 +37,7 @@ def features(photos, per_class, store, seed):
         for i in rng.sample([i for i, label in enumerate(folder.labels) if label == c], per_class)
     )
     folder.files, folder.labels = [folder.files[i] for i in pick], [folder.labels[i] for i in pick]
-    records = Backbone(get_recipe("transfer"), store).records(folder)
+    records = Backbone(get_recipe("probe"), store).records(folder)
     return records.clean, records.flip, records.files.labels
 
 

@@ -33,7 +33,7 @@ from foldercnn.data.folders import group_split, load_folder, scan_folder
 
 def train_and_time(train_dir, out, recipe, seed):
     """recipe: NAME[@MODEL][+fine-tune], e.g. robust@effnet-lite2 (another architecture of the same kind)."""
-    name, fine_tune = recipe.split("+")[0], "+fine-tune" in recipe
+    name, fine_tune = recipe.split("+")[0], True if "+fine-tune" in recipe else None  # None: the recipe's own
     name, _, model = name.partition("@")
     t = time.perf_counter()
     result = foldercnn.train(

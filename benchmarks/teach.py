@@ -2,7 +2,7 @@
 with the warm worker (the default) and with a cold `foldercnn train` subprocess per job, side by side.
 
     python benchmarks/teach.py --photos ../shared/data/rps-photos [--sets sxsw,green-screen] [--counts 10,20,50,500]
-        [--recipe transfer] [--seed 0] [--rest 600]
+        [--recipe hands] [--seed 0] [--rest 600]
 
 For each real-photo set: starts two real teaching servers on one folder, `foldercnn teach DIR` (warm) and
 `foldercnn teach DIR --teach-cold`, adds the set's classes, then posts photos drawn at random (with the seed) through

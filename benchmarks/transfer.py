@@ -1,14 +1,17 @@
 """Transfer learning on Rock-Paper-Scissors: pretrained EfficientNet-Lite0, linear probe and fine-tuning.
 
     python benchmarks/transfer.py --data ../shared/data/rps [--seeds 0,1,2] [--fine-tune-epochs 1]
-        [--runs probe,fine-tune,fine-tune-112,fine-tune-112-whole,fast]
+        [--runs transfer,transfer-whole,probe,fine-tune,fast]
 
 Per seed (the seed picks the 20% validation split carved from train/ and the head's initialisation):
 wall clock from the raw folder to a saved model (decode, feature extraction, head fitting, fine-tuning),
 then test accuracy on test/ (372 images, never used for selection). Then single-image predict latency and
 batch throughput of the resulting model file, and the `fast` recipe's figures beside them.
-Each run starts with a cold decode cache. `fine-tune-112`: 2 fine-tuning epochs at 112 px; `fine-tune-112-whole` the
-same with nothing kept of the frozen layers (KEEP_MAX_BYTES 0), so every pass after the probe runs the whole network.
+The yardstick, before and after the runs: frozen EfficientNet-Lite0 forward passes at 224 px in the training
+precision (images/s), a fixed workload whose figure shows a slower host or one that drifted during the runs.
+Each run starts with a cold decode cache. `transfer`: the recipe (a probe, then 2 fine-tuning epochs at 112 px);
+`transfer-whole` the same with nothing kept of the frozen layers (KEEP_MAX_BYTES 0), so every pass after the probe
+runs the whole network; `probe`: the probe recipe (224 px), `fine-tune` that recipe with --fine-tune.
 """
 
 import argparse
@@ -23,6 +26,7 @@ import torch
 
 import foldercnn
 from foldercnn import runtime
+from foldercnn.models.registry import create_model
 from foldercnn.training import transfer
 
 
@@ -51,6 +55,19 @@ def run(data, work, seed, recipe, keep=True, **kw):
     }
 
 
+def yardstick(precision, batches=3):
+    """Images per second of a fixed workload: EfficientNet-Lite0 at 224 px, batch 32, no gradients."""
+    device = torch.device("cpu")
+    model = create_model("effnet-lite0", 3).eval()
+    x = torch.randn(32, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), runtime.autocast(device, precision):
+        model(x)
+        t = time.perf_counter()
+        for _ in range(batches):
+            model(x)
+    return batches * len(x) / (time.perf_counter() - t)
+
+
 def latency(model_path, images):
     clf = foldercnn.load(model_path)
     clf.predict(images[0])
@@ -73,28 +90,29 @@ def main():
     ap.add_argument("--fine-tune-epochs", type=int, default=1)
     ap.add_argument(
         "--runs",
-        default="probe,fine-tune,fast",
-        help="which of probe, fine-tune, fine-tune-112, fine-tune-112-whole, fast to run",
+        default="transfer,probe,fast",
+        help="which of transfer, transfer-whole, probe, fine-tune, fast to run",
     )
     args = ap.parse_args()
     data = Path(args.data).resolve()
     seeds = [int(s) for s in args.seeds.split(",")]
     runtime.setup()
+    precision = runtime.resolve_precision("auto", torch.device("cpu"))
+    print(
+        f"machine: {runtime.physical_cores()} physical cores, torch {torch.__version__}, precision {precision}; "
+        f"yardstick {yardstick(precision):.0f} img/s (EfficientNet-Lite0 forward, 224 px, batch 32)"
+    )
     work = Path(tempfile.mkdtemp(prefix="foldercnn-transfer-"))
     test_images = sorted((data / "test").rglob("*.png"))[::6]
     rows = {}
     runs = {
-        "probe": ("linear probe", "transfer", {}),
+        "transfer": ("transfer: probe + 2 ep at 112 px", "transfer", {}),
+        "transfer-whole": ("  the same, nothing kept", "transfer", {"keep": False}),
+        "probe": ("probe: linear probe at 224 px", "probe", {}),
         "fine-tune": (
             f"probe + fine-tune {args.fine_tune_epochs} ep",
-            "transfer",
+            "probe",
             {"fine_tune": True, "epochs": args.fine_tune_epochs},
-        ),
-        "fine-tune-112": ("fine-tune 2 ep at 112 px", "transfer", {"fine_tune": True, "epochs": 2, "image_size": 112}),
-        "fine-tune-112-whole": (
-            "  the same, nothing kept",
-            "transfer",
-            {"fine_tune": True, "epochs": 2, "image_size": 112, "keep": False},
         ),
         "fast": ("fast recipe (from scratch)", "fast", {}),
     }
@@ -122,6 +140,7 @@ def main():
             f"{label:30} {statistics.median(r['total'] for r in results):>17.1f} {statistics.median(accs):>16.4f} "
             f"{min(accs):>7.4f}-{max(accs):.4f} {ms:>11.1f} {ips:>12.0f}"
         )
+    print(f"\nyardstick after the runs: {yardstick(precision):.0f} img/s")
 
 
 if __name__ == "__main__":

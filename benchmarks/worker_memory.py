@@ -48,7 +48,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--photos", required=True, help="a folder with one folder of photos per class")
     ap.add_argument("--per-class", type=int, default=500)
-    ap.add_argument("--recipe", default="transfer")
+    ap.add_argument("--recipe", default="probe")
     ap.add_argument("--store", help="the feature store (default: a temporary folder, so features are computed)")
     args = ap.parse_args()
 

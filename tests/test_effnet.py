@@ -68,7 +68,7 @@ def test_transfer_recipe_round_trip(shapes_dirs, tmp_path):
     from foldercnn.models.file import read_metadata
 
     result = foldercnn.train(
-        shapes_dirs[0], tmp_path / "probe", recipe="transfer", image_size=96, seed=0, log=lambda *a: None
+        shapes_dirs[0], tmp_path / "probe", recipe="probe", image_size=96, seed=0, log=lambda *a: None
     )
     clf = foldercnn.load(result.model_path)
     assert clf.metadata["architecture"] == "effnet-lite0" and clf.metadata["arch_args"] == {}
@@ -80,10 +80,9 @@ def test_transfer_recipe_round_trip(shapes_dirs, tmp_path):
     tuned = foldercnn.train(
         shapes_dirs[0],
         tmp_path / "tuned",
-        recipe="transfer",
+        recipe="transfer",  # fine-tunes by default
         image_size=96,
         epochs=1,
-        fine_tune=True,
         seed=0,
         log=lines.append,
     )

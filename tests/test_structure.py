@@ -171,6 +171,8 @@ COMBINATIONS = [
     (["--recipe", "seed", "--model", "effnet-lite0", "--fine-tune"], "follows a linear probe"),
     (["--recipe", "fast", "--model", "hand-landmarks"], "not trained on pixels"),
     (["--recipe", "transfer", "--refit"], "--refit is for recipes trained by the loop"),
+    (["--recipe", "probe", "--refit"], "--refit is for recipes trained by the loop"),
+    (["--recipe", "fast", "--no-fine-tune", "--fine-tune"], "follows a linear probe"),
     (["--refit", "--time-budget", "30"], "--refit cannot be combined with a time budget"),
     (["--refit", "--val", "."], "a validation folder holds none out"),
     (
@@ -178,7 +180,7 @@ COMBINATIONS = [
         "unknown model 'resnet-9000' (available: effnet-lite0, effnet-lite1, effnet-lite2, fast-cnn, hand-landmarks, "
         "tutorial-cnn)",
     ),
-    (["--recipe", "turbo"], "unknown recipe 'turbo' (available: seed, fast, transfer, robust, hands)"),
+    (["--recipe", "turbo"], "unknown recipe 'turbo' (available: seed, fast, transfer, probe, robust, hands)"),
 ]  # out-of-range numbers (--epochs 0, --uncertain-below 1.5) are the parser's: tests/test_hostile.py
 
 MAIN_PROBE = """

@@ -51,7 +51,7 @@ def write_captures(root, bursts=("aa", "bb"), frames=4):
 
 @pytest.fixture(scope="module")
 def options():
-    return TrainOptions.of(recipe="transfer", seed=0, resume="ignore")
+    return TrainOptions.of(recipe="probe", seed=0, resume="ignore")
 
 
 @pytest.fixture(scope="module")
@@ -60,10 +60,15 @@ def backbone(options, tmp_path_factory):
 
 
 def test_only_a_frozen_probe_on_clean_views_trains_on_kept_features():
-    for plain in (TrainOptions.of(recipe="transfer"), TrainOptions.of(recipe="hands")):  # hands: views of landmarks
+    for plain in (
+        TrainOptions.of(recipe="probe"),
+        TrainOptions.of(recipe="transfer", fine_tune=False),
+        TrainOptions.of(recipe="hands"),  # hands: views of landmarks
+    ):
         assert cacheable(plain.make_recipe(), plain), plain.recipe
     for options in (
-        TrainOptions.of(recipe="transfer", fine_tune=True),  # the backbone changes
+        TrainOptions.of(recipe="transfer"),  # it fine-tunes by default: the backbone changes
+        TrainOptions.of(recipe="probe", fine_tune=True),
         TrainOptions.of(recipe="robust"),  # random augmented views
         TrainOptions.of(recipe="fast"),  # no frozen backbone
         TrainOptions.of(recipe="hands", val_dir="elsewhere"),  # a validation folder is not kept

@@ -32,6 +32,7 @@ def _overrides(args):
         image_size=args.image_size,
         start_size=args.start_size,
         lr=args.lr,
+        fine_tune=args.fine_tune,
         augment=False if args.no_augment else None,
     )
 
@@ -61,7 +62,6 @@ def train_options(args):
         precision=args.precision,
         device=args.device,
         time_budget=args.time_budget,
-        fine_tune=args.fine_tune,
         refit=args.refit,
         uncertain_below=args.uncertain_below,
         resume="ignore" if args.restart else RESUME_MODES[args.resume],

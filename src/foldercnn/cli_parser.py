@@ -66,6 +66,13 @@ def _add_training_options(p, default_recipe="fast", recipe_help=None):
     )
     p.add_argument("--lr", type=number(0, 10, lo_open=True), help="learning rate")
     p.add_argument(
+        "--fine-tune",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="for a recipe with a linear probe: then also train the last blocks (transfer does by default; "
+        "--no-fine-tune: the probe alone)",
+    )
+    p.add_argument(
         "--no-augment",
         action="store_true",
         help="train on the images exactly as they are, without the recipe's random changes",
@@ -126,11 +133,6 @@ def build_parser():
         "frames, copies) on one side so validation does not flatter; 'images': image by image",
     )
     p.add_argument("--out", required=True, help="run directory to write")
-    p.add_argument(
-        "--fine-tune",
-        action="store_true",
-        help="for a recipe with a linear probe (transfer): then also train the last blocks",
-    )
     p.add_argument(
         "--refit",
         action="store_true",
@@ -288,8 +290,8 @@ def add_teach_options(p):
     )
     p.add_argument(
         "--teach-recipe",
-        default="transfer",
-        help="recipe of the training jobs (default transfer: a linear probe, seconds)",
+        default="probe",
+        help="recipe of the training jobs (default probe: a linear probe on features kept per capture, seconds)",
     )
     p.add_argument(
         "--teach-max-per-class", type=whole(1, 10_000_000), default=1000, help="most images per class (default 1000)"

@@ -3,7 +3,7 @@
 `foldercnn serve MODEL --teach DATA_DIR` (or `foldercnn teach DATA_DIR`) adds this to the server (serve.py holds the
 HTTP side). What it writes, and nothing else: new class folders and captures `cap-<burst>-<n>.jpg`
 (data/captures.py) inside DATA_DIR, and one run folder per training job under the runs folder. It deletes only
-captures it wrote. With a recipe whose features depend on each image alone (the default `transfer`, and `hands`:
+captures it wrote. With a recipe whose features depend on each image alone (the default `probe`, and `hands`:
 training/cached_probe.py), a warm worker process (teach_worker.py) keeps the backbone (or MediaPipe Hands) loaded
 and computes each capture's features (or finds its hand) as it arrives, so a training job only fits the head; with
 any other recipe a job is a real `foldercnn train` subprocess. Both run at a lower CPU priority so that the server
@@ -29,7 +29,7 @@ from .teach_folder import MIN_IMAGES_PER_CLASS, TeachError, TeachFolder, check_c
 from .teach_worker import keep_tail
 
 LOG_LINES = 200
-DEFAULT_RECIPE = "transfer"
+DEFAULT_RECIPE = "probe"
 
 
 @dataclass

@@ -49,7 +49,7 @@ def cacheable(recipe, options):
     """Whether a run's features are a function of each file alone: a frozen pretrained image backbone, clean and
     mirrored views only, or the hands found in each image (their random views are of the landmarks, drawn at
     training time); the validation split held out of the folder."""
-    if options.fine_tune or options.val_dir is not None or not recipe.linear_probe or recipe.tta:
+    if recipe.fine_tune or options.val_dir is not None or not recipe.linear_probe or recipe.tta:
         return False
     kind = get_spec(recipe.model).input
     return kind == "hand-landmarks" or (kind == "image" and recipe.pretrained and recipe.probe_views == 0)

@@ -141,7 +141,7 @@ def model_metadata(job, train, val, result, calibration, timing):
         "seed": options.seed,
         "precision": job.ctx.precision,
         "tta": recipe.tta,
-        "fine_tuned": bool(options.fine_tune and job.fine_tuned_epochs > 0),
+        "fine_tuned": bool(recipe.fine_tune and job.fine_tuned_epochs > 0),
         "fine_tuned_epochs": job.fine_tuned_epochs,
         "calibration": calibration,
         "metrics": {

@@ -89,7 +89,7 @@ def train_folder(data_dir, out_dir, options=None, *, log=print, on_event=None, *
             raise FolderCNNError(f"give a TrainOptions or keyword values, not both (got {', '.join(values)} too)")
         options = options or TrainOptions.of(**values)
         recipe = options.make_recipe()
-        check_recipe(recipe, fine_tune=options.fine_tune)
+        check_recipe(recipe)
         if options.refit and recipe.linear_probe:
             raise OptionError(
                 "refit", f"is for recipes trained by the loop (fast, seed); recipe '{recipe.name}' fits a linear probe"
@@ -203,7 +203,6 @@ class Job:
             val,
             self.recipe,
             self.ctx.but(events=self.events.span(0.2, 0.45 if self.options.refit else 0.7)),
-            self.options.fine_tune,
         )
         self.seconds["train"] = time.perf_counter() - t1
         if result.best_state is None:

@@ -29,7 +29,6 @@ class TrainOptions:
     precision: str = "auto"  # auto: bf16 where the CPU computes it natively, else fp32
     device: str = "auto"  # auto: the CUDA GPU when PyTorch sees one, else the CPU
     time_budget: float | None = None  # seconds of wall clock for the whole run; epochs then follow the clock
-    fine_tune: bool = False  # after a linear probe, also train the model's last blocks
     refit: bool = False  # after the split chose the epochs, train a fresh model on the whole folder for that many
     uncertain_below: float = DEFAULT_UNCERTAIN_BELOW  # answers below this calibrated probability are uncertain
     resume: str = "auto"  # auto: continue an interrupted run found in the run folder; require, ignore, force
@@ -40,7 +39,7 @@ class TrainOptions:
     @classmethod
     def of(cls, **values: Any) -> "TrainOptions":
         """Options from keyword values: option names are options, any other name (epochs=3, augment=False,
-        probe_views=1, ...) overrides the recipe's field; None values are left at their defaults."""
+        fine_tune=False, probe_views=1, ...) overrides the recipe's field; None values are left at their defaults."""
         names = {f.name for f in fields(cls)}
         given = {k: v for k, v in values.items() if v is not None}
         overrides = {**given.pop("overrides", {}), **{k: given.pop(k) for k in list(given) if k not in names}}
@@ -89,7 +88,6 @@ class TrainOptions:
                     "recipe": recipe.to_dict(),
                     "seed": self.seed,
                     "precision": precision,
-                    "fine_tune": self.fine_tune,
                     "refit": self.refit,
                     "split": self.split,
                 },

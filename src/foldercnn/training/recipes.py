@@ -33,8 +33,9 @@ class Recipe:
     pretrained: bool = False  # start from the architecture's pretrained weights
     linear_probe: bool = False  # fit only the classifier, on features computed once
     probe_views: int = 0  # > 0: the probe also sees this many augmented views of each image
-    fine_tune_blocks: int = 0  # with --fine-tune: how many of the last blocks to train
-    wise_ft: float = 0.0  # with --fine-tune: keep (1 - w) x probe + w x fine-tuned weights (WiSE-FT); 0: off
+    fine_tune: bool = False  # after the linear probe, train the last fine_tune_blocks blocks for `epochs`
+    fine_tune_blocks: int = 0  # with fine_tune: how many of the last blocks to train
+    wise_ft: float = 0.0  # with fine_tune: keep (1 - w) x probe + w x fine-tuned weights (WiSE-FT); 0: off
     start_size: int = 0  # > 0: training batches start at this side and grow to image_size (see loop.train_side)
     keep: str = "best"  # best: the epoch with the best validation score; last: the final epoch
     mean: tuple = (0.0, 0.0, 0.0)  # input normalisation; a pretrained model's own replaces it (see get_recipe)
@@ -94,10 +95,32 @@ RECIPES = {
         keep="best",
         description="small batch-norm CNN at 96 px (trained from 48 px up), one-cycle SGD, 12 epochs (default)",
     ),
-    # Pretrained EfficientNet-Lite0 (ImageNet), frozen; a linear head fitted on its features in seconds.
-    # With --fine-tune, the last blocks then train for a few epochs with augmentation.
+    # Pretrained EfficientNet-Lite0 (ImageNet): a linear head fitted on its frozen features, then its last 4
+    # blocks fine-tuned for 2 epochs, at 112 px: the best test accuracy a minute buys (benchmarks/transfer.py).
     "transfer": Recipe(
         name="transfer",
+        model="effnet-lite0",
+        image_size=112,
+        batch_size=32,
+        epochs=2,
+        optimizer="adamw",
+        lr=3e-4,
+        weight_decay=1e-4,
+        schedule="onecycle",
+        label_smoothing=0.1,
+        augment=AugmentConfig(rotation=10, width_shift=0.1, height_shift=0.1, zoom=0.1, horizontal_flip=True),
+        pretrained=True,
+        linear_probe=True,
+        fine_tune=True,
+        fine_tune_blocks=4,
+        keep="best",
+        description="pretrained EfficientNet-Lite0 at 112 px: linear probe, then its last 4 blocks fine-tuned",
+    ),
+    # Pretrained EfficientNet-Lite0 at 224 px, frozen; a linear head fitted on its features, which depend on each
+    # image alone, so they can be kept per image (teach's warm worker). With --fine-tune, the last blocks then
+    # train for a few epochs with augmentation.
+    "probe": Recipe(
+        name="probe",
         model="effnet-lite0",
         image_size=224,
         batch_size=32,
@@ -112,7 +135,7 @@ RECIPES = {
         linear_probe=True,
         fine_tune_blocks=4,
         keep="best",
-        description="pretrained EfficientNet-Lite0, linear probe on cached features",
+        description="pretrained EfficientNet-Lite0 at 224 px, linear probe on cached features",
     ),
     # For photos that will be used in other settings than they were taken in (other rooms, cameras, light):
     # the transfer recipe's pretrained backbone, its head fitted on several randomly augmented views of every
@@ -203,7 +226,7 @@ def get_recipe(name, **overrides):
     return recipe
 
 
-def check_recipe(recipe, fine_tune=False):
+def check_recipe(recipe):
     spec = get_spec(recipe.model)
     if spec.input == "hand-landmarks":
         if not recipe.linear_probe:
@@ -222,13 +245,13 @@ def check_recipe(recipe, fine_tune=False):
             f"recipe '{recipe.name}' fits a linear probe; {recipe.model} does not support one "
             f"(use --model {' or '.join(models_with('linear_probe'))})"
         )
-    if fine_tune and not recipe.linear_probe:
+    if recipe.fine_tune and not recipe.linear_probe:
         raise OptionError(
             "fine_tune",
             f"follows a linear probe; recipe '{recipe.name}' has none "
             f"(recipes with one: {', '.join(n for n, r in RECIPES.items() if r.linear_probe)})",
         )
-    if fine_tune and not 1 <= recipe.fine_tune_blocks <= spec.fine_tune_blocks:
+    if recipe.fine_tune and not 1 <= recipe.fine_tune_blocks <= spec.fine_tune_blocks:
         raise FolderCNNError(
             f"{recipe.model} can fine-tune 1 to {spec.fine_tune_blocks} blocks, not {recipe.fine_tune_blocks}"
         )

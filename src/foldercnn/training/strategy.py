@@ -9,7 +9,7 @@ from .loop import fit
 from .transfer import linear_probe, tail_scores
 
 
-def run_training(model, train, val, recipe, run, fine_tune=False):
+def run_training(model, train, val, recipe, run):
     """The recipe's training; returns (FitResult, fine-tuning epochs finished). A resumed fine-tuning run
     recomputes the probe, which is deterministic."""
     if not recipe.linear_probe:
@@ -21,10 +21,10 @@ def run_training(model, train, val, recipe, run, fine_tune=False):
         train,
         val,
         recipe,
-        run.but(events=run.events.span(0.0, 0.5 if fine_tune else 1.0)),
-        tuned_blocks=recipe.fine_tune_blocks if fine_tune else None,
+        run.but(events=run.events.span(0.0, 0.5 if recipe.fine_tune else 1.0)),
+        tuned_blocks=recipe.fine_tune_blocks if recipe.fine_tune else None,
     )
-    if not fine_tune:
+    if not recipe.fine_tune:
         return probe, 0
     return fine_tune_after_probe(model, train, val, recipe, run, probe)
 
