@@ -52,3 +52,22 @@ def test_the_python_api_and_the_command_line_word_the_same_error(tmp_path, cli):
     )
     assert flag_message(OptionError("val_dir", "x")) == "--val x"
     assert flag_message(FolderCNNError("plain")) == "plain"
+
+
+@pytest.mark.parametrize(
+    "flags, recipe, fine_tune",
+    [
+        ([], "transfer", True),  # the recipe's own choice
+        (["--no-fine-tune"], "transfer", False),
+        ([], "probe", False),
+        (["--fine-tune"], "probe", True),
+    ],
+)
+def test_fine_tuning_is_the_recipes_choice_and_the_flag_overrides_it(flags, recipe, fine_tune):
+    from foldercnn.cli import train_options
+    from foldercnn.cli_parser import build_parser
+
+    args = build_parser().parse_args(["train", "data", "--out", "run", "--recipe", recipe, *flags])
+    options = train_options(args)
+    assert options.make_recipe().fine_tune is fine_tune
+    assert ("fine_tune" in options.overrides) is bool(flags)  # saved with the run only when given
