@@ -1,10 +1,18 @@
 """Shared fixtures: small generated image folders (the suite never needs ../shared)."""
 
 import os
+import signal
 
 import pytest
 
 from testkit import CHROMIUM, CHROMIUM_FLAGS, make_shapes, run_cli
+
+
+def pytest_configure(config):
+    """A suite started in the background by a non-interactive shell inherits SIGINT ignored, and so would every
+    command it starts: with a handler here, those commands start with the default again (Ctrl-C tests observe it)."""
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session", autouse=True)
