@@ -48,6 +48,29 @@ class Recipe:
         return d
 
 
+# Pretrained EfficientNet-Lite0 (ImageNet): a linear head fitted on its frozen features, then its last 4
+# blocks fine-tuned for 2 epochs, at 112 px: the best test accuracy a minute buys (benchmarks/transfer.py).
+TRANSFER = Recipe(
+    name="transfer",
+    model="effnet-lite0",
+    image_size=112,
+    batch_size=32,
+    epochs=2,
+    optimizer="adamw",
+    lr=3e-4,
+    weight_decay=1e-4,
+    schedule="onecycle",
+    label_smoothing=0.1,
+    augment=AugmentConfig(rotation=10, width_shift=0.1, height_shift=0.1, zoom=0.1, horizontal_flip=True),
+    pretrained=True,
+    linear_probe=True,
+    fine_tune=True,
+    fine_tune_blocks=4,
+    keep="best",
+    description="pretrained EfficientNet-Lite0 at 112 px: linear probe, then its last 4 blocks fine-tuned",
+)
+
+
 RECIPES = {
     # The Keras tutorial, exactly: its CNN at 150 px, RMSprop 1e-3 (rho 0.9, eps 1e-7), batch 126,
     # 25 epochs of 20 steps, Keras ImageDataGenerator augmentation, final epoch's weights kept.
@@ -95,46 +118,16 @@ RECIPES = {
         keep="best",
         description="small batch-norm CNN at 96 px (trained from 48 px up), one-cycle SGD, 12 epochs (default)",
     ),
-    # Pretrained EfficientNet-Lite0 (ImageNet): a linear head fitted on its frozen features, then its last 4
-    # blocks fine-tuned for 2 epochs, at 112 px: the best test accuracy a minute buys (benchmarks/transfer.py).
-    "transfer": Recipe(
-        name="transfer",
-        model="effnet-lite0",
-        image_size=112,
-        batch_size=32,
-        epochs=2,
-        optimizer="adamw",
-        lr=3e-4,
-        weight_decay=1e-4,
-        schedule="onecycle",
-        label_smoothing=0.1,
-        augment=AugmentConfig(rotation=10, width_shift=0.1, height_shift=0.1, zoom=0.1, horizontal_flip=True),
-        pretrained=True,
-        linear_probe=True,
-        fine_tune=True,
-        fine_tune_blocks=4,
-        keep="best",
-        description="pretrained EfficientNet-Lite0 at 112 px: linear probe, then its last 4 blocks fine-tuned",
-    ),
+    "transfer": TRANSFER,
     # Pretrained EfficientNet-Lite0 at 224 px, frozen; a linear head fitted on its features, which depend on each
     # image alone, so they can be kept per image (teach's warm worker). With --fine-tune, the last blocks then
-    # train for a few epochs with augmentation.
-    "probe": Recipe(
+    # train for 3 epochs as transfer's do.
+    "probe": replace(
+        TRANSFER,
         name="probe",
-        model="effnet-lite0",
         image_size=224,
-        batch_size=32,
         epochs=3,
-        optimizer="adamw",
-        lr=3e-4,
-        weight_decay=1e-4,
-        schedule="onecycle",
-        label_smoothing=0.1,
-        augment=AugmentConfig(rotation=10, width_shift=0.1, height_shift=0.1, zoom=0.1, horizontal_flip=True),
-        pretrained=True,
-        linear_probe=True,
-        fine_tune_blocks=4,
-        keep="best",
+        fine_tune=False,
         description="pretrained EfficientNet-Lite0 at 224 px, linear probe on cached features",
     ),
     # For photos that will be used in other settings than they were taken in (other rooms, cameras, light):
