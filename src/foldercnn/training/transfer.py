@@ -91,7 +91,10 @@ def describe_kept(frozen):
     """One line on which frozen outputs a fine-tuning keeps (FrozenOutputs)."""
     kept = [(name, t) for name, t in (("training", frozen.train), ("validation", frozen.val)) if t is not None]
     if not kept:
-        return "frozen layers' outputs not kept (over 1 GiB): later passes run the whole network"
+        return (
+            f"frozen layers' outputs not kept (over {KEEP_MAX_BYTES / 2**20:.0f} MB): "
+            "later passes run the whole network"
+        )
     size = sum(t.numel() * t.element_size() for _, t in kept) / 2**20
     return (
         f"frozen layers' outputs kept for {' and '.join(f'{len(t)} {name}' for name, t in kept)} images "
