@@ -200,7 +200,7 @@ def test_the_demo_trains_hands_by_default_and_says_when_a_folder_has_no_hands(se
     from foldercnn.data import hands
 
     if not hands.available():
-        pytest.skip("MediaPipe Hands is not installed: the demo trains robust (the test above)")
+        pytest.skip("onnxruntime is not installed: the demo trains robust (the test above)")
     server.files["/rps.zip"] = rps_zip("rps", per_class=10)
     server.files["/rps-test-set.zip"] = rps_zip("rps-test-set", 3)
     monkeypatch.setenv("FOLDERCNN_CACHE", str(tmp_path / "cache"))

@@ -16,7 +16,7 @@ from testkit import running_server, untrained_hand_model
 pytestmark = [
     pytest.mark.browser,
     pytest.mark.slow,
-    pytest.mark.skipif(not hands.available(), reason="MediaPipe Hands is not installed (foldercnn[hands])"),
+    pytest.mark.skipif(not hands.available(), reason="onnxruntime is not installed (foldercnn[hands])"),
 ]
 
 

@@ -1,5 +1,5 @@
 """A hand-landmark model end to end without real hands: a model file made from the registry's LandmarkNet,
-MediaPipe Hands really running on a photo without a hand, every surface saying "no hand found"."""
+the hand finder really running on a photo without a hand, every surface saying "no hand found"."""
 
 import json
 
@@ -11,7 +11,7 @@ import foldercnn
 from foldercnn.data import hands
 from testkit import untrained_hand_model
 
-pytestmark = pytest.mark.skipif(not hands.available(), reason="MediaPipe Hands is not installed (foldercnn[hands])")
+pytestmark = pytest.mark.skipif(not hands.available(), reason="onnxruntime is not installed (foldercnn[hands])")
 
 
 @pytest.fixture(scope="module")

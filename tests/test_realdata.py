@@ -155,7 +155,7 @@ def test_hands_recipe_trained_on_cgi_is_right_on_real_photos(rps, photos, tmp_pa
     from foldercnn.data import hands
 
     if not hands.available():
-        pytest.fail("the real-data tier needs MediaPipe Hands (pip install -e '.[test]' installs it)")
+        pytest.fail("the real-data tier needs the hand finder's onnxruntime (pip install -e '.[test]' installs it)")
     foldercnn.runtime.setup()
     result = foldercnn.train(
         _every(rps / "train", tmp_path / "third", 3), tmp_path / "hands", recipe="hands", seed=0, log=lambda *a: None
@@ -198,7 +198,7 @@ def test_teach_with_the_hands_recipe_through_the_api(photos, tmp_path):
     from test_teach import start_teach_server, stop, wait_job
 
     if not hands.available():
-        pytest.fail("the real-data tier needs MediaPipe Hands (pip install -e '.[test]' installs it)")
+        pytest.fail("the real-data tier needs the hand finder's onnxruntime (pip install -e '.[test]' installs it)")
     server = start_teach_server(
         "teach",
         tmp_path / "mine",

@@ -24,7 +24,7 @@ from test_teach import start_teach_server, wait_job
 from test_teach_warm import KINDS, capture_bytes, kept_records, wait_featurised, write_captures
 from testkit import stop
 
-pytestmark = pytest.mark.skipif(not hands.available(), reason="MediaPipe Hands is not installed (foldercnn[hands])")
+pytestmark = pytest.mark.skipif(not hands.available(), reason="onnxruntime is not installed (foldercnn[hands])")
 
 GESTURES = {name: np.random.default_rng(c).normal(0, 0.04, (21, 3)) for c, name in enumerate(KINDS)}
 

@@ -244,7 +244,7 @@ def build_parser():
     _add_training_options(
         p,
         default_recipe=None,
-        recipe_help="hands (robust without MediaPipe Hands), for real photos of hands; fast for the offline digits",
+        recipe_help="hands (robust without foldercnn[hands]), for real photos of hands; fast for the offline digits",
     )
 
     sub.add_parser("models", help="list the architectures and recipes")

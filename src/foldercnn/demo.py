@@ -122,7 +122,8 @@ def find_photos(photos=None, log=print):
 
 
 # The demo's model should work on a photo of the user's own hand, not only on the tutorial's CGI test set: `hands`
-# when MediaPipe Hands is installed, else `robust` (benchmarks/real_photos.py; figures in docs/real-photos.md).
+# when the hand finder's runtime (onnxruntime) is installed, else `robust` (benchmarks/real_photos.py; figures in
+# docs/real-photos.md).
 DEMO_RECIPE, DEMO_RECIPE_WITHOUT_HANDS = "hands", "robust"
 # Offline, the digits fallback keeps `fast`: `robust` rotates by any angle, and a 6 is not a rotated 9.
 OFFLINE_RECIPE = "fast"
@@ -201,10 +202,12 @@ def _find_data(data, recipe_obj, overrides, log, progress):
 
 
 def _choose_recipe(recipe_obj, overrides, log):
-    """The recipe given, else DEMO_RECIPE when MediaPipe Hands is installed, else DEMO_RECIPE_WITHOUT_HANDS."""
+    """The recipe given, else DEMO_RECIPE when the hand finder's runtime (onnxruntime) is installed, else
+    DEMO_RECIPE_WITHOUT_HANDS."""
     if recipe_obj is None and not hands.available():
         log(
-            f"(MediaPipe Hands is not installed, so the demo trains '{DEMO_RECIPE_WITHOUT_HANDS}' instead of "
+            f"(onnxruntime, which finds the hands, is not installed, so the demo trains "
+            f"'{DEMO_RECIPE_WITHOUT_HANDS}' instead of "
             f"'{DEMO_RECIPE}': {hands.INSTALL_HINT})"
         )
     return recipe_obj or get_recipe(DEMO_RECIPE if hands.available() else DEMO_RECIPE_WITHOUT_HANDS, **overrides)

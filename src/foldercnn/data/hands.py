@@ -1,15 +1,16 @@
-"""Finding a hand in a photo: MediaPipe Hands (a palm detector and a 21-point landmark model, both trained on
-real hands), with a cascade of retries for tight, rotated and small crops.
+"""Finding a hand in a photo: MediaPipe Hands' palm detector and 21-point landmark model (both trained on real
+hands, run on onnxruntime by hand_finder.py), with a cascade of retries for tight, rotated and small crops.
 
-The landmark model needs a hand the palm detector has found and aligned (run on a bare crop its points are
-mostly wrong), so every retry changes what the detector sees: a border around a tight crop, a quarter turn,
-a lower confidence. Points always come back in the original image's coordinates.
+The landmark model reads a hand best from a crop the palm detector has found and turned upright, so the first
+stages change what the detector sees: a border around a tight crop, a quarter turn, a lower confidence. When the
+photo *is* the hand (a tight crop) the detector often sees no palm at all; the last stage then runs the landmark
+model alone on the whole photo at its four quarter turns and keeps the turn it is surest holds a hand.
+Points always come back in the original image's coordinates.
 """
 
-import contextlib
+import math
 import os
 import threading
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,13 +22,14 @@ from .skeleton import SKELETON, draw_skeleton  # noqa: F401 (moved there; import
 INSTALL_HINT = "pip install 'foldercnn[hands]'"
 MAX_SIDE = 640  # longer photos are shrunk first: the detector sees 192 px, the landmark model 224 px
 # MediaPipe's lite models: faster than the full ones, and they found more hands in real photos (benchmarks/hands.py)
-MODEL_COMPLEXITY = 0
+MODELS = ("palm_detection_lite", "hand_landmark_lite")
+LANDMARKS_ONLY = "landmarks only"
 
 
 @dataclass(frozen=True)
 class CascadeStage:
     name: str
-    confidence: float  # the palm detector's minimum score
+    confidence: float  # the palm detector's minimum score (unused by the landmarks-only stage)
     border: float = 0.0  # padding of the mean colour on each side, as a fraction of the longer side
     turns: int = 0  # quarter turns counter-clockwise before detection
 
@@ -40,6 +42,7 @@ CASCADE = (
     CascadeStage("turned 270", 0.3, border=0.3, turns=3),
     CascadeStage("turned 180", 0.3, border=0.3, turns=2),
     CascadeStage("low confidence", 0.2),
+    CascadeStage(LANDMARKS_ONLY, 0.0),
 )
 
 
@@ -47,7 +50,8 @@ CASCADE = (
 class Hand:
     """One hand: `points` (21, 3) are x, y as fractions of the image's width and height and MediaPipe's relative
     depth z; `world` (21, 3) the same joints in metres about the hand's centre (rotation and scale of the photo
-    do not change them); `right` MediaPipe's handedness; `score` its confidence; `stage` the cascade stage."""
+    do not change them); `right` MediaPipe's handedness; `score` the landmark model's hand-presence score;
+    `stage` the cascade stage that found it."""
 
     points: np.ndarray
     world: np.ndarray
@@ -68,8 +72,8 @@ class Hand:
 def describe_finder():
     """What the model file records about how its hands are found."""
     return {
-        "finder": "MediaPipe Hands (solutions.hands, static images, one hand)",
-        "model_complexity": MODEL_COMPLEXITY,
+        "finder": "MediaPipe Hands models on onnxruntime (foldercnn hand_finder)",
+        "models": list(MODELS),
         "cascade": [s.name for s in CASCADE],
         "version": CACHE_VERSION,
     }
@@ -77,51 +81,35 @@ def describe_finder():
 
 def available():
     try:
-        import mediapipe  # noqa: F401
+        import onnxruntime  # noqa: F401
     except ImportError:
         return False
     return True
 
 
 def require():
-    """Import MediaPipe Hands, or say how to install it."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            from mediapipe.python.solutions import hands
-    except ImportError:
-        raise FolderCNNError(f"the hands recipe needs MediaPipe Hands: {INSTALL_HINT}") from None
-    return hands
+    """Import onnxruntime, or say how to install it."""
+    if not available():
+        raise FolderCNNError(f"the hands recipe needs onnxruntime: {INSTALL_HINT}")
 
 
 class HandFinder:
-    """The cascade over one set of MediaPipe graphs (one per confidence); thread-safe (one call at a time)."""
+    """The cascade over MediaPipe's two models; thread-safe (one call at a time)."""
 
-    def __init__(self, cascade=CASCADE, model_complexity=MODEL_COMPLEXITY):
+    def __init__(self, cascade=CASCADE, models=MODELS):
+        from .hand_finder import Models
+
+        require()
         self.cascade = tuple(cascade)
-        self._hands = require()
-        self._complexity = model_complexity
-        self._graphs = {}
+        self.models = Models(*models)
         self._lock = threading.Lock()
-
-    def _graph(self, confidence):
-        if confidence not in self._graphs:
-            with quiet_stderr():  # MediaPipe's C++ start-up lines ("Created TensorFlow Lite XNNPACK delegate", ...)
-                graph = self._hands.Hands(
-                    static_image_mode=True,
-                    max_num_hands=1,
-                    min_detection_confidence=confidence,
-                    model_complexity=self._complexity,
-                )
-                graph.process(np.zeros((64, 64, 3), np.uint8))  # the first image logs more of them
-            self._graphs[confidence] = graph
-        return self._graphs[confidence]
 
     def find(self, rgb):
         """The first hand the cascade finds in an (H, W, 3) uint8 RGB array, or None."""
         rgb = shrink(np.ascontiguousarray(rgb, dtype=np.uint8))
-        with self._lock, warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # protobuf's deprecation warning on every result
+        if rgb.ndim != 3 or rgb.shape[2] != 3 or min(rgb.shape[:2]) < 1:
+            return None
+        with self._lock:
             for stage in self.cascade:
                 hand = self._try(rgb, stage)
                 if hand is not None:
@@ -129,42 +117,46 @@ class HandFinder:
         return None
 
     def _try(self, rgb, stage):
+        if stage.name == LANDMARKS_ONLY:
+            return self.landmarks_only(rgb)
         image, back = transformed(rgb, stage)
-        result = self._graph(stage.confidence).process(image)
-        if not result.multi_hand_landmarks:
+        palms = self.models.palms(image, stage.confidence)
+        if not palms:
             return None
-        marks = result.multi_hand_landmarks[0].landmark
-        points = np.array([[p.x, p.y, p.z] for p in marks], dtype=np.float32)
+        marks = self.models.landmarks(image, palms[0][1])
+        if marks.presence < PRESENCE:
+            return None
+        points = marks.points.copy()
         points[:, :2] = back(points[:, :2])
-        world = np.array([[p.x, p.y, p.z] for p in result.multi_hand_world_landmarks[0].landmark], dtype=np.float32)
-        label = result.multi_handedness[0].classification[0]
-        return Hand(points, world, label.label == "Right", float(label.score), stage.name)
+        return Hand(points, turned_back(marks.world, stage.turns), marks.right, marks.presence, stage.name)
+
+    def landmarks_only(self, rgb, stage_name=LANDMARKS_ONLY):
+        """The landmark model alone on the whole photo at each quarter turn; the surest turn, if it holds a hand."""
+        from .hand_finder import square_rect
+
+        h, w = rgb.shape[:2]
+        best = max(
+            (self.models.landmarks(rgb, square_rect(h, w, k * math.pi / 2)) for k in range(4)),
+            key=lambda m: m.presence,
+        )
+        if best.presence < PRESENCE:
+            return None
+        return Hand(best.points, best.world, best.right, best.presence, stage_name)
 
     def close(self):
-        for graph in self._graphs.values():
-            with contextlib.suppress(Exception):
-                graph.close()
-        self._graphs.clear()
+        pass
 
 
-@contextlib.contextmanager
-def quiet_stderr():
-    """File descriptor 2 to /dev/null for a moment: C++ libraries log there past Python's reach."""
-    import sys
+PRESENCE = 0.5  # MediaPipe's threshold on the landmark model's hand-presence score
 
-    try:
-        sys.stderr.flush()
-        saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    except (OSError, ValueError, AttributeError):
-        yield
-        return
-    os.dup2(null, 2)
-    try:
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(null)
+
+def turned_back(world, turns):
+    """World points of a hand found in an image turned `turns` quarter turns counter-clockwise, in the original
+    image's orientation (x right, y down): each undone quarter turn maps (x, y) -> (-y, x)."""
+    world = world.copy()
+    for _ in range(turns % 4):
+        world[:, 0], world[:, 1] = -world[:, 1].copy(), world[:, 0].copy()
+    return world
 
 
 def shrink(rgb, max_side=MAX_SIDE):
@@ -205,7 +197,7 @@ _FINDER_LOCK = threading.Lock()
 
 
 def shared_finder():
-    """One HandFinder per process (its graphs take ~0.3 s to start)."""
+    """One HandFinder per process (its sessions take a few tens of ms to load)."""
     global _FINDER
     with _FINDER_LOCK:
         if _FINDER is None:
@@ -265,7 +257,7 @@ class FoundHands:
 
 def _fresh_finder():
     global _FINDER
-    _FINDER = None  # a forked child must not use its parent's graphs (their threads did not come along)
+    _FINDER = None  # a forked child loads its own sessions
 
 
 def _find_one(rgb):
@@ -276,8 +268,8 @@ def find_hands(images, workers=None, cache=None, desc="finding hands", pool_from
     """FoundHands of (N, H, W, 3) uint8 images (a tensor or an array), through the content-keyed cache; when at
     least `pool_from` images were not seen before, they are searched in `workers` forked processes.
 
-    A process that has run MediaPipe itself never forks again: a child forked while MediaPipe's threads were
-    alive crashed in malloc ("unaligned tcache chunk"). So such a process searches in-process from then on."""
+    A process that has loaded the finder itself never forks again (a child must not inherit a runtime's threads
+    or sessions), so such a process searches in-process from then on."""
     from tqdm import tqdm
 
     cache = HandCache() if cache is None else cache

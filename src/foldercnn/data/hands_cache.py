@@ -11,7 +11,7 @@ from ..files import atomic_path
 
 POINTS = 21  # MediaPipe Hands' landmarks per hand
 RECORD = 4 + 2 * POINTS * 3  # stage, right, score, spare; points; world
-CACHE_VERSION = 2  # bump when the cascade or the finder's settings change what is found
+CACHE_VERSION = 3  # bump when the cascade or the finder's settings change what is found (3: onnxruntime finder)
 
 
 def _record(found, i):
@@ -26,6 +26,30 @@ def _from_record(found, i, r):
     found.stage[i], found.right[i], found.score[i] = int(r[0]), bool(r[1]), r[2]
     found.points[i] = r[4 : 4 + POINTS * 3].reshape(POINTS, 3)
     found.world[i] = r[4 + POINTS * 3 :].reshape(POINTS, 3)
+
+
+RECORD_BYTES_MAX = 4096
+
+
+def valid_record(r, stages=None):
+    """A record as _record writes it: float32 (RECORD,), finite; a stage of the cascade or -1; a record without a
+    hand all zeros; a hand's score a presence in [0.5, 1] and its points not all zero."""
+    from .hands import CASCADE
+
+    stages = len(CASCADE) if stages is None else stages
+    if not (isinstance(r, np.ndarray) and r.shape == (RECORD,) and r.dtype == np.float32 and np.isfinite(r).all()):
+        return False
+    stage, right, score = float(r[0]), float(r[1]), float(r[2])
+    if stage == -1:
+        return not r[1:].any()
+    return (
+        stage.is_integer()
+        and 0 <= stage < stages
+        and right in (0.0, 1.0)
+        and 0.5 <= score <= 1
+        and bool(r[4:].any())
+        and float(np.abs(r[4:]).max()) < 100
+    )
 
 
 def image_key(rgb):
@@ -50,11 +74,14 @@ class HandCache:
     def get(self, key):
         if self.root is None:
             return None
+        path = self._path(key)
         try:
-            r = np.load(self._path(key))
-        except (OSError, ValueError):
+            if path.stat().st_size > RECORD_BYTES_MAX:  # a header may declare any shape: never read one that big
+                return None
+            r = np.load(path, allow_pickle=False)
+        except (OSError, ValueError, EOFError):
             return None
-        return r if r.shape == (RECORD,) and r.dtype == np.float32 and np.isfinite(r).all() else None
+        return r if valid_record(r) else None
 
     def put(self, key, record):
         if self.root is None:

@@ -154,19 +154,21 @@ def _validate_shown(meta, where):
 
 
 def _validate_hands(pre, where):
-    """A landmark model's hands must be found as they were in training: the same finder, letterboxed images."""
-    from ..data.hands import CACHE_VERSION, MODEL_COMPLEXITY
+    """A landmark model's hands must be found as they were in training: the same finder (models, cascade,
+    version), letterboxed images. Anything else in the record is refused, never trusted."""
+    from ..data.hands import describe_finder
 
     if pre.get("fit") != "letterbox":
         _fail(where, "a hand-landmarks model needs preprocessing fit 'letterbox'")
     hands = pre.get("hands")
-    if not isinstance(hands, dict) or not _is_int(hands.get("version")) or hands.get("model_complexity") not in (0, 1):
-        _fail(where, "a hand-landmarks model needs preprocessing.hands with the finder's version and model_complexity")
-    if (hands["version"], hands["model_complexity"]) != (CACHE_VERSION, MODEL_COMPLEXITY):
+    if not isinstance(hands, dict) or not _is_int(hands.get("version")):
+        _fail(where, "a hand-landmarks model needs preprocessing.hands with the finder's version")
+    ours = describe_finder()
+    if hands != ours:
+        theirs = {k: str(v)[:80] for k, v in list(hands.items())[:6]}
         raise FolderCNNError(
-            f"{where} was trained on hands found by another hand finder (version {hands['version']}, "
-            f"model_complexity {hands['model_complexity']}; this foldercnn has version "
-            f"{CACHE_VERSION}, model_complexity {MODEL_COMPLEXITY}): train it again"
+            f"{where} was trained on hands found by another hand finder ({theirs}; this foldercnn's: "
+            f"{ours}): train it again"
         )
 
 

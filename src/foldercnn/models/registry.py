@@ -200,7 +200,7 @@ register(
     ModelSpec(
         "hand-landmarks",
         lambda num_classes, pretrained=False: landmarks.LandmarkNet(num_classes),
-        "a linear head on features of the 21 landmarks MediaPipe Hands finds (needs foldercnn[hands])",
+        "a linear head on features of the 21 landmarks MediaPipe Hands' models find (needs foldercnn[hands])",
         min_image_size=64,
         linear_probe=True,
         input="hand-landmarks",

@@ -274,13 +274,13 @@ def thumbnails(pixels):
 
 
 class HandBackbone(Backbone):
-    """The hands recipe's: MediaPipe Hands loaded once; a record is the hand found in the image (data/hands_cache.py's
+    """The hands recipe's: the hand finder loaded once; a record is the hand found in the image (data/hands_cache.py's
     layout: a hand or its absence), so a job only draws the landmarks' views and fits the head."""
 
     def _load(self):
         self.model = None
         self.finder = shared_finder()
-        self.finder.find(np.zeros((64, 64, 3), np.uint8))  # starts the cascade's graphs (~0.3 s each)
+        self.finder.find(np.zeros((64, 64, 3), np.uint8))  # loads the finder's two models
         return RECORD
 
     def warm_up(self):
@@ -291,7 +291,7 @@ class HandBackbone(Backbone):
         probe_on_hands(self.new_model(2), (found, labels), (found, labels), self.recipe, RunContext())
 
     def _records_of(self, pixels):
-        """The hand found in each image (in this process: one running MediaPipe never forks), its thumbnail."""
+        """The hand found in each image (in this process: one that loaded the finder never forks), its thumbnail."""
         found = find_hands(pixels, pool_from=len(pixels) + 1)
         thumbs = thumbnails(pixels)
         return [{"clean": _record(found, k), "thumb": thumbs[k]} for k in range(len(pixels))]

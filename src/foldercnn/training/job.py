@@ -378,7 +378,7 @@ def draw_previews(out_dir, data_dir, train, recipe, seed):
     )  # six spread-out images per class, not a copy of all
     images, what = train.take(shown), "as the model sees them"
     if get_spec(recipe.model).input == "hand-landmarks":  # the landmarks found are what the model sees
-        found = find_hands(images.numpy(), pool_from=1)  # in a child: this process stays free of MediaPipe
+        found = find_hands(images.numpy(), pool_from=1)  # in a child: this process loads no hand finder
         images = torch.from_numpy(np.stack([draw_skeleton(im, found.hand(i)) for i, im in enumerate(images.numpy())]))
         what = "with the hand landmarks found"
     sample_grid(

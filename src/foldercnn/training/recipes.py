@@ -227,7 +227,7 @@ def check_recipe(recipe):
                 f"{recipe.model} classifies hand landmarks: it is fitted as a head on them "
                 f"(--recipe hands), not trained on pixels by recipe '{recipe.name}'"
             )
-        hands.require()  # says how to install MediaPipe Hands when it is missing
+        hands.require()  # says how to install the hand finder's runtime when it is missing
     if recipe.pretrained and not spec.pretrained:
         raise FolderCNNError(
             f"recipe '{recipe.name}' starts from pretrained weights; {recipe.model} has none "
