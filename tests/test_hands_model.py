@@ -66,10 +66,42 @@ def test_hands_are_cached_by_content(tmp_path, cat_photo):
     assert counted == [] and (again.stage == first.stage).all()
 
 
-def test_export_refuses_a_hand_model_with_its_reason(hand_model, cli, tmp_path):
-    r = cli("export", hand_model, "--out", tmp_path / "m.onnx")
-    assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert "hand" in r.stderr and "no ONNX form" in r.stderr and not (tmp_path / "m.onnx").exists()
+def test_export_writes_the_head_and_the_finder_and_answers_like_the_model_file(hand_model, cli, tmp_path, cat_photo):
+    import onnxruntime as ort
+    import torch
+
+    from foldercnn.models.hand_features import FEATURES
+
+    out = tmp_path / "m.onnx"
+    r = cli("export", hand_model, "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert {p.name for p in tmp_path.iterdir()} >= {f"m.{name}.onnx" for name in hands.MODELS} | {"m.onnx"}
+    # the head's graph on the same features as the PyTorch model: the same calibrated probabilities
+    clf = foldercnn.load(hand_model)
+    x = np.random.default_rng(0).normal(size=(64, FEATURES)).astype(np.float32)
+    with torch.no_grad():
+        want = torch.softmax(clf.model(torch.from_numpy(x)) / clf.temperature, 1).numpy()
+    got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(["probabilities"], {"features": x})[0]
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    # the whole path, torch-free: a photo without a hand is "no hand found" from either file
+    answers = [json.loads(cli("predict", m, cat_photo, "--json").stdout)[0] for m in (hand_model, out)]
+    assert answers[0]["hand"] is None and answers[1]["hand"] is None and answers[1]["label"] is None
+
+
+def test_an_exported_hands_model_of_another_finder_is_refused(hand_model, cli, tmp_path, cat_photo):
+    import onnx
+
+    out = tmp_path / "m.onnx"
+    assert cli("export", hand_model, "--out", out).returncode == 0
+    proto = onnx.load(out)
+    for prop in proto.metadata_props:
+        if prop.key == "preprocessing":
+            pre = json.loads(prop.value)
+            pre["hands"]["version"] = hands.CACHE_VERSION - 1
+            prop.value = json.dumps(pre)
+    onnx.save(proto, out)
+    r = cli("predict", out, cat_photo)
+    assert r.returncode == 2 and "another hand finder" in r.stderr and "Traceback" not in r.stderr
 
 
 @pytest.mark.parametrize(

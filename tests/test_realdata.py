@@ -165,6 +165,14 @@ def test_hands_recipe_trained_on_cgi_is_right_on_real_photos(rps, photos, tmp_pa
         name: foldercnn.evaluate(clf, _every(photos / name, tmp_path / name, 5)) for name in ("green-screen", "sxsw")
     }
     print({name: (ev.accuracy, ev.hands) for name, ev in got.items()})
+    # exported, it answers as the model file does (torch-free: the finder and the head on onnxruntime)
+    from foldercnn.deploy.export import export_model
+
+    onnx_path = export_model(result.model_path, tmp_path / "hands.onnx", log=lambda *a: None)[0]
+    photos_sample = sorted(p for p in _every(photos / "sxsw", tmp_path / "sxsw-export", 15).rglob("*") if p.is_file())
+    a, b = clf.predict_many(photos_sample), foldercnn.load(onnx_path).predict_many(photos_sample)
+    assert [p.label for p in a] == [p.label for p in b]
+    assert max(abs(p.probability - q.probability) for p, q in zip(a, b)) < 1e-4
     assert got["green-screen"].accuracy > 0.95 and got["green-screen"].hands["coverage"] > 0.95
     assert got["sxsw"].hands["coverage"] > 0.65 and got["sxsw"].hands["accuracy_where_found"] > 0.8
     assert got["sxsw"].accuracy > 0.55

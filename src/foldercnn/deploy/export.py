@@ -209,8 +209,9 @@ def export_model(model_path, out=None, fmt="onnx", int8=False, calibration_dir=N
         raise OptionError("opset", f"must be between 18 and 23, got {opset}")
     classifier = load(model_path)
     meta = classifier.metadata
-    _check_exportable(model_path, meta)
     out = _output_path(model_path, out, meta)
+    if get_spec(meta["architecture"]).input == "hand-landmarks":
+        return export_hands(classifier, out, int8, calibration_dir, opset, log)
     if int8 and calibration_dir is None:
         calibration_dir = _training_folder(meta)
     export_onnx(classifier.model, meta, out, opset, classifier.unfamiliarity)
@@ -225,14 +226,72 @@ def export_model(model_path, out=None, fmt="onnx", int8=False, calibration_dir=N
     return [out, _export_int8(classifier, out, opset, images, labels, onnx_fp32, got, log)]
 
 
-def _check_exportable(model_path, meta):
-    """Refuse a model whose input is not an image (a hand-landmarks model needs MediaPipe's detector first)."""
-    if get_spec(meta["architecture"]).input != "image":
-        raise FolderCNNError(
-            f"{model_path} is a {meta['architecture']} model: its input is the hand MediaPipe Hands finds in a photo, "
-            "and that detector (a TFLite graph with its own cropping and rotation steps) has no ONNX form here, so "
-            "an ONNX file could not classify a photo on its own; use the model file with foldercnn predict / serve"
+class HandHead(torch.nn.Module):
+    """A hands model's graph: (N, features) float32 -> (calibrated probabilities, logits). The hand finder runs
+    before it (data/hands.py, on the ONNX files beside it), and the features are models/hand_features.py's."""
+
+    def __init__(self, net, temperature):
+        super().__init__()
+        self.net, self.temperature = net, float(temperature)
+
+    def forward(self, features):
+        logits = self.net(features)
+        return torch.softmax(logits / self.temperature, dim=1), logits
+
+
+def export_hands(classifier, out, int8, calibration_dir, opset, log):
+    """A hands model as ONNX: the head's graph at OUT, and the hand finder's two ONNX files beside it (for use
+    outside foldercnn; foldercnn's OnnxClassifier runs its own copies, which are the same files)."""
+    from ..data.hand_finder import MODELS_DIR
+    from ..data.hands import MODELS
+    from ..models.hand_features import FEATURES
+    from ..models.onnx_model import FEATURES_INPUT
+
+    if int8:
+        raise OptionError("int8", "a hands model's head has under a thousand weights: there is nothing to quantise")
+    onnx = _needs("onnx")
+    _needs("onnxscript")
+    meta = classifier.metadata
+    temperature = (meta.get("calibration") or {}).get("temperature", 1.0)
+    wrapper = HandHead(copy.deepcopy(classifier.model).float().eval(), temperature).eval()
+    with _quiet():
+        program = torch.onnx.export(
+            wrapper,
+            (torch.zeros(2, FEATURES),),
+            dynamo=True,
+            opset_version=opset,
+            verbose=False,
+            input_names=[FEATURES_INPUT],
+            output_names=list(OUTPUTS),
+            dynamic_shapes={FEATURES_INPUT: {0: torch.export.Dim("batch")}},
         )
+    proto = program.model_proto
+    props = metadata_props(meta)
+    props["input"] = (
+        f"features: float32 N x {FEATURES}, models/hand_features.py's hand_features of the hand found by the "
+        "finder in 'preprocessing' (its ONNX files beside this one) in the image letterboxed to image_size"
+    )
+    onnx.helper.set_model_props(proto, props)
+    proto.producer_name, proto.producer_version = "foldercnn", __version__
+    onnx.checker.check_model(proto, full_check=True)
+    with atomic_path(out) as tmp:
+        onnx.save_model(proto, str(tmp))
+    written = [out]
+    for name in MODELS:
+        copy_to = out.with_name(f"{out.stem}.{name}.onnx")
+        with atomic_path(copy_to) as tmp:
+            tmp.write_bytes((MODELS_DIR / f"{name}.onnx").read_bytes())
+        written.append(copy_to)
+    log(
+        f"wrote {out} (the head: {len(meta['classes'])} classes, input float32 N x {FEATURES} hand features, "
+        f"opset {opset}) and the hand finder's {', '.join(p.name for p in written[1:])}"
+    )
+    if calibration_dir is None:
+        train_dir = (meta.get("data") or {}).get("train_dir")
+        calibration_dir = train_dir if train_dir and Path(train_dir).is_dir() else None
+    images, _ = _parity_images(classifier, calibration_dir)
+    _check_parity(classifier, out, images, log)
+    return written
 
 
 def _output_path(model_path, out, meta):

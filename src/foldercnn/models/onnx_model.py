@@ -16,10 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
+from ..data.images import Letterbox
 from ..errors import FolderCNNError
 from .prediction import ImagePredictor
 
 INPUT = "images"
+FEATURES_INPUT = "features"  # a hands model's graph: the head on the hand's features (the finder runs before it)
 NO_EXPLANATIONS = "an exported .onnx model carries no explanations: explain with its .safetensors model file"
 REQUIRED_PROPS = ("classes", "image_size", "preprocessing", "temperature", "uncertain_below")
 
@@ -66,7 +68,10 @@ class OnnxClassifier(ImagePredictor):
         ):
             raise FolderCNNError(f"{path}: corrupt foldercnn metadata in the ONNX file")
         inputs = self.session.get_inputs()
-        if len(inputs) != 1 or inputs[0].name != INPUT or inputs[0].type != "tensor(uint8)":
+        self.takes_hands = len(inputs) == 1 and (inputs[0].name, inputs[0].type) == (FEATURES_INPUT, "tensor(float)")
+        if self.takes_hands:
+            self._check_finder(path)
+        elif len(inputs) != 1 or inputs[0].name != INPUT or inputs[0].type != "tensor(uint8)":
             raise FolderCNNError(f"{path}: expected one uint8 input named '{INPUT}'")
         self.has_unfamiliarity = "unfamiliarity" in {o.name for o in self.session.get_outputs()}
         self.path = str(path)
@@ -79,8 +84,35 @@ class OnnxClassifier(ImagePredictor):
             "format": "onnx",
         }
 
+    def _check_finder(self, path):
+        """A hands model's head reads features of hands found as in training: the same finder, letterboxed."""
+        from ..data.hands import describe_finder
+
+        hands = self.preprocessing.get("hands") if isinstance(self.preprocessing, dict) else None
+        if hands != describe_finder() or self.preprocessing.get("fit") != "letterbox":
+            raise FolderCNNError(
+                f"{path} was exported from a model trained on hands found by another hand finder "
+                f"({str(hands)[:200]}); export it again with this foldercnn"
+            )
+        self.image_size = Letterbox(self.image_size)
+
+    def _hand_outputs(self, images_uint8_nhwc):
+        """(calibrated probabilities, FoundHands): the finder on each image, then the head on the hands found;
+        an image without a hand gets even probabilities, as the PyTorch model's zero logits give."""
+        from ..data.hands import find_hands
+        from .hand_features import hand_features
+
+        found = find_hands(np.ascontiguousarray(images_uint8_nhwc, dtype=np.uint8))
+        probs = np.full((len(found.found), len(self.classes)), 1 / len(self.classes), np.float32)
+        if found.found.any():
+            x = hand_features(found.points[found.found], found.world[found.found])
+            probs[found.found] = self.session.run(["probabilities"], {FEATURES_INPUT: x})[0]
+        return probs, found
+
     def probabilities(self, images_uint8_nhwc, batch_size=64):
         """(N, S, S, 3) uint8 array -> (N, classes) float32 calibrated probabilities."""
+        if self.takes_hands:
+            return self._hand_outputs(images_uint8_nhwc)[0]
         images = np.ascontiguousarray(images_uint8_nhwc, dtype=np.uint8)
         out = [
             self.session.run(["probabilities"], {INPUT: images[i : i + batch_size]})[0]
@@ -90,6 +122,8 @@ class OnnxClassifier(ImagePredictor):
 
     def outputs(self, images_uint8_nhwc, batch_size=64):
         """(probabilities, unfamiliarity or None) for (N, S, S, 3) uint8 images."""
+        if self.takes_hands:
+            return self._hand_outputs(images_uint8_nhwc)[0], None
         images = np.ascontiguousarray(images_uint8_nhwc, dtype=np.uint8)
         names = ["probabilities"] + (["unfamiliarity"] if self.has_unfamiliarity else [])
         runs = [self.session.run(names, {INPUT: images[i : i + batch_size]}) for i in range(0, len(images), batch_size)]
@@ -99,6 +133,12 @@ class OnnxClassifier(ImagePredictor):
         return probs, (np.concatenate([r[1] for r in runs]) if self.has_unfamiliarity else None)
 
     def predict_arrays(self, arrays_uint8_nhwc, paths=None, batch_size=64):
+        if self.takes_hands:
+            probs, found = self._hand_outputs(arrays_uint8_nhwc)
+            predictions = self.make_predictions(probs, None, paths)
+            for i, p in enumerate(predictions):
+                p.set_hand(found.hand(i))
+            return predictions
         probs, unfamiliarity = self.outputs(arrays_uint8_nhwc, batch_size)
         return self.make_predictions(probs, unfamiliarity, paths)
 
