@@ -21,13 +21,13 @@ from pathlib import Path
 import numpy as np
 
 from foldercnn.data.folders import scan_folder
-from foldercnn.data.hands import CASCADE, LANDMARKS_ONLY, HandFinder, transformed, turned_back
+from foldercnn.data.hands import CASCADE, HandFinder, transformed, turned_back
 from foldercnn.data.images import Letterbox, decode
 from foldercnn.models.landmarks import hand_features
-from foldercnn.training.hands import augmented_views
 
-PALM_STAGES = [s for s in CASCADE if s.name != LANDMARKS_ONLY]
-PASSES = [s.name for s in PALM_STAGES] + [LANDMARKS_ONLY]
+PALM_STAGES = [s for s in CASCADE if not s.landmarks_only]
+LO_STAGE, LAST_STAGE = [s for s in CASCADE if s.landmarks_only]  # the lite model alone; the full one, a margin
+PASSES = [s.name for s in PALM_STAGES] + [LO_STAGE.name]
 MODELS = {"lite": ("palm_detection_lite", "hand_landmark_lite"), "full": ("palm_detection_full", "hand_landmark_full")}
 _FINDER = None
 
@@ -58,7 +58,7 @@ def run_passes(path):
                 out[2][k] = turned_back(marks.world, stage.turns)
         ms[k] = 1000 * (time.perf_counter() - t)
     t = time.perf_counter()
-    hand = _FINDER.landmarks_only(rgb)
+    hand = _FINDER.landmarks_only(rgb, LO_STAGE)
     ms[-1] = 1000 * (time.perf_counter() - t)
     if hand is not None:
         out[0][-1], out[1][-1], out[2][-1], presence[-1] = True, hand.points, hand.world, hand.score
@@ -73,14 +73,40 @@ def collect(folder, classes, per_set, models, workers, cache):
         files, labels = [files[i] for i in keep], labels[keep]
     key = cache / f"{folder.name}-{folder.parent.name}-{models}-{len(files)}.npz"
     if key.exists():
-        return dict(np.load(key)), labels
+        return add_last_stage(dict(np.load(key)), files, models, workers, key), labels
     with ProcessPoolExecutor(workers, initializer=_init, initargs=(models,)) as pool:
         rows = list(pool.map(run_passes, files, chunksize=8))
     names = ("found", "points", "world", "presence", "fill", "ms")
     result = {name: np.stack([r[i] for r in rows]) for i, name in enumerate(names)}
     cache.mkdir(parents=True, exist_ok=True)
     np.savez(key, **result)
-    return result, labels
+    return add_last_stage(result, files, models, workers, key), labels
+
+
+def last_stage(path):
+    """The cascade's last stage alone: (found, points, world, ms)."""
+    t = time.perf_counter()
+    hand = _FINDER.landmarks_only(decode(path, Letterbox(256)), LAST_STAGE)
+    ms = 1000 * (time.perf_counter() - t)
+    if hand is None:
+        return False, np.zeros((21, 3), np.float32), np.zeros((21, 3), np.float32), ms
+    return True, hand.points, hand.world, ms
+
+
+def add_last_stage(r, files, models, workers, key):
+    """The last stage, run only where every other pass found nothing (where the cascade would reach it)."""
+    if "last_found" in r:
+        return r
+    todo = np.flatnonzero(~r["found"].any(1))
+    with ProcessPoolExecutor(workers, initializer=_init, initargs=(models,)) as pool:
+        rows = list(pool.map(last_stage, [files[i] for i in todo], chunksize=4))
+    n = len(r["found"])
+    r["last_found"], r["last_ms"] = np.zeros(n, bool), np.zeros(n, np.float32)
+    r["last_points"], r["last_world"] = np.zeros((n, 21, 3), np.float32), np.zeros((n, 21, 3), np.float32)
+    for i, (found, points, world, ms) in zip(todo, rows):
+        r["last_found"][i], r["last_points"][i], r["last_world"][i], r["last_ms"][i] = found, points, world, ms
+    np.savez(key, **r)
+    return r
 
 
 def first_of(r, order):
@@ -107,6 +133,8 @@ def rule_picks(r):
     ran = ran_cascade.copy()
     ran[:, lo] = cascade < 0
     rules["cascade, then landmarks only"] = (then, ran)
+    last = np.where((then < 0) & r["last_found"], len(PASSES), then)  # index len(PASSES): the last stage's hand
+    rules["foldercnn: cascade, landmarks only, full model + margin"] = (last, ran)
     both = ran_cascade.copy()
     both[:, lo] = True
     surer = np.where(
@@ -126,8 +154,11 @@ def rule_picks(r):
 
 
 def features_of(r, pick):
+    """(rows with a hand, their points, their world points); pick len(PASSES) means the last stage's hand."""
+    points = np.concatenate([r["points"], r["last_points"][:, None]], 1)
+    world = np.concatenate([r["world"], r["last_world"][:, None]], 1)
     rows = np.flatnonzero(pick >= 0)
-    return rows, r["points"][rows, pick[rows]], r["world"][rows, pick[rows]]
+    return rows, points[rows, pick[rows]], world[rows, pick[rows]]
 
 
 def fit_head(r, labels, pick, seed=0):
@@ -191,6 +222,8 @@ def main():
             rows, points, world = features_of(r, pick)
             right = head.predict(hand_features(points, world)) == labels[rows] if len(rows) else np.zeros(0, bool)
             ms = (r["ms"] * ran).sum(1)
+            if "full model" in rule:  # it runs wherever the earlier stages found nothing
+                ms = ms + np.where((ran[:, -1]) & ~r["found"].any(1), r["last_ms"], 0)
             print(
                 f"{rule:<52}{name:<14}{len(rows) / len(pick):>8.1%}{right.mean() if len(rows) else 0:>11.1%}"
                 f"{right.sum() / len(pick):>9.1%}{np.median(ms):>8.1f}{np.percentile(ms, 90):>8.1f}"

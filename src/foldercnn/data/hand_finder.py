@@ -8,7 +8,6 @@ The ONNX files ship in `hand_models/` (made from the MediaPipe wheel by `scripts
 NOTICE names the origin). Rects are in pixels: (centre x, centre y, width, height, rotation in radians)."""
 
 import math
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -152,27 +151,31 @@ def hand_rect(palm: np.ndarray, h: int, w: int) -> Rect:
 
 
 class Models:
-    """The two ONNX sessions, loaded once (a few tens of ms); one call at a time per instance."""
+    """The palm detector's and the landmark models' ONNX sessions, each loaded once (a few tens of ms) when first
+    used; one call at a time per instance. `landmark` is the default landmark model; others load on demand."""
 
     def __init__(self, palm: str = "palm_detection_lite", landmark: str = "hand_landmark_lite", threads: int = 1):
         try:
             import onnxruntime as ort
         except ImportError:
             raise FolderCNNError("finding hands needs onnxruntime: pip install 'foldercnn[hands]'") from None
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3
+        self.options = ort.SessionOptions()
+        self.options.intra_op_num_threads = threads
+        self.options.inter_op_num_threads = 1
+        self.options.log_severity_level = 3
+        self.sessions: dict = {}
+        self.palm_name, self.landmark_name = palm, landmark
+        self.palm, self.landmark = self.session(palm), self.session(landmark)
 
-        def session(name):
+    def session(self, name: str):
+        if name not in self.sessions:
+            import onnxruntime as ort
+
             path = MODELS_DIR / f"{name}.onnx"
             if not path.is_file():
                 raise FolderCNNError(f"the hand model {path} is missing: reinstall foldercnn")
-            return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-        self.palm, self.landmark = session(palm), session(landmark)
-        self.names = (palm, landmark)
-        self.lock = threading.Lock()
+            self.sessions[name] = ort.InferenceSession(str(path), self.options, providers=["CPUExecutionProvider"])
+        return self.sessions[name]
 
     def palms(self, rgb: np.ndarray, min_score: float) -> list[tuple[float, Rect]]:
         """(score, hand crop) for each palm found in the image, best first."""
@@ -187,11 +190,13 @@ class Models:
             found.append((score, hand_rect(g, h, w)))
         return found
 
-    def landmarks(self, rgb: np.ndarray, rect: Rect) -> Landmarks:
-        """The landmark model on one crop; points projected back to fractions of the image."""
+    def landmarks(self, rgb: np.ndarray, rect: Rect, model: str | None = None) -> Landmarks:
+        """A landmark model (the default one unless named) on one crop; points projected back to fractions of the
+        image."""
         h, w = rgb.shape[:2]
         x = warp(rgb, rect, LANDMARK_SIZE, replicate=True)[None]
-        raw, presence, handed, world = self.landmark.run(None, {"input": x})
+        session = self.landmark if model is None else self.session(model)
+        raw, presence, handed, world = session.run(None, {"input": x})
         p = raw.reshape(21, 3) / LANDMARK_SIZE
         c, s = math.cos(rect.rotation), math.sin(rect.rotation)
         px, py = p[:, 0] - 0.5, p[:, 1] - 0.5
@@ -206,6 +211,5 @@ class Models:
         wl = world.reshape(21, 3)
         world_turned = np.stack([c * wl[:, 0] - s * wl[:, 1], s * wl[:, 0] + c * wl[:, 1], wl[:, 2]], 1)
         left = float(handed.reshape(-1)[0])  # the model's score for "Left" (handedness.txt: Left, Right)
-        return Landmarks(
-            points, world_turned.astype(np.float32), float(presence.reshape(-1)[0]), left < 0.5, max(left, 1 - left)
-        )
+        presence_score = float(presence.reshape(-1)[0])
+        return Landmarks(points, world_turned.astype(np.float32), presence_score, left < 0.5, max(left, 1 - left))

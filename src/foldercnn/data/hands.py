@@ -21,28 +21,35 @@ from .skeleton import SKELETON, draw_skeleton  # noqa: F401 (moved there; import
 
 INSTALL_HINT = "pip install 'foldercnn[hands]'"
 MAX_SIDE = 640  # longer photos are shrunk first: the detector sees 192 px, the landmark model 224 px
-# MediaPipe's lite models: faster than the full ones, and they found more hands in real photos (benchmarks/hands.py)
-MODELS = ("palm_detection_lite", "hand_landmark_lite")
+# MediaPipe's lite models: faster than the full ones, and they found more hands in real photos (benchmarks/hands.py);
+# the full landmark model only in the last stage, where it finds hands the lite one misses (benchmarks/README.md)
+PALM, LANDMARK, LANDMARK_FULL = "palm_detection_lite", "hand_landmark_lite", "hand_landmark_full"
+MODELS = (PALM, LANDMARK, LANDMARK_FULL)
 LANDMARKS_ONLY = "landmarks only"
 
 
 @dataclass(frozen=True)
 class CascadeStage:
     name: str
-    confidence: float  # the palm detector's minimum score (unused by the landmarks-only stage)
+    confidence: float = 0.3  # the palm detector's minimum score
     border: float = 0.0  # padding of the mean colour on each side, as a fraction of the longer side
     turns: int = 0  # quarter turns counter-clockwise before detection
+    # no palm detector: this landmark model alone on the whole photo, at its four quarter turns
+    landmarks_only: str | None = None
+    zoom: float = 1.0  # landmarks only: the square it reads, over the photo's longer side (> 1: a margin)
 
 
-# benchmarks/hands.py measures each stage's share of the hands found, their accuracy and their cost
+# benchmarks/hand_passes.py measured the order: the palm stages first, then the landmark model alone, beat either
+# alone and running both on every photo (docs/hands.md); benchmarks/hands.py measures each stage's share and cost
 CASCADE = (
-    CascadeStage("image", 0.3),
-    CascadeStage("border", 0.3, border=0.3),
-    CascadeStage("turned 90", 0.3, border=0.3, turns=1),
-    CascadeStage("turned 270", 0.3, border=0.3, turns=3),
-    CascadeStage("turned 180", 0.3, border=0.3, turns=2),
+    CascadeStage("image"),
+    CascadeStage("border", border=0.3),
+    CascadeStage("turned 90", border=0.3, turns=1),
+    CascadeStage("turned 270", border=0.3, turns=3),
+    CascadeStage("turned 180", border=0.3, turns=2),
     CascadeStage("low confidence", 0.2),
-    CascadeStage(LANDMARKS_ONLY, 0.0),
+    CascadeStage(LANDMARKS_ONLY, landmarks_only=LANDMARK),
+    CascadeStage("landmarks only, full model, with a margin", landmarks_only=LANDMARK_FULL, zoom=1.3),
 )
 
 
@@ -101,7 +108,7 @@ class HandFinder:
 
         require()
         self.cascade = tuple(cascade)
-        self.models = Models(*models)
+        self.models = Models(*models[:2])
         self._lock = threading.Lock()
 
     def find(self, rgb):
@@ -117,8 +124,8 @@ class HandFinder:
         return None
 
     def _try(self, rgb, stage):
-        if stage.name == LANDMARKS_ONLY:
-            return self.landmarks_only(rgb)
+        if stage.landmarks_only:
+            return self.landmarks_only(rgb, stage)
         image, back = transformed(rgb, stage)
         palms = self.models.palms(image, stage.confidence)
         if not palms:
@@ -130,18 +137,22 @@ class HandFinder:
         points[:, :2] = back(points[:, :2])
         return Hand(points, turned_back(marks.world, stage.turns), marks.right, marks.presence, stage.name)
 
-    def landmarks_only(self, rgb, stage_name=LANDMARKS_ONLY):
-        """The landmark model alone on the whole photo at each quarter turn; the surest turn, if it holds a hand."""
-        from .hand_finder import square_rect
+    def landmarks_only(self, rgb, stage):
+        """A landmark model alone on the whole photo at each quarter turn; the surest turn, if it holds a hand."""
+        from .hand_finder import Rect
 
         h, w = rgb.shape[:2]
+        side = max(h, w) * stage.zoom
         best = max(
-            (self.models.landmarks(rgb, square_rect(h, w, k * math.pi / 2)) for k in range(4)),
+            (
+                self.models.landmarks(rgb, Rect(w / 2, h / 2, side, side, k * math.pi / 2), stage.landmarks_only)
+                for k in range(4)
+            ),
             key=lambda m: m.presence,
         )
         if best.presence < PRESENCE:
             return None
-        return Hand(best.points, best.world, best.right, best.presence, stage_name)
+        return Hand(best.points, best.world, best.right, best.presence, stage.name)
 
     def close(self):
         pass

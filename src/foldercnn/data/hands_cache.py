@@ -11,7 +11,7 @@ from ..files import atomic_path
 
 POINTS = 21  # MediaPipe Hands' landmarks per hand
 RECORD = 4 + 2 * POINTS * 3  # stage, right, score, spare; points; world
-CACHE_VERSION = 3  # bump when the cascade or the finder's settings change what is found (3: onnxruntime finder)
+CACHE_VERSION = 4  # bump when the cascade or the finder's settings change what is found (3, 4: onnxruntime finder)
 
 
 def _record(found, i):
