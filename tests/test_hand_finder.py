@@ -119,3 +119,55 @@ def test_world_points_of_a_turned_image_are_turned_back():
     # found in an image turned once counter-clockwise: +x there is -y here
     np.testing.assert_allclose(hands.turned_back(world, 1), [[0, 1, 0.5], [-2, 0, 0]])
     np.testing.assert_allclose(hands.turned_back(world, 4), world)
+
+
+def _damaged_records():
+    """A seeded corpus of hand-cache entries that the finder never writes: each must read as a miss."""
+    from foldercnn.data.hands_cache import RECORD
+
+    good = np.zeros(RECORD, np.float32)
+    good[:3] = 0, 1, 0.9
+    good[4:] = np.random.default_rng(0).uniform(0.1, 0.9, RECORD - 4)
+    corpus = {}
+    for name, stage in (("stage past the cascade", len(hands.CASCADE)), ("stage 200", 200), ("stage 1.5", 1.5)):
+        r = good.copy()
+        r[0] = stage
+        corpus[name] = r
+    no_hand = np.zeros(RECORD, np.float32)
+    no_hand[0], no_hand[10] = -1, 0.5
+    corpus["no hand, yet points"] = no_hand
+    for name, (i, v) in {
+        "score 7": (2, 7.0),
+        "right 0.5": (1, 0.5),
+        "NaN point": (20, np.nan),
+        "huge": (30, 3e38),
+    }.items():
+        r = good.copy()
+        r[i] = v
+        corpus[name] = r
+    corpus["float64"] = good.astype(np.float64)
+    corpus["short"] = good[:-1]
+    return corpus
+
+
+def test_a_damaged_hand_cache_entry_is_a_miss_and_is_found_again(tmp_path):
+    from skimage import data
+
+    cache = hands.HandCache(tmp_path / "cache")
+    image = np.asarray(data.chelsea()[:256, :256])[None]
+    key = hands.image_key(image[0])
+    path = cache._path(key)
+    path.parent.mkdir(parents=True)
+    corpus = {name: r.tobytes() for name, r in _damaged_records().items()}
+    for name, r in _damaged_records().items():
+        with open(path, "wb") as f:
+            np.save(f, r)
+        corpus[name] = path.read_bytes()
+    header = corpus["float64"][:10] + b"{'descr': '<f4', 'fortran_order': False, 'shape': (10000000000000,), }"
+    corpus["a header declaring 10**13 values"] = header.ljust(128, b" ")[:127] + b"\n"
+    corpus["not a .npy"], corpus["empty"] = b"garbage" * 10, b""
+    for name, raw in corpus.items():
+        path.write_bytes(raw)
+        assert cache.get(key) is None, name
+        found = hands.find_hands(image, cache=cache)  # recomputed, then written over the damaged entry
+        assert found.stage[0] == -1 and cache.get(key) is not None, name

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import FolderCNNError
+from .hand_finder import PRESENCE, Models, Rect
 from .hands_cache import CACHE_VERSION, POINTS, HandCache, _from_record, _record, image_key
 from .skeleton import SKELETON, draw_skeleton  # noqa: F401 (moved there; imported from here too)
 
@@ -104,8 +105,6 @@ class HandFinder:
     """The cascade over MediaPipe's two models; thread-safe (one call at a time)."""
 
     def __init__(self, cascade=CASCADE, models=MODELS):
-        from .hand_finder import Models
-
         require()
         self.cascade = tuple(cascade)
         self.models = Models(*models[:2])
@@ -139,8 +138,6 @@ class HandFinder:
 
     def landmarks_only(self, rgb, stage):
         """A landmark model alone on the whole photo at each quarter turn; the surest turn, if it holds a hand."""
-        from .hand_finder import Rect
-
         h, w = rgb.shape[:2]
         side = max(h, w) * stage.zoom
         best = max(
@@ -156,9 +153,6 @@ class HandFinder:
 
     def close(self):
         pass
-
-
-PRESENCE = 0.5  # MediaPipe's threshold on the landmark model's hand-presence score
 
 
 def turned_back(world, turns):

@@ -31,6 +31,21 @@ def _from_record(found, i, r):
 RECORD_BYTES_MAX = 4096
 
 
+def read_record(path):
+    """A record's .npy file, its header checked before any data is read (a header may declare any shape)."""
+    fmt = np.lib.format
+    with open(path, "rb") as f:
+        if path.stat().st_size > RECORD_BYTES_MAX:
+            return None
+        version = fmt.read_magic(f)
+        read_header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+        shape, fortran, dtype = read_header(f)
+        if shape != (RECORD,) or dtype != np.dtype("<f4") or fortran:
+            return None
+        data = f.read(RECORD * 4)
+    return np.frombuffer(data, np.float32).copy() if len(data) == RECORD * 4 else None
+
+
 def valid_record(r, stages=None):
     """A record as _record writes it: float32 (RECORD,), finite; a stage of the cascade or -1; a record without a
     hand all zeros; a hand's score a presence in [0.5, 1] and its points not all zero."""
@@ -74,12 +89,9 @@ class HandCache:
     def get(self, key):
         if self.root is None:
             return None
-        path = self._path(key)
         try:
-            if path.stat().st_size > RECORD_BYTES_MAX:  # a header may declare any shape: never read one that big
-                return None
-            r = np.load(path, allow_pickle=False)
-        except (OSError, ValueError, EOFError):
+            r = read_record(self._path(key))
+        except (OSError, ValueError, EOFError, MemoryError):
             return None
         return r if valid_record(r) else None
 
