@@ -193,22 +193,24 @@ def test_evaluate_flags(trained_model, shapes_dirs, tmp_path):
 
 def test_serve_fields_and_headline(trained_model, shapes_dirs, tmp_path):
     from foldercnn.deploy.serve import create_app
+    from testkit import unfamiliar_between
 
     run = tmp_path / "run"
     run.mkdir()
-    shutil.copy(trained_model.model_path, run / "model.safetensors")
-    # a black frame (a covered camera): nothing like a shape on white. Pixel noise and stripes land on either side
-    # of the threshold of a model this small depending on the seed, so they make no stable test.
-    noise = Image.new("RGB", (40, 40), "black")
-    import io
-
-    buf = io.BytesIO()
-    noise.save(buf, "PNG")
+    # a black and a noise frame (a covered camera, a broken one) against the shapes on white: the copy's threshold
+    # lies between the stranger frame's score and the most familiar shape's, so serve must say unfamiliar
+    frames = [tmp_path / "black.png", tmp_path / "noise.png"]
+    Image.new("RGB", (40, 40), "black").save(frames[0])
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(frames[1])
+    shapes = sorted(shapes_dirs[1].rglob("*.png"))
+    _, strange, familiar = unfamiliar_between(trained_model.model_path, frames, shapes, run / "model.safetensors")
     with TestClient(create_app(str(run / "model.safetensors"), workers=1)) as client:
         h = client.get("/model").json()["headline"]
         assert h["source"] == "validation" and "optimistic" in h["label"]
-        rows = client.post("/predict", files=[("files", ("noise.png", buf.getvalue(), "image/png"))]).json()
+        files = [("files", (p.name, p.read_bytes(), "image/png")) for p in (strange, familiar)]
+        rows = client.post("/predict", files=files).json()
         assert rows[0]["unfamiliar"] is True and rows[0]["unfamiliarity"] > 1, rows[0]["unfamiliarity"]
+        assert rows[1]["unfamiliar"] is False and rows[1]["unfamiliarity"] < 1, rows[1]["unfamiliarity"]
     evaluate_to_folder(run / "model.safetensors", shapes_dirs[1], run)
     with TestClient(create_app(str(run / "model.safetensors"), workers=1)) as client:
         h = client.get("/model").json()["headline"]

@@ -220,3 +220,27 @@ def untrained_hand_model(path):
         "preprocessing": default_preprocessing(fit="letterbox", hands=hands.describe_finder()),
     }
     return save_model(path, model, meta)
+
+
+def unfamiliar_between(model_path, strange, familiar, out):
+    """A copy of an image model file at OUT whose unfamiliarity threshold lies midway (geometrically) between the
+    raw scores of the highest-scoring of `strange` and the lowest-scoring of `familiar` (image paths). The copy
+    then calls that strange image unfamiliar and that familiar one not, by construction, on every host: a tiny
+    model trained in a test scores a black frame 1.4x its threshold on one host and 0.54x on another (bf16
+    kernels), so a test of how a score is *shown* fixes the score's threshold instead of the training.
+    Returns (out, the strange image, the familiar image)."""
+    import math
+
+    import foldercnn
+    from test_model_file import _with_meta
+
+    clf = foldercnn.load(model_path)
+    threshold = clf.metadata["unfamiliar"]["threshold"]
+    raw = lambda path: clf.predict(path).unfamiliarity * threshold  # noqa: E731
+    strange = max(strange, key=raw)
+    familiar = min(familiar, key=raw)
+    high, low = raw(strange), raw(familiar)
+    assert high > 1.5 * low, f"the strange image scores {high:.3g}, the familiar one {low:.3g}: no room between"
+    change = lambda meta: meta["unfamiliar"].update(threshold=math.sqrt(high * low))  # noqa: E731
+    Path(out).write_bytes(_with_meta(Path(model_path).read_bytes(), change))
+    return out, strange, familiar
