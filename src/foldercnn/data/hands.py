@@ -16,42 +16,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import FolderCNNError
+from .hand_cascade import CASCADE, LANDMARKS_ONLY, MODELS, CascadeStage  # noqa: F401 (imported from here too)
 from .hand_finder import PRESENCE, Models, Rect
 from .hands_cache import CACHE_VERSION, POINTS, HandCache, _from_record, _record, image_key
 from .skeleton import SKELETON, draw_skeleton  # noqa: F401 (moved there; imported from here too)
 
 INSTALL_HINT = "pip install 'foldercnn[hands]'"
 MAX_SIDE = 640  # longer photos are shrunk first: the detector sees 192 px, the landmark model 224 px
-# MediaPipe's lite models: faster than the full ones, and they found more hands in real photos (benchmarks/hands.py);
-# the full landmark model only in the last stage, where it finds hands the lite one misses (benchmarks/README.md)
-PALM, LANDMARK, LANDMARK_FULL = "palm_detection_lite", "hand_landmark_lite", "hand_landmark_full"
-MODELS = (PALM, LANDMARK, LANDMARK_FULL)
-LANDMARKS_ONLY = "landmarks only"
-
-
-@dataclass(frozen=True)
-class CascadeStage:
-    name: str
-    confidence: float = 0.3  # the palm detector's minimum score
-    border: float = 0.0  # padding of the mean colour on each side, as a fraction of the longer side
-    turns: int = 0  # quarter turns counter-clockwise before detection
-    # no palm detector: this landmark model alone on the whole photo, at its four quarter turns
-    landmarks_only: str | None = None
-    zoom: float = 1.0  # landmarks only: the square it reads, over the photo's longer side (> 1: a margin)
-
-
-# benchmarks/hand_passes.py measured the order: the palm stages first, then the landmark model alone, beat either
-# alone and running both on every photo (docs/hands.md); benchmarks/hands.py measures each stage's share and cost
-CASCADE = (
-    CascadeStage("image"),
-    CascadeStage("border", border=0.3),
-    CascadeStage("turned 90", border=0.3, turns=1),
-    CascadeStage("turned 270", border=0.3, turns=3),
-    CascadeStage("turned 180", border=0.3, turns=2),
-    CascadeStage("low confidence", 0.2),
-    CascadeStage(LANDMARKS_ONLY, landmarks_only=LANDMARK),
-    CascadeStage("landmarks only, full model, with a margin", landmarks_only=LANDMARK_FULL, zoom=1.3),
-)
 
 
 @dataclass(frozen=True)

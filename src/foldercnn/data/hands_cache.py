@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from ..files import atomic_path
+from .hand_cascade import CASCADE
 
 POINTS = 21  # MediaPipe Hands' landmarks per hand
 RECORD = 4 + 2 * POINTS * 3  # stage, right, score, spare; points; world
@@ -49,8 +50,6 @@ def read_record(path):
 def valid_record(r, stages=None):
     """A record as _record writes it: float32 (RECORD,), finite; a stage of the cascade or -1; a record without a
     hand all zeros; a hand's score a presence in [0.5, 1] and its points not all zero."""
-    from .hands import CASCADE
-
     stages = len(CASCADE) if stages is None else stages
     if not (isinstance(r, np.ndarray) and r.shape == (RECORD,) and r.dtype == np.float32 and np.isfinite(r).all()):
         return False
