@@ -11,6 +11,7 @@ from PIL import Image
 import foldercnn
 from foldercnn import runtime
 from foldercnn.data.folders import decode_cached, scan_folder
+from foldercnn.errors import OptionError
 from foldercnn.models.registry import create_model
 from foldercnn.models.tta import predict_logits
 from foldercnn.training.loop import WeightEMA, lr_factor
@@ -113,11 +114,26 @@ def test_schedule_ends_at_zero():
 
 def test_precision_auto_falls_back_to_fp32(monkeypatch):
     cpu = torch.device("cpu")
+    monkeypatch.delenv("FOLDERCNN_PRECISION", raising=False)
     monkeypatch.setattr(runtime, "bf16_supported", lambda device: False)
     assert runtime.resolve_precision("auto", cpu) == "fp32"
     monkeypatch.setattr(runtime, "bf16_supported", lambda device: True)
     assert runtime.resolve_precision("auto", cpu) == "bf16"
     assert runtime.resolve_precision("fp32", cpu) == "fp32"
+
+
+def test_the_environment_can_force_what_auto_means(monkeypatch):
+    """FOLDERCNN_PRECISION=fp32 (or bf16) runs a whole suite as a host of the other kind would."""
+    cpu = torch.device("cpu")
+    for supported in (False, True):
+        monkeypatch.setattr(runtime, "bf16_supported", lambda device, s=supported: s)
+        for forced in ("fp32", "bf16"):
+            monkeypatch.setenv("FOLDERCNN_PRECISION", forced)
+            assert runtime.resolve_precision("auto", cpu) == forced
+            assert runtime.resolve_precision("fp32", cpu) == "fp32"  # an explicit choice still wins
+    monkeypatch.setenv("FOLDERCNN_PRECISION", "fp16")
+    with pytest.raises(OptionError, match="FOLDERCNN_PRECISION"):
+        runtime.resolve_precision("auto", cpu)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])

@@ -88,8 +88,14 @@ def bf16_supported(device):
 
 
 def resolve_precision(precision, device):
-    """'auto' means bf16 autocast where the hardware computes it natively, else fp32."""
+    """'auto' means bf16 autocast where the hardware computes it natively, else fp32; $FOLDERCNN_PRECISION (bf16
+    or fp32) makes 'auto' mean that instead, so a whole test suite can run as another kind of host would."""
     if precision == "auto":
+        forced = os.environ.get("FOLDERCNN_PRECISION", "").strip()
+        if forced:
+            if forced not in ("bf16", "fp32"):
+                raise OptionError("precision", f"$FOLDERCNN_PRECISION must be bf16 or fp32, got {forced!r}")
+            return forced
         return "bf16" if bf16_supported(device) else "fp32"
     if precision not in ("bf16", "fp32"):
         raise OptionError("precision", f"must be auto, bf16 or fp32, got {precision!r}")
