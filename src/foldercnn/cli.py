@@ -5,6 +5,7 @@ nor matplotlib. Process-wide speed settings (threads, allocator) are applied her
 for the commands that compute.
 """
 
+import contextlib
 import json
 import sys
 
@@ -287,7 +288,16 @@ COMMANDS = {
 }
 
 
+def printable_streams():
+    """A file name need not be UTF-8 (names are bytes on POSIX; Python keeps the odd bytes as surrogates): print
+    those characters as escapes (caf\\udce9.png) instead of failing on a strict UTF-8 terminal."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(AttributeError, ValueError):
+            stream.reconfigure(errors="backslashreplace")
+
+
 def main(argv=None):
+    printable_streams()
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = build_parser().parse_args(argv)
     args.argv = argv  # train --nproc passes the command line on

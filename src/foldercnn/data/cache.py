@@ -10,6 +10,7 @@ import hashlib
 import json
 import mmap
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -48,7 +49,8 @@ def folder_key(files, size, stamps=None):
     mode = getattr(size, "mode", "squash")
     h = hashlib.sha256(f"foldercnn-decode-v{DECODER_VERSION}|{size}{'' if mode == 'squash' else mode}\n".encode())
     for f, stamp in zip(files, file_stamps(files) if stamps is None else stamps):
-        h.update(f"{os.path.abspath(f)}\0{stamp}\n".encode())
+        # a name is bytes on POSIX, and need not be UTF-8: hashed as those bytes (os.fsencode), never re-encoded
+        h.update(os.fsencode(os.path.abspath(f)) + f"\0{stamp}\n".encode())
     return h.hexdigest()[:32]
 
 
@@ -57,8 +59,10 @@ def _paths(key):
     return d / f"{key}.npy", d / f"{key}.json"
 
 
-def load(key):
-    """(memory-mapped (N, S, S, 3) uint8 array, good indices, [(index, reason)]) or None on a miss."""
+def load(key, size=None, n=None):
+    """(memory-mapped (N, S, S, 3) uint8 array, good indices, [(index, reason)]) or None on a miss. With `size`
+    and `n` (the key's image size and number of files) an entry that is not what `commit` writes for them is a
+    miss too, said once on stderr, and decoding writes a good one over it."""
     npy, meta = _paths(key)
     try:
         info = json.loads(meta.read_text())
@@ -67,11 +71,31 @@ def load(key):
         # (benchmarks/scale.py); runs of rows are asked for explicitly instead (Readahead)
         if hasattr(mmap, "MADV_RANDOM"):
             array._mmap.madvise(mmap.MADV_RANDOM)
-    except (OSError, ValueError):
+    except (OSError, ValueError, EOFError, MemoryError):
         return None
-    if array.shape[0] < len(info["good"]):
+    problem = entry_problem(info, array, size, n)
+    if problem:
+        print(f"warning: decode cache entry {meta.name} {problem}: decoding again", file=sys.stderr)
         return None
     return array[: len(info["good"])], info["good"], [tuple(b) for b in info["bad"]]
+
+
+def entry_problem(info, array, size=None, n=None):
+    """Why a cache entry cannot be used (None: it can): its json's types, its rows, its images' size."""
+    if not isinstance(info, dict) or not isinstance(info.get("good"), list) or not isinstance(info.get("bad"), list):
+        return "is not an object with 'good' and 'bad' lists"
+    good, bad = info["good"], info["bad"]
+    if not all(type(i) is int for i in good) or not all(
+        isinstance(b, list) and len(b) == 2 and type(b[0]) is int and isinstance(b[1], str) for b in bad
+    ):
+        return "lists something other than image indices and reasons"
+    if n is not None and sorted(good + [b[0] for b in bad]) != list(range(n)):
+        return f"does not account for the {n} files once each"
+    if array.dtype != np.uint8 or array.ndim != 4 or array.shape[0] < len(good) or array.shape[3] != 3:
+        return f"holds a {array.dtype} array of shape {array.shape}"
+    if size is not None and array.shape[1:3] != (int(size), int(size)):
+        return f"holds {array.shape[1]} x {array.shape[2]} images, not {int(size)} x {int(size)}"
+    return None
 
 
 class Readahead:
@@ -158,6 +182,10 @@ def _drop_older_entries(key, root, size):
             info = json.loads(meta.read_text())
         except (OSError, ValueError):
             continue
-        if info.get("root") == root and str(info.get("size")) == f"{size}{getattr(size, 'mode', '')}":
+        if (
+            isinstance(info, dict)
+            and info.get("root") == root
+            and str(info.get("size")) == f"{size}{getattr(size, 'mode', '')}"
+        ):
             meta.unlink(missing_ok=True)
             meta.with_suffix(".npy").unlink(missing_ok=True)

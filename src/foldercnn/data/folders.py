@@ -167,7 +167,7 @@ def decode_cached(files, size, root, desc="decoding", stamps=None):
     if not cache.enabled() or not files:
         return (*decode_images(files, size, desc=desc), False)
     key = cache.folder_key(files, size, stamps)
-    hit = cache.load(key)
+    hit = cache.load(key, size, len(files))
     if hit is not None:
         return (*hit, True)
     try:
@@ -180,7 +180,7 @@ def decode_cached(files, size, root, desc="decoding", stamps=None):
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return (*cache.load(key), False)
+    return (*cache.load(key, size, len(files)), False)
 
 
 def load_folder(folder: ImageFolder, size, require_every_class=True):

@@ -11,6 +11,7 @@ it was in, and in fp32 on a CPU with the same seed ends with the same weights an
 
 import hashlib
 import json
+import os
 import random
 
 import numpy as np
@@ -39,7 +40,7 @@ def fingerprint(files, extra=()):
     """A short hash of data_files(...) and anything else that defines the run's data (the split's sizes)."""
     h = hashlib.sha256()
     for p, stamp in files.items():
-        h.update(f"{p}\0{stamp}\n".encode())
+        h.update(os.fsencode(p) + f"\0{stamp}\n".encode())  # a file name need not be UTF-8: its bytes
     for item in extra:
         h.update(json.dumps(item, sort_keys=True, default=str).encode())
     return h.hexdigest()[:32]
