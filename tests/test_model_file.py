@@ -286,3 +286,47 @@ def test_every_command_that_loads_a_model_refuses_each_tampered_file(tampered, s
             code,
             err,
         )
+
+
+def _with_tensor(path, out, name, change):
+    """A copy of a model file with one tensor changed (its metadata kept as it is)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), "pt") as f:
+        tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    tensors[name] = change(tensors[name].clone())
+    save_file(tensors, str(out), metadata=metadata)
+    return out
+
+
+def test_finite_weights_that_cannot_give_finite_answers_are_refused(trained_model, shapes_dirs, tmp_path, cli):
+    """3e38 passes the NaN check and overflows to NaN in one layer: the file is refused, and no command prints a
+    NaN (`predict --json` would be invalid JSON)."""
+    from safetensors import safe_open
+
+    with safe_open(str(trained_model.model_path), "pt") as f:
+        name = next(k for k in f.keys() if k.endswith("weight") and f.get_tensor(k).ndim == 4)
+    bad = _with_tensor(trained_model.model_path, tmp_path / "huge.safetensors", name, lambda t: t.fill_(3e38))
+    image = next(shapes_dirs[1].rglob("*.png"))
+    for args in (("predict", bad, image, "--json"), ("evaluate", bad, shapes_dirs[1])):
+        r = cli(*args)
+        assert r.returncode == 2 and "cannot give finite answers" in r.stderr and "Traceback" not in r.stderr
+        assert "NaN" not in r.stdout
+
+
+def test_a_hand_model_whose_features_divide_by_zero_is_refused(tmp_path, cli):
+    from testkit import untrained_hand_model
+
+    good = untrained_hand_model(tmp_path / "m.safetensors")
+    bad = _with_tensor(good, tmp_path / "zero.safetensors", "feature_std", lambda t: t.zero_())
+    r = cli("predict", bad, tmp_path / "any.png")
+    assert r.returncode == 2 and "feature_std" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_prediction_is_never_a_nan_row():
+    from foldercnn.errors import FolderCNNError
+    from foldercnn.models.prediction import from_probabilities
+
+    with pytest.raises(FolderCNNError, match="no finite answer"):
+        from_probabilities(["a", "b"], [float("nan"), 0.5], 0.8, path="x.png")

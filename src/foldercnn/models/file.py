@@ -205,6 +205,23 @@ def first_non_finite(path, header, chunk=1 << 20):
     return None
 
 
+WEIGHT_BOUND = 1e6  # no trained weight comes near it; 3e38 passes the NaN check and overflows to NaN in one layer
+
+
+def degenerate_weight(weights):
+    """Why finite weights cannot give finite answers (one beyond WEIGHT_BOUND), or None."""
+    for name, t in weights.items():
+        if t.is_floating_point() and t.numel() and float(t.abs().max()) > WEIGHT_BOUND:
+            return f"tensor {name} holds {float(t.abs().max()):.3g}, beyond any trained weight ({WEIGHT_BOUND:g})"
+    return None
+
+
+def model_check(model, weights):
+    """The architecture's own check of its weights (`check_weights(weights)` -> reason or None), if it has one."""
+    check = getattr(model, "check_weights", None)
+    return check(weights) if check is not None else None
+
+
 def load_model_file(path, device="cpu"):
     """Validate the file, then build the network from its metadata and load its weights (strict).
 
@@ -233,7 +250,11 @@ def load_model_file(path, device="cpu"):
             _fail(str(path), f"its weights hold NaN or infinite values (tensor {bad})")
         model = create_model(meta["architecture"], num_classes=len(meta["classes"]), **meta["arch_args"])
         tensors = load_file(str(path), device=str(device))
-        model.load_state_dict({k: v for k, v in tensors.items() if not k.startswith(PREFIX)}, strict=True)
+        weights = {k: v for k, v in tensors.items() if not k.startswith(PREFIX)}
+        problem = degenerate_weight(weights) or model_check(model, weights)
+        if problem:  # finite, yet every answer would be NaN
+            _fail(str(path), f"{problem}: it cannot give finite answers (damaged or tampered)")
+        model.load_state_dict(weights, strict=True)
     except (SafetensorError, RuntimeError, OSError) as e:
         _fail(str(path), f"its weights could not be read ({e})")
     return model.to(device).eval(), meta, unfamiliarity

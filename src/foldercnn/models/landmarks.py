@@ -40,6 +40,14 @@ class LandmarkNet(nn.Module):
     def features(self, x):
         return (x.float() - self.feature_mean) / self.feature_std
 
+    @staticmethod
+    def check_weights(weights):
+        """A model file's standardisation must divide by something: training clamps each std to >= 1e-3."""
+        std = weights.get("feature_std")
+        if std is not None and float(std.min()) < 1e-6:
+            return f"feature_std holds {float(std.min()):.3g}, and the features are divided by it"
+        return None
+
     def forward(self, x):
         return self.head(self.features(x))
 

@@ -1,6 +1,7 @@
 """What a prediction is, and the image-in, prediction-out surface shared by the PyTorch Classifier and the ONNX
 OnnxClassifier (no PyTorch import here, so the ONNX path stays torch-free)."""
 
+import math
 import os
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -70,6 +71,8 @@ class Prediction:
 def from_probabilities(classes, probs, uncertain_below, path=None, unfamiliarity=None):
     """A Prediction from one row of calibrated probabilities (any sequence of floats)."""
     probs = [float(p) for p in probs]
+    if not all(math.isfinite(p) for p in probs):  # never a NaN row: an error with its reason
+        raise FolderCNNError(f"{path or 'an image'}: the model gave no finite answer (its weights are unusable)")
     i = max(range(len(probs)), key=probs.__getitem__)
     return Prediction(
         classes[i],
