@@ -105,3 +105,44 @@ def test_teach_follows_jobs_by_events_when_every_message_is_reworded(tmp_path, t
         assert progress == sorted(progress) and max(progress) > 0.2
     finally:
         stop(server)
+
+
+def test_events_to_a_pipe_nobody_reads_is_refused_at_once(tmp_path, shapes_dirs, cli):
+    """Opening a FIFO for writing blocks until a reader comes: the run would hang before its first line."""
+    import os
+
+    if not hasattr(os, "mkfifo"):
+        pytest.skip("no named pipes here")
+    fifo = tmp_path / "events.fifo"
+    os.mkfifo(fifo)
+    r = cli("train", shapes_dirs[0], "--out", tmp_path / "run", "--events", fifo, "--epochs", "1", timeout=60)
+    assert r.returncode == 2 and "no process is reading" in r.stderr and "Traceback" not in r.stderr
+    r = cli("train", shapes_dirs[0], "--out", tmp_path / "run", "--events", tmp_path, timeout=60)
+    assert r.returncode == 2 and "not a regular file" in r.stderr
+
+
+def test_events_to_a_pipe_with_a_reader_arrive(tmp_path):
+    import os
+    import threading
+
+    from foldercnn.events import Events, JsonLines, read_event
+
+    if not hasattr(os, "mkfifo"):
+        pytest.skip("no named pipes here")
+    fifo = tmp_path / "events.fifo"
+    os.mkfifo(fifo)
+    lines = []
+    reader = threading.Thread(target=lambda: lines.extend(open(fifo, encoding="utf-8").read().splitlines()))
+    reader.start()
+    for _ in range(100):  # the reader opens its end first
+        try:
+            sink = JsonLines(str(fifo))
+            break
+        except Exception:
+            import time
+
+            time.sleep(0.05)
+    Events(sink)("hello")
+    sink.close()
+    reader.join(10)
+    assert read_event(lines[0])["text"] == "hello"

@@ -41,3 +41,20 @@ def test_commands_take_a_folder_whose_names_are_not_utf8(latin1_folder, tmp_path
     assert "caf\\udce91.png" in printed  # the odd byte shown as an escape, the name otherwise as it is
     rows = json.loads(cli("predict", run / "model.safetensors", latin1_folder / "rock", "--json", env=strict).stdout)
     assert len(rows) == 8 and any(os.fsencode(r["path"]).endswith(b"caf\xe91.png") for r in rows)
+
+
+def test_explain_shortens_the_picture_of_an_image_with_a_long_name(trained_model, shapes_dirs, tmp_path, cli):
+    """A 244-byte name is legal; numbered and written through a temporary file, the picture's name was not."""
+    import shutil
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    source = next(shapes_dirs[1].rglob("*.png"))
+    long_name = photos / ("x" * 240 + ".png")
+    shutil.copy(source, long_name)
+    shutil.copy(source, photos / "short.png")
+    r = cli("predict", trained_model.model_path, photos, "--explain", tmp_path / "maps")
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-1500:]
+    assert len(r.stdout.strip().splitlines()) == 2  # both predictions printed
+    pictures = sorted(p.name for p in (tmp_path / "maps").glob("*.png"))
+    assert len(pictures) == 2 and all(len(name.encode()) <= 120 for name in pictures)

@@ -14,6 +14,8 @@ server reads those lines: nothing downstream reads log wording.
 """
 
 import json
+import os
+import stat
 import sys
 import time
 from collections.abc import Callable
@@ -92,7 +94,7 @@ class JsonLines:
     "-" writes to standard output."""
 
     def __init__(self, target: str) -> None:
-        self.stream: TextIO = sys.stdout if target == "-" else open(target, "a", encoding="utf-8")  # noqa: SIM115
+        self.stream: TextIO = sys.stdout if target == "-" else open_events_file(target)
         self.owned = target != "-"
 
     def __call__(self, event: Event) -> None:
@@ -102,6 +104,30 @@ class JsonLines:
     def close(self) -> None:
         if self.owned:
             self.stream.close()
+
+
+def open_events_file(target: str) -> TextIO:
+    """A file to append events to. A named pipe is opened only if a process is reading it (else the run would hang
+    before its first line, waiting for one); anything else that is not a regular file is refused."""
+    from .errors import FolderCNNError
+
+    try:
+        mode = os.stat(target).st_mode
+    except FileNotFoundError:
+        return open(target, "a", encoding="utf-8")
+    if stat.S_ISFIFO(mode) and hasattr(os, "O_NONBLOCK"):
+        try:
+            fd = os.open(target, os.O_WRONLY | os.O_NONBLOCK)  # fails at once (ENXIO) when nobody reads
+        except OSError:
+            raise FolderCNNError(
+                f"--events {target} is a pipe that no process is reading: start its reader first, or use "
+                "--events - for standard output"
+            ) from None
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "a", encoding="utf-8")
+    if not stat.S_ISREG(mode):
+        raise FolderCNNError(f"--events {target} is not a regular file or a pipe")
+    return open(target, "a", encoding="utf-8")
 
 
 def read_event(line: str) -> Event | None:

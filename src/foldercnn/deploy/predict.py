@@ -1,6 +1,7 @@
 """`foldercnn predict`: classify image files and whole folders with a model file."""
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -71,8 +72,15 @@ def earlier_pictures(out_dir):
     return sorted((ours & names) | leftovers)
 
 
+PICTURE_STEM_BYTES = 100  # a legal 244-byte image name, numbered and with the writer's temporary suffix, is too long
+
+
 def picture_name(i, path):
-    return f"{i + 1:04d}-{Path(path).stem}.png"  # numbered: two folders may hold files of the same name
+    """Numbered (two folders may hold files of the same name), the image's name cut to PICTURE_STEM_BYTES."""
+    stem = Path(path).stem
+    while len(os.fsencode(stem)) > PICTURE_STEM_BYTES:
+        stem = stem[:-1]
+    return f"{i + 1:04d}-{stem}.png"
 
 
 def write_pictures(predictions, maps, out_dir):
