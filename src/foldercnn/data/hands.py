@@ -3,8 +3,9 @@ hands, run on onnxruntime by hand_finder.py), with a cascade of retries for tigh
 
 The landmark model reads a hand best from a crop the palm detector has found and turned upright, so the first
 stages change what the detector sees: a border around a tight crop, a quarter turn, a lower confidence. When the
-photo *is* the hand (a tight crop) the detector often sees no palm at all; the last stage then runs the landmark
-model alone on the whole photo at its four quarter turns and keeps the turn it is surest holds a hand.
+photo *is* the hand (a tight crop) the detector often sees no palm at all; the last two stages then run a landmark
+model alone on the whole photo at its four quarter turns (the lite one, then the full one with a margin) and keep
+the turn it is surest holds a hand.
 Points always come back in the original image's coordinates.
 """
 
