@@ -58,3 +58,21 @@ def test_explain_shortens_the_picture_of_an_image_with_a_long_name(trained_model
     assert len(r.stdout.strip().splitlines()) == 2  # both predictions printed
     pictures = sorted(p.name for p in (tmp_path / "maps").glob("*.png"))
     assert len(pictures) == 2 and all(len(name.encode()) <= 120 for name in pictures)
+
+
+def test_a_class_folder_that_links_to_another_class_is_refused(tmp_path, cli):
+    rng = np.random.default_rng(1)
+    for cls in ("paper", "rock"):
+        (tmp_path / "data" / cls).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(
+                tmp_path / "data" / cls / f"{i}.png"
+            )
+    (tmp_path / "data" / "paper_link").symlink_to(tmp_path / "data" / "paper", target_is_directory=True)
+    for args in (
+        ("inspect", tmp_path / "data", "--out", tmp_path / "i"),
+        ("train", tmp_path / "data", "--out", tmp_path / "r"),
+    ):
+        r = cli(*args, env={"FOLDERCNN_CACHE": str(tmp_path / "cache")})
+        assert r.returncode == 2 and "are the same folder" in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert "paper" in r.stderr and "paper_link" in r.stderr

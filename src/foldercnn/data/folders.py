@@ -54,6 +54,7 @@ def scan_folder(root, classes=None, min_classes=2):
             f" (found loose images such as {', '.join(stray)}; put each class in its own sub-folder)" if stray else ""
         )
         raise FolderCNNError(f"no class folders in {root}: expected one sub-folder per class{hint}")
+    check_distinct_class_dirs(class_dirs)
     names = [p.name for p in class_dirs]
     if classes is None:
         if len(names) < min_classes:
@@ -76,6 +77,19 @@ def scan_folder(root, classes=None, min_classes=2):
         files += found
         labels += [classes.index(d.name)] * len(found)
     return ImageFolder(root, list(classes), files, labels, skipped)
+
+
+def check_distinct_class_dirs(class_dirs):
+    """Two class folders that are one folder (a link to another class) would make two classes of the same images."""
+    seen = {}
+    for d in class_dirs:
+        real = d.resolve()
+        if real in seen:
+            raise FolderCNNError(
+                f"class folders {seen[real].name} and {d.name} in {d.parent} are the same folder ({real}): two "
+                "classes would hold the same images; remove the link or copy the images you mean"
+            )
+        seen[real] = d
 
 
 def check_same_classes(train_classes, val_root, val_classes):
