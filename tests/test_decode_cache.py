@@ -5,10 +5,10 @@ import json
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from foldercnn.data import cache
 from foldercnn.data.folders import load_folder, scan_folder
+from testkit import noise_folder
 
 SIZE = 32
 
@@ -17,14 +17,7 @@ SIZE = 32
 def folder(tmp_path, monkeypatch):
     monkeypatch.setenv("FOLDERCNN_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("FOLDERCNN_NO_CACHE", raising=False)
-    rng = np.random.default_rng(0)
-    for cls in ("a", "b"):
-        (tmp_path / "data" / cls).mkdir(parents=True)
-        for i in range(3):
-            Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(
-                tmp_path / "data" / cls / f"{i}.png"
-            )
-    return tmp_path / "data"
+    return noise_folder(tmp_path / "data", ("a", "b"), seed=0)
 
 
 def _damaged(n, good_npy):

@@ -61,13 +61,9 @@ def test_explain_shortens_the_picture_of_an_image_with_a_long_name(trained_model
 
 
 def test_a_class_folder_that_links_to_another_class_is_refused(tmp_path, cli):
-    rng = np.random.default_rng(1)
-    for cls in ("paper", "rock"):
-        (tmp_path / "data" / cls).mkdir(parents=True)
-        for i in range(3):
-            Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(
-                tmp_path / "data" / cls / f"{i}.png"
-            )
+    from testkit import noise_folder
+
+    noise_folder(tmp_path / "data", ("paper", "rock"), seed=1)
     (tmp_path / "data" / "paper_link").symlink_to(tmp_path / "data" / "paper", target_is_directory=True)
     for args in (
         ("inspect", tmp_path / "data", "--out", tmp_path / "i"),

@@ -244,3 +244,15 @@ def unfamiliar_between(model_path, strange, familiar, out):
     change = lambda meta: meta["unfamiliar"].update(threshold=math.sqrt(high * low))  # noqa: E731
     Path(out).write_bytes(_with_meta(Path(model_path).read_bytes(), change))
     return out, strange, familiar
+
+
+def noise_folder(root, classes, per_class=3, seed=0):
+    """ROOT/CLASS/I.png: `per_class` 40 x 40 images of seeded colour noise per class (to scan, not to learn)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for cls in classes:
+        (Path(root) / cls).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(Path(root) / cls / f"{i}.png")
+    return Path(root)

@@ -164,7 +164,6 @@ class Models:
         self.options.inter_op_num_threads = 1
         self.options.log_severity_level = 3
         self.sessions: dict = {}
-        self.palm_name, self.landmark_name = palm, landmark
         self.palm, self.landmark = self.session(palm), self.session(landmark)
 
     def session(self, name: str):
